@@ -1,0 +1,210 @@
+"""The immutable :class:`Mapping` of teacher/student point pairs and their payloads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from funcdistill import _names
+
+__all__ = ["Mapping", "Pair"]
+
+
+class Pair(NamedTuple):
+    """One mapping entry, or one pair of outputs returned by a distill function.
+
+    In a :class:`Mapping`, ``teacher`` and ``student`` are point names; in the
+    result of a distill function they are the captured outputs.
+    """
+
+    teacher: Any
+    student: Any
+    payload: Any = None
+
+
+class Mapping:
+    """Immutable list of teacher/student point pairs, each with a payload.
+
+    A point is a qualified submodule name (``'features.5.conv'``), ``''`` for the
+    whole model (its final output), a node name when the model is a
+    :class:`torch.fx.GraphModule`, or a module reference (resolved to its name at
+    :meth:`add` time, which needs the models).
+
+    A Mapping is a pytree whose leaves are the payloads (the names are static
+    metadata): ``optree.tree_map(f, mapping, namespace="funcdistill")`` and
+    ``torch.utils._pytree.tree_map(f, mapping)`` map the payloads.
+
+    Args:
+        teacher: the teacher model, needed to resolve module references and to
+            check names as they are added; optional.
+        student: the student model, likewise.
+
+    Example:
+        >>> from torch import nn
+        >>> t, s = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+        >>> m = Mapping(t, s).add(t[0], "0", payload=nn.MSELoss())
+        >>> m2 = m.add("", "", payload=1.0)
+        >>> len(m), len(m2)
+        (1, 2)
+        >>> [p.teacher for p in m2]
+        ['0', '']
+    """
+
+    __slots__ = ("_teacher", "_student", "_names", "_payloads")
+
+    def __init__(self, teacher: nn.Module | None = None, student: nn.Module | None = None):
+        for role, model in (("teacher", teacher), ("student", student)):
+            if model is not None and not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"Mapping({role}=...) must be an nn.Module or None, "
+                    f"got {type(model).__name__}."
+                )
+        if teacher is not None and teacher is student:
+            raise ValueError(
+                "the same model was passed as teacher and student; distill from a "
+                "separate teacher (copy.deepcopy(model) for self-distillation)."
+            )
+        _init(self, teacher, student, (), ())
+
+    @classmethod
+    def _build(cls, teacher, student, names, payloads) -> "Mapping":
+        new = object.__new__(cls)
+        _init(new, teacher, student, tuple(names), tuple(payloads))
+        return new
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The teacher model given to the constructor, or ``None``."""
+        return self._teacher
+
+    @property
+    def student(self) -> nn.Module | None:
+        """The student model given to the constructor, or ``None``."""
+        return self._student
+
+    @property
+    def names(self) -> tuple[tuple[str, str], ...]:
+        """The ``(teacher_name, student_name)`` pairs, in order."""
+        return self._names
+
+    def add(self, teacher_module: Any, student_module: Any, payload: Any = None) -> "Mapping":
+        """Return a new Mapping with one more pair; the original is unchanged.
+
+        Args:
+            teacher_module: a teacher point: name, ``''`` or module reference.
+            student_module: a student point: name, ``''`` or module reference.
+            payload: anything returned with the pair (a loss, a weight, an adapter).
+
+        Raises:
+            TypeError: a point is neither a string nor a module.
+            ValueError: a point does not belong to its model (the message
+                suggests close names, and says when teacher and student look
+                swapped).
+        """
+        t = _names.resolve(teacher_module, "teacher", self._teacher, self._student)
+        s = _names.resolve(student_module, "student", self._student, self._teacher)
+        return Mapping._build(
+            self._teacher,
+            self._student,
+            self._names + ((t, s),),
+            self._payloads + (payload,),
+        )
+
+    def payload(self) -> list[Any]:
+        """The payloads, in insertion order."""
+        return list(self._payloads)
+
+    def replace(self, *, payloads: Any) -> "Mapping":
+        """Return a new Mapping with the same pairs and new payloads; the original is unchanged.
+
+        Raises:
+            ValueError: the number of payloads differs from the number of pairs.
+        """
+        payloads = tuple(payloads)
+        if len(payloads) != len(self._names):
+            raise ValueError(
+                f"replace() got {len(payloads)} payloads for a mapping of "
+                f"{len(self._names)} pairs; give one payload per pair."
+            )
+        return Mapping._build(self._teacher, self._student, self._names, payloads)
+
+    def __iter__(self) -> Iterator[Pair]:
+        for (t, s), p in zip(self._names, self._payloads):
+            yield Pair(t, s, p)
+
+    def __getitem__(self, index: int) -> Pair:
+        (t, s), p = self._names[index], self._payloads[index]
+        return Pair(t, s, p)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return (
+            self._teacher is other._teacher
+            and self._student is other._student
+            and self._names == other._names
+            and len(self._payloads) == len(other._payloads)
+            and all(_same(a, b) for a, b in zip(self._payloads, other._payloads))
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # payloads may be unhashable
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(f"({t!r}, {s!r}, {p!r})" for (t, s), p in zip(self._names, self._payloads))
+        models = ""
+        if self._teacher is not None or self._student is not None:
+            models = (
+                f"teacher={_names.describe(self._teacher) if self._teacher is not None else None}, "
+                f"student={_names.describe(self._student) if self._student is not None else None}, "
+            )
+        return f"Mapping({models}pairs=[{pairs}])"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"Mapping is immutable: cannot set {name!r}. Use add() or replace(), "
+            "which return a new Mapping."
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Mapping is immutable: cannot delete {name!r}.")
+
+    def __copy__(self) -> "Mapping":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Mapping":
+        import copy
+
+        return Mapping._build(self._teacher, self._student, self._names, copy.deepcopy(self._payloads, memo))
+
+    def __reduce__(self):
+        return (Mapping._build, (self._teacher, self._student, self._names, self._payloads))
+
+
+def _init(obj: Mapping, teacher, student, names, payloads) -> None:
+    object.__setattr__(obj, "_teacher", teacher)
+    object.__setattr__(obj, "_student", student)
+    object.__setattr__(obj, "_names", names)
+    object.__setattr__(obj, "_payloads", payloads)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an incomparable payload is simply not equal
+        return False

@@ -1,0 +1,134 @@
+"""Names of the points a mapping can refer to, and the errors for bad ones.
+
+A *point* of a model is where a mapping pair reads an output:
+
+* ``''``: the whole model (its final output);
+* a qualified submodule name (``'features.5.conv'``), as in ``named_modules()``;
+* for a :class:`torch.fx.GraphModule`, also the name of any graph node
+  (``'features_18_0'``, ``'add_3'``) except placeholders and the output node.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+__all__: list[str] = []
+
+Role = str  # "teacher" or "student"
+
+
+def module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Every qualified submodule name of ``model`` (``''`` included) to its module."""
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def node_names(model: nn.Module) -> list[str]:
+    """FX node names that can be captured, or ``[]`` when ``model`` is not a GraphModule."""
+    graph = getattr(model, "graph", None)
+    if graph is None or not _is_graph_module(model):
+        return []
+    return [n.name for n in graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def _is_graph_module(model: nn.Module) -> bool:
+    from torch.fx import GraphModule
+
+    return isinstance(model, GraphModule)
+
+
+def point_names(model: nn.Module) -> list[str]:
+    """All names :func:`resolve` accepts for ``model``, modules first."""
+    names = list(module_names(model))
+    seen = set(names)
+    names += [n for n in node_names(model) if n not in seen]
+    return names
+
+
+def describe(model: nn.Module) -> str:
+    """A short name for a model in messages: its class name."""
+    return type(model).__name__
+
+
+def unknown_name_message(
+    name: str, role: Role, model: nn.Module, other: nn.Module | None
+) -> str:
+    """Say that ``name`` is not a point of ``model`` and how to fix it."""
+    valid = point_names(model)
+    msg = f"{role} {describe(model)} has no module or node named {name!r}."
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    if close:
+        msg += " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+    other_role = "student" if role == "teacher" else "teacher"
+    if other is not None and name in point_names(other):
+        msg += (
+            f" {name!r} is a module of the {other_role}: teacher and student look "
+            "swapped (this API takes the teacher first, some releases of the "
+            "reference library take the student first)."
+        )
+    if not close:
+        shown = ", ".join(repr(n) for n in valid[:8])
+        more = "" if len(valid) <= 8 else f", ... ({len(valid)} in all)"
+        msg += f" Valid names: {shown}{more}; '' is the whole model."
+    return msg
+
+
+def resolve(
+    point: Any, role: Role, model: nn.Module | None, other: nn.Module | None
+) -> str:
+    """Turn a name or a module reference into a validated point name.
+
+    Args:
+        point: a qualified name, an FX node name, ``''``, or a submodule of ``model``.
+        role: ``"teacher"`` or ``"student"``, for messages.
+        model: the model the point belongs to, or ``None`` when unknown yet
+            (then only names are accepted and they are checked later).
+        other: the other model, to detect swapped arguments.
+
+    Raises:
+        TypeError: ``point`` is neither a string nor an ``nn.Module``.
+        ValueError: the name or module does not belong to ``model``.
+    """
+    if isinstance(point, str):
+        if model is not None and point not in _name_set(model):
+            raise ValueError(unknown_name_message(point, role, model, other))
+        return point
+    if isinstance(point, nn.Module):
+        if model is None:
+            raise ValueError(
+                f"cannot resolve the {role} module reference {type(point).__name__} "
+                "without the models: build the mapping as Mapping(teacher, student), "
+                "or give the module's qualified name as a string."
+            )
+        found = _qualified_name(model, point)
+        if found is not None:
+            return found
+        msg = (
+            f"the {role} module {type(point).__name__} is not a submodule of the "
+            f"{role} {describe(model)}."
+        )
+        if other is not None and _qualified_name(other, point) is not None:
+            msg += (
+                f" It belongs to the {'student' if role == 'teacher' else 'teacher'}:"
+                " teacher and student look swapped (this API takes the teacher first)."
+            )
+        else:
+            msg += " Pass a module of that model, or its qualified name as a string."
+        raise ValueError(msg)
+    raise TypeError(
+        f"a {role} point must be a module name (str) or an nn.Module, "
+        f"got {type(point).__name__}."
+    )
+
+
+def _name_set(model: nn.Module) -> set[str]:
+    return set(point_names(model))
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str | None:
+    for name, m in model.named_modules(remove_duplicate=False):
+        if m is module:
+            return name
+    return None
