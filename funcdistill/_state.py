@@ -14,7 +14,7 @@ __all__ = ["state"]
 PAYLOAD_PREFIX = "payloads"
 
 
-def state(module: nn.Module, mapping: Any = None) -> dict[str, torch.Tensor]:
+def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> dict[str, torch.Tensor]:
     """Return the parameters and buffers of ``module`` as a flat dict.
 
     The values are the module's own tensors (no copy), keyed by qualified name,
@@ -27,20 +27,28 @@ def state(module: nn.Module, mapping: Any = None) -> dict[str, torch.Tensor]:
             modules with parameters or buffers (adapters) are added under
             ``'payloads.<index>.<name>'``, which is where a distill function looks
             for them in the student state.
+        buffers: include buffers. ``buffers=False`` gives the parameters only,
+            which is what to differentiate with :func:`torch.func.grad` (it
+            cannot differentiate integer buffers such as BatchNorm's
+            ``num_batches_tracked``); a distill function takes missing buffers
+            from the model.
 
     Example:
         >>> from torch import nn
         >>> sorted(state(nn.Linear(2, 3)))
         ['bias', 'weight']
+        >>> sorted(state(nn.BatchNorm1d(2), buffers=False))
+        ['bias', 'weight']
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"state() takes an nn.Module, got {type(module).__name__}.")
     out: dict[str, torch.Tensor] = dict(module.named_parameters())
-    out.update(module.named_buffers())
+    if buffers:
+        out.update(module.named_buffers())
     if mapping is not None:
         for i, payload in enumerate(mapping.payload()):
             if isinstance(payload, nn.Module):
-                for name, t in state(payload).items():
+                for name, t in state(payload, buffers=buffers).items():
                     out[f"{PAYLOAD_PREFIX}.{i}.{name}"] = t
     return out
 

@@ -1,0 +1,533 @@
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, jacrev, stack_module_state, vmap
+
+import funcdistill as fd
+from funcdistill import Mapping, distill, state
+from tests.models import Branchy, Labelled, Net, Shared, image, mlp
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    return Net(width=4, depth=2), Net(width=4, depth=1)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in state(model).items()}
+
+
+def assert_same_state(model, snap):
+    now = state(model)
+    assert now.keys() == snap.keys()
+    for k in snap:
+        assert torch.equal(now[k], snap[k]), k
+
+
+def no_hooks_anywhere(model):
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
+
+
+def reference_features(model, names, x):
+    """Hand-written capture with forward hooks on a copy of the model."""
+    model = copy.deepcopy(model)
+    got = {}
+    mods = dict(model.named_modules())
+    for n in names:
+        if n:
+            mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o))
+    got[""] = model(x)
+    return got
+
+
+def test_pairs_come_in_mapping_order_with_payloads(models):
+    t, s = models
+    m = Mapping(t, s).add("features.2", "features.1", payload="deep").add("features.0", "features.0", payload="stem").add("", "", payload=None)
+    x = image()
+    pairs = distill(t, s, m)(state(t), state(s), x)
+    assert [p.payload for p in pairs] == ["deep", "stem", None]
+    ref_t, ref_s = reference_features(t, ["features.2", "features.0"], x), reference_features(s, ["features.1", "features.0"], x)
+    torch.testing.assert_close(pairs[0].teacher, ref_t["features.2"])
+    torch.testing.assert_close(pairs[0].student, ref_s["features.1"])
+    torch.testing.assert_close(pairs[1].teacher, ref_t["features.0"])
+    torch.testing.assert_close(pairs[2].student, ref_s[""])
+    assert isinstance(pairs, tuple) and isinstance(pairs[0], fd.Pair)
+
+
+def test_no_mapping_pairs_final_outputs(models):
+    t, s = models
+    x = image()
+    (pair,) = distill(t, s)(state(t), state(s), x)
+    torch.testing.assert_close(pair.teacher, t(x))
+    torch.testing.assert_close(pair.student, s(x))
+    assert pair.payload is None
+
+
+def test_pytree_outputs_keep_their_structure():
+    t, s = Branchy(), Branchy()
+    m = Mapping(t, s).add("split", "split").add("", "")
+    x = torch.randn(2, 4)
+    split, whole = distill(t, s, m)(state(t), state(s), x)
+    assert isinstance(split.teacher, tuple) and len(split.teacher) == 2
+    torch.testing.assert_close(split.student[1], x - 1)
+    assert set(whole.teacher) == {"a", "b"}
+    torch.testing.assert_close(whole.student["b"], (x - 1) * 2)
+
+
+def test_kwargs_reach_both_models():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x, *, scale=1.0):
+            return self.lin(x) * scale
+
+    t, s = Scaled(), Scaled()
+    x = torch.randn(3, 2)
+    (p,) = distill(t, s)(state(t), state(s), x, scale=3.0)
+    torch.testing.assert_close(p.teacher, t(x) * 3.0)
+
+
+# --- gradients ----------------------------------------------------------------
+
+
+def kd(pairs):
+    return sum(((p.teacher - p.student) ** 2).mean() for p in pairs)
+
+
+def test_teacher_gets_no_gradient_under_grad(models):
+    t, s = models
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""))
+    x = image()
+    params = state(t, buffers=False), state(s, buffers=False)
+    gt, gs = grad(lambda ts, ss: kd(fn(ts, ss, x)), argnums=(0, 1))(*params)
+    assert all(torch.count_nonzero(g) == 0 for g in gt.values())
+    assert any(torch.count_nonzero(g) > 0 for g in gs.values())
+
+
+def test_teacher_gets_no_gradient_under_backward(models):
+    t, s = models
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""))
+    kd(fn(state(t), state(s), image())).backward()
+    assert all(p.grad is None for p in t.parameters())
+    assert all(p.grad is not None for p in s.parameters())
+
+
+def test_student_gradients_match_hand_written_reference(models):
+    t, s = models
+    x = image()
+    fn = distill(t, s, Mapping(t, s).add("features.2", "features.1").add("", ""))
+    got = grad(lambda ss: kd(fn(state(t), ss, x)))(state(s, buffers=False))
+
+    ref_s = copy.deepcopy(s)
+    with torch.no_grad():
+        rt = reference_features(t, ["features.2"], x)
+    feats = {}
+    ref_s.features[1].register_forward_hook(lambda m, a, o: feats.__setitem__("f", o))
+    out = ref_s(x)
+    loss = ((rt["features.2"] - feats["f"]) ** 2).mean() + ((rt[""] - out) ** 2).mean()
+    loss.backward()
+    for name, p in ref_s.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
+def saved_bytes(fn):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_teacher_saves_nothing_for_backward(models):
+    t, s = models
+    x = image()
+    fn = distill(t, s, Mapping(t, s).add("", ""))
+    target = torch.zeros(2, 3)
+    with_teacher = saved_bytes(lambda: ((fn(state(t), state(s), x)[0].student - target) ** 2).mean())
+    student_alone = saved_bytes(lambda: ((s(x) - target) ** 2).mean())
+    assert with_teacher == student_alone > 0
+    grad_teacher = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False)
+    assert saved_bytes(lambda: ((grad_teacher(state(t), state(s), x)[0].student - target) ** 2).mean()) > student_alone
+
+
+def test_nograd_teacher_false_lets_gradients_reach_the_teacher(models):
+    t, s = models
+    x = image()
+    fn = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False)
+    gt = grad(lambda ts: fn(ts, state(s), x)[0].teacher.sum())(state(t, buffers=False))
+    ref = copy.deepcopy(t)
+    ref(x).sum().backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(gt[name], p.grad, msg=name)
+
+
+# --- purity -------------------------------------------------------------------
+
+
+def test_call_changes_no_module_tensor_flag_or_hook(models):
+    t, s = models
+    t.train(), s.train()
+    t.features[1].eval()
+    snaps = snapshot(t), snapshot(s)
+    modes = [m.training for m in t.modules()], [m.training for m in s.modules()]
+    x = image()
+    x_copy = x.clone()
+    ts, ss = state(t), state(s)
+    ts_items, ss_items = list(ts.items()), list(ss.items())
+    fn = distill(t, s, Mapping(t, s).add("features.1.bn", "features.1").add("", ""))
+    kd(fn(ts, ss, x)).backward()
+    assert_same_state(t, snaps[0]) and None
+    assert_same_state(s, snaps[1])
+    assert ([m.training for m in t.modules()], [m.training for m in s.modules()]) == modes
+    assert no_hooks_anywhere(t) and no_hooks_anywhere(s)
+    assert torch.equal(x, x_copy)
+    assert list(ts.items()) == ts_items and list(ss.items()) == ss_items
+
+
+def test_mutable_returns_batchnorm_statistics(models):
+    t, s = models
+    t.train(), s.train()
+    x = image(4)
+    before = snapshot(s)
+    pairs, buffers = distill(t, s, mutable=True)(state(t), state(s), x)
+    assert isinstance(buffers, fd.Buffers)
+    assert_same_state(s, before)
+    ref = copy.deepcopy(s)
+    ref(x)
+    for name, b in ref.named_buffers():
+        torch.testing.assert_close(buffers.student[name], b, msg=name)
+    assert buffers.student["features.1.bn.num_batches_tracked"].item() == 1
+    assert set(buffers.teacher) == {n for n, _ in t.named_buffers()}
+
+
+def test_buffers_thread_through_a_functional_loop(models):
+    t, s = models
+    s.train()
+    fn = distill(t, s, mutable=True)
+    ss = state(s)
+    ref = copy.deepcopy(s)
+    for _ in range(3):
+        x = image(4)
+        _, buffers = fn(state(t), ss, x)
+        ss = {**ss, **buffers.student}
+        ref(x)
+    torch.testing.assert_close(ss["features.1.bn.running_var"], ref.features[1].bn.running_var)
+
+
+def test_mode_is_read_from_the_live_model_at_each_call(models):
+    t, s = models
+    fn = distill(t, s)
+    x = image()
+    t.train()
+    t_train = fn(state(t), state(s), x)[0].teacher
+    t.eval()
+    t_eval = fn(state(t), state(s), x)[0].teacher
+    torch.testing.assert_close(t_eval, t(x))
+    assert not torch.allclose(t_train, t_eval)
+
+
+def test_missing_state_entries_come_from_the_live_model(models):
+    t, s = models
+    t.eval()
+    fn = distill(t, s)
+    x = image()
+    params_only = dict(t.named_parameters())
+    torch.testing.assert_close(fn(params_only, {}, x)[0].teacher, t(x))
+    t.double(), s.double()  # replaces buffer tensors after distill()
+    out = fn({}, {}, x.double())[0]
+    assert out.teacher.dtype == torch.float64
+    torch.testing.assert_close(out.teacher, t(x.double()))
+
+
+def test_tied_weights():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3, bias=False)
+            self.b = nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    t, s = Tied(), Tied()
+    w = torch.eye(3) * 2
+    (p,) = distill(t, s)(state(t), {"a.weight": w}, torch.ones(1, 3))
+    torch.testing.assert_close(p.student, torch.full((1, 3), 4.0))
+
+
+def test_threads_get_their_own_pairs(models):
+    t, s = models
+    t.eval(), s.eval()
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.0"))
+    states = [{k: v + i for k, v in state(s).items()} for i in range(4)]
+    xs = [image() for _ in range(4)]
+    expected = [
+        reference_features(_loaded(s, states[i]), ["features.0"], xs[i])["features.0"] for i in range(4)
+    ]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                (p,) = fn(state(t), states[i], xs[i])
+                torch.testing.assert_close(p.student, expected[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+
+
+def _loaded(model, st):
+    m = copy.deepcopy(model)
+    m.load_state_dict(st)
+    return m
+
+
+# --- transforms -----------------------------------------------------------------
+
+
+def test_grad_and_value_vmap_over_stacked_students(models):
+    t, _ = models
+    torch.manual_seed(1)
+    students = [Net(width=4, depth=1) for _ in range(3)]
+    for st in students:
+        st.eval()
+    t.eval()
+    params, buffers = stack_module_state(students)
+    fn = distill(t, students[0], Mapping(t, students[0]).add("features.1", "features.1").add("", ""))
+    x = image()
+
+    def loss(ss):
+        return kd(fn(state(t), ss, x))
+
+    grads, values = vmap(grad_and_value(lambda p, b: loss({**p, **b})))(params, buffers)
+    for i, st in enumerate(students):
+        g, v = grad_and_value(lambda p: loss({**p, **dict(st.named_buffers())}))(state(st, buffers=False))
+        torch.testing.assert_close(values[i], v)
+        torch.testing.assert_close(grads["features.0.weight"][i], g["features.0.weight"])
+
+
+def test_vmap_over_inputs(models):
+    t, s = models
+    t.eval(), s.eval()
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1"))
+    xs = torch.randn(3, 2, 1, 6, 6)
+    out = vmap(lambda x: fn(state(t), state(s), x)[0].student)(xs)
+    for i in range(3):
+        torch.testing.assert_close(out[i], fn(state(t), state(s), xs[i])[0].student)
+
+
+def test_jacrev_of_student_features():
+    t, s = mlp((3, 4, 2)), mlp((3, 5, 2))
+    fn = distill(t, s, Mapping(t, s).add("1", "1"))
+    x = torch.randn(1, 3)
+    jac = jacrev(lambda w: fn(state(t), {**state(s), "0.weight": w}, x)[0].student)(s[0].weight)
+    assert jac.shape == (1, 5, 5, 3)
+    expected = torch.autograd.functional.jacobian(lambda w: torch.relu(x @ w.T + s[0].bias), s[0].weight)
+    torch.testing.assert_close(jac, expected)
+
+
+@pytest.mark.compile
+def test_compiled_grad_step_has_no_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    t, s = mlp((4, 8, 8, 3)), mlp((4, 6, 3))
+    fn = distill(t, s, Mapping(t, s).add("2", "0").add("", ""))
+    ts = {k: v.detach() for k, v in state(t).items()}
+    ss = {k: v.detach() for k, v in state(s).items()}
+    x = torch.randn(5, 4)
+
+    def step(ts, ss, x):
+        def loss(ss):
+            (mid, out) = fn(ts, ss, x)
+            return ((mid.teacher[:, :6] - mid.student) ** 2).mean() + ((out.teacher - out.student) ** 2).mean()
+
+        return grad_and_value(loss)(ss)
+
+    explained = torch._dynamo.explain(step)(ts, ss, x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    g_eager, v_eager = step(ts, ss, x)
+    g_comp, v_comp = torch.compile(step, fullgraph=True)(ts, ss, x)
+    torch.testing.assert_close(v_comp, v_eager)
+    for k in g_eager:
+        torch.testing.assert_close(g_comp[k], g_eager[k])
+
+
+# --- FX graph modules -------------------------------------------------------------
+
+
+def test_graph_module_nodes_are_captured():
+    torch.manual_seed(0)
+    net = Net(width=4, depth=2).eval()
+    t = torch.fx.symbolic_trace(net)
+    s = Net(width=4, depth=2).eval()
+    m = Mapping(t, s).add("features_1_conv", "features.1.conv").add("add", "features.1")
+    x = image()
+    conv, add = distill(t, s, m)(state(t), state(s), x)
+    ref = reference_features(net, ["features.1.conv", "features.1"], x)
+    torch.testing.assert_close(conv.teacher, ref["features.1.conv"])
+    torch.testing.assert_close(add.teacher, ref["features.1"])
+    assert no_hooks_anywhere(t) and "_funcdistill_tap_0" not in dict(t.named_modules())
+
+
+# --- adapters ---------------------------------------------------------------------
+
+
+class Hint(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.adapter = nn.Linear(cin, cout)
+
+    def forward(self, teacher, student):
+        return ((self.adapter(student) - teacher) ** 2).mean()
+
+
+def test_adapter_parameters_are_student_state():
+    t, s = mlp((3, 6, 2)), mlp((3, 4, 2))
+    hint = Hint(4, 6)
+    m = Mapping(t, s).add("0", "0", payload=hint)
+    fn = distill(t, s, m)
+    ss = state(s, m)
+    assert {"payloads.0.adapter.weight", "payloads.0.adapter.bias"} <= set(ss)
+    x = torch.randn(5, 3)
+
+    def loss(ss):
+        (p,) = fn(state(t), ss, x)
+        return p.payload(p.teacher, p.student)
+
+    g = grad(loss)(ss)
+    assert torch.count_nonzero(g["payloads.0.adapter.weight"]) > 0
+    ref = copy.deepcopy(hint)
+    with torch.no_grad():
+        tf = t[0](x)
+    ref(tf, s[0](x)).backward()
+    torch.testing.assert_close(g["payloads.0.adapter.weight"], ref.adapter.weight.grad)
+    zero = {**ss, "payloads.0.adapter.weight": torch.zeros(6, 4), "payloads.0.adapter.bias": torch.zeros(6)}
+    (p,) = fn(state(t), zero, x)
+    torch.testing.assert_close(p.payload(p.teacher, p.student), (p.teacher**2).mean())
+    assert isinstance(p.payload, fd.BoundPayload) and p.payload.module is hint
+
+
+def test_adapter_trains_with_backward_without_payload_state():
+    t, s = mlp((3, 6, 2)), mlp((3, 4, 2))
+    hint = Hint(4, 6)
+    fn = distill(t, s, Mapping(t, s).add("0", "0", payload=hint))
+    (p,) = fn(state(t), state(s), torch.randn(5, 3))
+    p.payload(p.teacher, p.student).backward()
+    assert hint.adapter.weight.grad is not None and s[0].weight.grad is not None
+
+
+def test_student_state_named_payloads_clashes():
+    t = mlp((3, 6, 2))
+    s = nn.Sequential()
+    s.add_module("payloads", nn.ModuleList([Hint(6, 6)]))
+    with pytest.raises(ValueError, match="the student has state named 'payloads.0.adapter.bias'"):
+        distill(t, s, Mapping(t, s).add("0", "payloads.0.adapter", payload=Hint(6, 6)))
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+def test_unknown_name_at_distill_time(models):
+    t, s = models
+    with pytest.raises(ValueError, match=r"student Net has no module or node named 'features\.9'\. Did you mean"):
+        distill(t, s, Mapping().add("head", "features.9"))
+
+
+def test_names_from_the_other_model_say_swapped():
+    t, s = Net(width=4, depth=3), Net(width=4, depth=1)
+    with pytest.raises(ValueError, match="'features.3' is a module of the teacher: teacher and student look swapped"):
+        distill(t, s, Mapping().add("features.3", "features.3"))
+
+
+def test_mapping_for_other_models(models):
+    t, s = models
+    other = Net()
+    with pytest.raises(ValueError, match=r"the mapping was built for another student \(Net at 0x[0-9a-f]+\) than the one passed to distill"):
+        distill(t, other, Mapping(t, s).add("", ""))
+    with pytest.raises(ValueError, match="got the other way round: teacher and student look swapped"):
+        distill(s, t, Mapping(t, s).add("", ""))
+
+
+def test_bad_arguments(models):
+    t, s = models
+    with pytest.raises(TypeError, match=r"distill\(student=...\) must be an nn.Module, got function"):
+        distill(t, lambda x: x)
+    with pytest.raises(ValueError, match="the same model was passed as teacher and student"):
+        distill(t, t)
+    with pytest.raises(TypeError, match="mapping must be a funcdistill.Mapping, got list"):
+        distill(t, s, [("", "")])
+    with pytest.raises(ValueError, match="the mapping is empty"):
+        distill(t, s, Mapping())
+
+
+def test_module_that_never_ran():
+    t, s = Branchy(), Branchy()
+    fn = distill(t, s, Mapping(t, s).add("split", "unused"))
+    with pytest.raises(RuntimeError, match=r"student module\(s\) 'unused' never ran during the forward pass of the student Branchy"):
+        fn(state(t), state(s), torch.randn(2, 4))
+
+
+def test_module_that_ran_twice():
+    t, s = Shared(), Shared()
+    fn = distill(t, s, Mapping(t, s).add("lin", "out"))
+    with pytest.raises(RuntimeError, match="teacher module 'lin' ran more than once in one forward pass"):
+        fn(state(t), state(s), torch.randn(2, 4))
+
+
+def test_output_that_is_not_tensors():
+    t, s = Labelled(), Labelled()
+    fn = distill(t, s, Mapping(t, s).add("tag", "lin"))
+    with pytest.raises(TypeError, match="the output of teacher module 'tag' contains a str, not only tensors"):
+        fn(state(t), state(s), torch.randn(2, 4))
+
+
+def test_bad_states(models):
+    t, s = models
+    fn = distill(t, s)
+    with pytest.raises(TypeError, match=r"teacher_state must be a dict of name -> tensor \(funcdistill.state\(teacher\)\), got list"):
+        fn([], state(s), image())
+    wide = Net(width=4, depth=3)
+    fn = distill(wide, s)
+    with pytest.raises(ValueError, match="student_state has 12 key\\(s\\) that are not parameters or buffers of the student Net: 'features.2.bn.bias'.*teacher_state and student_state look swapped"):
+        fn(state(s), state(wide), image())
+
+
+def test_distill_fn_calling_itself_is_rejected():
+    t, s = mlp((2, 2)), mlp((2, 2))
+    holder = {}
+
+    class Recurse(nn.Module):
+        def forward(self, x):
+            return holder["fn"]({}, {}, x)[0].teacher
+
+    outer_t = nn.Sequential(Recurse())
+    holder["fn"] = distill(outer_t, s)
+    with pytest.raises(RuntimeError, match="the teacher is already running in a distill call on this thread"):
+        holder["fn"]({}, {}, torch.randn(1, 2))
+
+
+def test_distill_fn_is_immutable_and_has_a_repr(models):
+    fn = distill(*models)
+    with pytest.raises(AttributeError, match="a distill function is immutable"):
+        fn.mapping = None
+    assert repr(fn) == "<distill fn: teacher=Net, student=Net, 1 pairs, nograd_teacher=True>"
