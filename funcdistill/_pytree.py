@@ -38,13 +38,32 @@ optree.register_pytree_node(
     namespace=NAMESPACE,
 )
 
+# torch's pytree treats None as a leaf and optree does not; torch's flattening
+# drops None payloads (their positions go into the context) so that both see
+# the same leaves.
+def _torch_flatten(m: Mapping) -> tuple[list[Any], tuple[Any, ...]]:
+    kept = [p for p in m._payloads if p is not None]
+    nones = tuple(i for i, p in enumerate(m._payloads) if p is None)
+    return kept, (m._teacher, m._student, m._names, nones)
+
+
+def _torch_unflatten(kept: Any, context: tuple[Any, ...]) -> Mapping:
+    teacher, student, names, nones = context
+    it = iter(kept)
+    payloads = [None if i in nones else next(it) for i in range(len(names))]
+    return Mapping._build(teacher, student, names, payloads)
+
+
+def _torch_flatten_with_keys(m: Mapping) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+    kept, context = _torch_flatten(m)
+    keys = [torch_pytree.SequenceKey(i) for i, p in enumerate(m._payloads) if p is not None]
+    return list(zip(keys, kept)), context
+
+
 torch_pytree.register_pytree_node(
     Mapping,
-    _flatten,
-    lambda payloads, meta: _unflatten(meta, payloads),
+    _torch_flatten,
+    _torch_unflatten,
     serialized_type_name="funcdistill.Mapping",
-    flatten_with_keys_fn=lambda m: (
-        [(torch_pytree.SequenceKey(i), p) for i, p in enumerate(m._payloads)],
-        (m._teacher, m._student, m._names),
-    ),
+    flatten_with_keys_fn=_torch_flatten_with_keys,
 )

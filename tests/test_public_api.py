@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import funcdistill
+
+
+def test_public_names_stay_what_they_are():
+    assert sorted(funcdistill.__all__) == sorted(
+        ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "distill", "state"]
+    )
+    for name in funcdistill.__all__:
+        assert getattr(funcdistill, name).__module__.startswith("funcdistill")
+
+
+def test_init_only_re_exports():
+    source = open(funcdistill.__file__).read()
+    assert "def " not in source and "class " not in source
+
+
+def test_import_adds_only_optree_beyond_torch():
+    code = (
+        "import sys, torch; before = set(sys.modules); import funcdistill; "
+        "print(' '.join(sorted(m for m in set(sys.modules) - before "
+        "if not m.startswith(('funcdistill', 'optree')))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
+
+
+def test_package_is_typed():
+    import pathlib
+
+    assert (pathlib.Path(funcdistill.__file__).parent / "py.typed").exists()
