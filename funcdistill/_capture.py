@@ -74,12 +74,14 @@ def shallow_clone(root: nn.Module) -> nn.Module:
 class _Shadow:
     """One thread's instrumented copy of a model."""
 
-    __slots__ = ("module", "sink", "pairs", "__weakref__")
+    __slots__ = ("module", "sink", "stop", "own", "pairs")
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...], stop_at: frozenset[str], role: str):
+    def __init__(self, model: nn.Module, points: tuple[str, ...], role: str):
         self.sink: dict[str, Any] | None = None
+        self.stop: frozenset[str] | None = None
         module = shallow_clone(model)
-        nodes = [p for p in points if p and p not in _names.module_names(model)]
+        live = _names.module_names(model)
+        nodes = [p for p in points if p and p not in live]
         if nodes:
             module = _with_node_taps(module, nodes)
         by_name = _names.module_names(module)
@@ -87,12 +89,14 @@ class _Shadow:
             by_name[node] = module.get_submodule(f"_funcdistill_tap_{i}")
         for point in points:
             if point != WHOLE:
-                by_name[point].register_forward_hook(self._hook(point, stop_at, role))
+                by_name[point].register_forward_hook(self._hook(point, role))
         self.module = module
-        live = _names.module_names(model)
         self.pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
+        # the tensors the shadow holds between calls: passing these is free
+        self.own = dict(module.named_parameters(remove_duplicate=False))
+        self.own.update(module.named_buffers(remove_duplicate=False))
 
-    def _hook(self, point: str, stop_at: frozenset[str], role: str):
+    def _hook(self, point: str, role: str):
         def record(module: nn.Module, args: Any, output: Any) -> None:
             sink = self.sink
             if sink is None:  # a forward outside a distill call (e.g. checkpoint recompute)
@@ -105,7 +109,8 @@ class _Shadow:
                     "the model with torch.fx and map the node of the call you mean."
                 )
             sink[point] = output
-            if stop_at and stop_at.issubset(sink):
+            stop = self.stop
+            if stop is not None and stop.issubset(sink):
                 raise Truncate
 
         return record
@@ -114,6 +119,14 @@ class _Shadow:
         for shadow, live in self.pairs:
             if shadow.training != live.training:
                 shadow.training = live.training
+
+    def forward(self, full_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run the shadow with ``full_state``, swapping only what it does not hold already."""
+        own = self.own
+        swap = {k: v for k, v in full_state.items() if own.get(k) is not v}
+        if not swap:
+            return self.module(*args, **kwargs)
+        return functional_call(self.module, swap, args, kwargs, tie_weights=True)
 
 
 def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
@@ -137,15 +150,17 @@ class Capture:
         model: the live model (never modified).
         points: point names to capture (``''`` is the final output).
         role: ``"teacher"`` or ``"student"``, for messages.
-        truncate: stop the forward as soon as every point has been recorded.
+        truncate: once a first full call has shown that every point runs exactly
+            once, stop later forwards as soon as every point has been recorded.
     """
 
     def __init__(self, model: nn.Module, points: tuple[str, ...], role: str, *, truncate: bool = False):
         self.model = model
         self.role = role
         self.points = tuple(dict.fromkeys(points))
-        stop_at = frozenset(self.points) if truncate and WHOLE not in self.points else frozenset()
-        self._args = (model, self.points, stop_at, role)
+        self.stop_at = frozenset(self.points) if truncate and WHOLE not in self.points else None
+        self.checked = False
+        self._args = (model, self.points, role)
         self._main = _Shadow(*self._args)
         self._traced = _Shadow(*self._args)
         self._local = threading.local()
@@ -155,6 +170,11 @@ class Capture:
     def run_module(self) -> nn.Module:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the next call stops after the last mapped point."""
+        return self.stop_at is not None and self.checked
 
     def _shadow(self) -> _Shadow:
         if torch.compiler.is_compiling():
@@ -178,9 +198,10 @@ class Capture:
             )
         shadow.sync_modes()
         shadow.sink = {}
+        shadow.stop = self.stop_at if self.checked else None
         try:
             try:
-                output = functional_call(shadow.module, full_state, args, kwargs, tie_weights=True)
+                output = shadow.forward(full_state, args, kwargs)
             except Truncate:
                 output = None
             captured = shadow.sink
@@ -189,6 +210,8 @@ class Capture:
         if WHOLE in self.points:
             captured[WHOLE] = output
         self._check(captured)
+        if self.stop_at is not None and not self.checked and not torch.compiler.is_compiling():
+            self.checked = True  # every point ran exactly once in a full forward
         return output, captured
 
     def _check(self, captured: dict[str, Any]) -> None:

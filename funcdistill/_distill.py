@@ -6,6 +6,7 @@ from collections.abc import Mapping as AbcMapping
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import nn
 
 from funcdistill import _names
@@ -34,6 +35,8 @@ def distill(
     *,
     nograd_teacher: bool = True,
     mutable: bool = False,
+    truncate: bool = True,
+    teacher_dtype: torch.dtype | None = None,
 ) -> "DistillFn":
     """Return a pure function that runs both models and pairs their outputs.
 
@@ -64,6 +67,17 @@ def distill(
         mutable: also return the models' buffers after the call (BatchNorm
             running statistics), as ``(pairs, Buffers(teacher, student))``.
             Buffers passed in are never updated in place.
+        truncate: stop the teacher right after its deepest mapped point, so
+            layers the mapping does not need never run (unless ``''`` is
+            mapped). The first call runs the teacher in full to check that each
+            mapped point runs exactly once; later calls are truncated. The
+            teacher's buffers returned with ``mutable=True`` then reflect only
+            the layers that ran.
+        teacher_dtype: run the teacher in this floating dtype (e.g.
+            ``torch.bfloat16``): floating inputs and teacher state are cast to
+            it (pass a teacher state already in that dtype to cast it once),
+            and teacher outputs are cast back to the dtype of the paired student
+            output, so pairs reach the loss in the student's dtype.
 
     Raises:
         TypeError: a model or the mapping has the wrong type.
@@ -81,25 +95,37 @@ def distill(
         >>> sorted(grads)
         ['0.bias', '0.weight']
     """
-    return DistillFn(teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=mutable)
+    return DistillFn(
+        teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=mutable,
+        truncate=truncate, teacher_dtype=teacher_dtype,
+    )
 
 
 class DistillFn:
     """The pure function made by :func:`distill`; see there."""
 
     __slots__ = (
-        "mapping", "nograd_teacher", "mutable", "_teacher", "_student",
+        "mapping", "nograd_teacher", "mutable", "teacher_dtype", "_teacher", "_student",
         "_payload_keys", "_bound",
     )
 
-    def __init__(self, teacher, student, mapping, *, nograd_teacher, mutable):
+    def __init__(self, teacher, student, mapping, *, nograd_teacher, mutable, truncate, teacher_dtype):
         _check_models(teacher, student)
         mapping = _check_mapping(mapping, teacher, student)
+        if teacher_dtype is not None and not (
+            isinstance(teacher_dtype, torch.dtype) and teacher_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got {teacher_dtype!r}."
+            )
         set_ = object.__setattr__
         set_(self, "mapping", mapping)
         set_(self, "nograd_teacher", bool(nograd_teacher))
         set_(self, "mutable", bool(mutable))
-        set_(self, "_teacher", _Side("teacher", teacher, [t for t, _ in mapping.names]))
+        set_(self, "teacher_dtype", teacher_dtype)
+        set_(self, "_teacher", _Side(
+            "teacher", teacher, [t for t, _ in mapping.names], truncate=truncate, dtype=teacher_dtype
+        ))
         set_(self, "_student", _Side("student", student, [s for _, s in mapping.names]))
         bound = {}
         for i, payload in enumerate(mapping.payload()):
@@ -127,12 +153,18 @@ class DistillFn:
             t_full, t_out = self._teacher.run(teacher_state, args, kwargs)
         s_full, s_out = self._student.run(student_state, args, kwargs)
         pairs = tuple(
-            Pair(t_out[t], s_out[s], self._payload(i, p, payload_state))
+            Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
             for i, ((t, s), p) in enumerate(zip(self.mapping.names, self.mapping.payload()))
         )
         if not self.mutable:
             return pairs
         return pairs, Buffers(self._teacher.spec.buffers(t_full), self._student.spec.buffers(s_full))
+
+    def _teacher_value(self, teacher_out: Any, student_out: Any) -> Any:
+        if self.teacher_dtype is None:
+            return teacher_out
+        dtypes = [x.dtype for x in torch_pytree.tree_leaves(student_out) if x.is_floating_point()]
+        return _cast(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
 
     def _split(self, student_state):
         if not self._payload_keys or not isinstance(student_state, AbcMapping):
@@ -178,19 +210,32 @@ class BoundPayload:
         return f"BoundPayload({self._side.model!r})"
 
 
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors of a pytree to ``dtype`` (a no-op for those already in it)."""
+    return torch_pytree.tree_map(
+        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
+    )
+
+
 class _Side:
     """One model of a distill function: its capture and its state spec."""
 
-    __slots__ = ("role", "model", "capture", "spec")
+    __slots__ = ("role", "model", "capture", "spec", "dtype")
 
-    def __init__(self, role: str, model: nn.Module, points: list[str]):
+    def __init__(
+        self, role: str, model: nn.Module, points: list[str], *,
+        truncate: bool = False, dtype: torch.dtype | None = None,
+    ):
         self.role = role
         self.model = model
-        self.capture = Capture(model, tuple(points) or ("",), role)
+        self.dtype = dtype
+        self.capture = Capture(model, tuple(points) or ("",), role, truncate=truncate)
         self.spec = StateSpec(role, model, self.capture.run_module)
 
     def run(self, given, args, kwargs):
         full = self.spec.complete(given)
+        if self.dtype is not None:
+            full, args, kwargs = _cast((full, args, kwargs), self.dtype)
         _, captured = self.capture.run(full, args, kwargs)
         return full, captured
 
