@@ -1,0 +1,260 @@
+"""Losses between logits: Hinton's KD and decoupled KD (DKD)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funcdistill._loss_checks import (
+    REDUCTIONS_BATCHMEAN,
+    check_positive,
+    check_reduction,
+    check_same_shape,
+    check_tensors,
+    check_weight,
+    kl_terms,
+    reduce,
+)
+
+__all__ = ["DKDLoss", "KDLoss", "dkd_loss", "kd_loss"]
+
+Temperature = float | torch.Tensor
+
+
+def kd_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    r"""Knowledge-distillation loss of Hinton, Vinyals & Dean (2015).
+
+    "Distilling the Knowledge in a Neural Network", arXiv:1503.02531:
+    :math:`T^2 \, \mathrm{KL}(\mathrm{softmax}(t/T) \,\|\, \mathrm{softmax}(s/T))`,
+    the divergence of the student's softened distribution from the teacher's,
+    scaled by :math:`T^2` so that gradient magnitudes do not shrink as ``T`` grows.
+
+    Classes are the last dimension; the KL divergence always sums over them, and
+    ``reduction`` acts on the remaining dimensions: ``"none"`` returns one value
+    per row (shape ``logits.shape[:-1]``, e.g. per token for ``(batch, length,
+    vocab)`` logits), ``"batchmean"`` sums and divides by the batch size (the
+    first dimension), ``"mean"`` averages over all rows, ``"sum"`` sums.
+
+    Args:
+        teacher_logits: the teacher's logits, ``(..., classes)``.
+        student_logits: the student's logits, same shape.
+        temperature: softening temperature ``T > 0``; a Python number or a 0-d
+            tensor, so a :func:`torch.func.vmap` sweep can pass one per student
+            (tensor values are not checked).
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"batchmean"``.
+
+    Raises:
+        TypeError: a logits argument is not a tensor, or the temperature has the wrong type.
+        ValueError: the shapes differ, the temperature is not positive, or the
+            reduction is unknown.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> float(kd_loss(t, t, temperature=4.0))
+        0.0
+        >>> float(kd_loss(t, torch.zeros(1, 3), temperature=1.0)) > 0
+        True
+    """
+    name = "kd_loss"
+    check_reduction(name, reduction, REDUCTIONS_BATCHMEAN)
+    check_tensors(name, teacher_logits=teacher_logits, student_logits=student_logits)
+    check_same_shape(name, teacher_logits, student_logits)
+    check_positive(name, "temperature", temperature, allow_tensor=True)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    per_row = kl_terms(log_t, log_s).sum(-1) * (temperature * temperature)
+    return reduce(per_row, reduction)
+
+
+def dkd_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    beta: float | torch.Tensor = 8.0,
+    temperature: Temperature = 4.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    r"""Decoupled knowledge distillation of Zhao, Cui, Song, Qiu & Liang (2022).
+
+    "Decoupled Knowledge Distillation", CVPR 2022, arXiv:2203.08679. The KD loss
+    is split at the true class into
+
+    * TCKD, the KL divergence between the binary distributions
+      (target, all other classes) of teacher and student, and
+    * NCKD, the KL divergence between the distributions over the non-target
+      classes only (each renormalised to sum to one),
+
+    both at temperature ``T`` and scaled by :math:`T^2`; the loss is
+    ``alpha * TCKD + beta * NCKD``. (Classic KD equals
+    ``TCKD + (1 - p_target_teacher) * NCKD`` per sample.) Classes are the last
+    dimension; ``reduction`` acts on the others, as in :func:`kd_loss`.
+
+    DKD needs the labels, so it takes three arguments. As a mapping payload,
+    put :class:`DKDLoss` (or ``functools.partial(dkd_loss, beta=...)``) in the
+    mapping and pass the batch's labels where the loop calls it:
+    ``loss = payload(teacher_out, student_out, labels)``; for code that calls
+    payloads with two arguments, bind the labels per batch with
+    ``functools.partial(payload, target=labels)``.
+
+    Args:
+        teacher_logits: the teacher's logits, ``(..., classes)``, at least 2 classes.
+        student_logits: the student's logits, same shape.
+        target: integer class indices, shape ``logits.shape[:-1]``. An index out
+            of range raises (CPU) or gives an undefined result (GPU).
+        alpha: weight of TCKD (number >= 0 or 0-d tensor).
+        beta: weight of NCKD (number >= 0 or 0-d tensor); the paper uses 8 on
+            CIFAR-100 and 0.5 on ImageNet.
+        temperature: ``T > 0``, a number or a 0-d tensor.
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"batchmean"``.
+
+    Raises:
+        TypeError: an argument has the wrong type (``target`` must be an integer tensor).
+        ValueError: shapes do not fit, or a value is out of range.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor([[3.0, 1.0, 0.0]])
+        >>> float(dkd_loss(t, t, torch.tensor([0])))
+        0.0
+        >>> float(dkd_loss(t, torch.zeros(1, 3), torch.tensor([0]), beta=0.0)) > 0
+        True
+    """
+    name = "dkd_loss"
+    check_reduction(name, reduction, REDUCTIONS_BATCHMEAN)
+    check_tensors(name, teacher_logits=teacher_logits, student_logits=student_logits, target=target)
+    check_same_shape(name, teacher_logits, student_logits)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"dkd_loss: target must hold integer class indices (e.g. torch.long), got {target.dtype}."
+        )
+    if target.shape != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"dkd_loss: target has shape {tuple(target.shape)} but the logits "
+            f"{tuple(teacher_logits.shape)} need one class index per row, shape "
+            f"{tuple(teacher_logits.shape[:-1])}."
+        )
+    if teacher_logits.dim() == 0 or teacher_logits.shape[-1] < 2:
+        raise ValueError(
+            f"dkd_loss: needs at least 2 classes in the last dimension, got logits of "
+            f"shape {tuple(teacher_logits.shape)}."
+        )
+    check_weight(name, "alpha", alpha)
+    check_weight(name, "beta", beta)
+    check_positive(name, "temperature", temperature, allow_tensor=True)
+
+    classes = torch.arange(teacher_logits.shape[-1], device=target.device)
+    is_target = target.unsqueeze(-1) == classes
+    index = target.unsqueeze(-1).long()
+    t = teacher_logits / temperature
+    s = student_logits / temperature
+    tckd = kl_terms(_binary_log_probs(t, is_target, index), _binary_log_probs(s, is_target, index)).sum(-1)
+    nckd = _non_target_kl_terms(t, s, is_target).sum(-1)
+    per_row = (alpha * tckd + beta * nckd) * (temperature * temperature)
+    return reduce(per_row, reduction)
+
+
+def _binary_log_probs(logits: torch.Tensor, is_target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``log [p_target, 1 - p_target]`` along the last dimension, computed stably."""
+    everything = torch.logsumexp(logits, dim=-1)
+    log_target = logits.gather(-1, index).squeeze(-1) - everything
+    rest = logits.masked_fill(is_target, float("-inf"))
+    log_rest = torch.logsumexp(rest, dim=-1) - everything
+    return torch.stack([log_target, log_rest], dim=-1)
+
+
+def _non_target_kl_terms(t: torch.Tensor, s: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    """KL terms between the teacher's and student's distributions over non-target classes."""
+    # The target class gets log-probability -inf on both sides; kl_terms gives it 0.
+    log_t = F.log_softmax(t.masked_fill(is_target, float("-inf")), dim=-1)
+    log_s = F.log_softmax(s.masked_fill(is_target, float("-inf")), dim=-1)
+    return kl_terms(log_t, log_s)
+
+
+class KDLoss(nn.Module):
+    """:func:`kd_loss` as a module, for use as a mapping payload.
+
+    Args:
+        temperature: softening temperature ``T > 0``.
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"batchmean"``.
+
+    Example:
+        >>> import torch
+        >>> loss = KDLoss(temperature=4.0)
+        >>> float(loss(torch.ones(2, 5), torch.ones(2, 5)))
+        0.0
+    """
+
+    def __init__(self, temperature: Temperature = 1.0, *, reduction: str = "batchmean"):
+        super().__init__()
+        check_positive("KDLoss", "temperature", temperature, allow_tensor=True)
+        self.temperature = temperature
+        self.reduction = check_reduction("KDLoss", reduction, REDUCTIONS_BATCHMEAN)
+
+    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        return kd_loss(teacher_logits, student_logits, temperature=self.temperature, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class DKDLoss(nn.Module):
+    """:func:`dkd_loss` as a module; call it as ``loss(teacher_logits, student_logits, target)``.
+
+    Args:
+        alpha: weight of the target-class term (TCKD).
+        beta: weight of the non-target-class term (NCKD).
+        temperature: softening temperature ``T > 0``.
+        reduction: ``"none"``, ``"mean"``, ``"sum"`` or ``"batchmean"``.
+
+    Example:
+        >>> import torch
+        >>> loss = DKDLoss(beta=8.0)
+        >>> float(loss(torch.ones(2, 5), torch.ones(2, 5), torch.tensor([0, 3])))
+        0.0
+    """
+
+    def __init__(
+        self,
+        alpha: float | torch.Tensor = 1.0,
+        beta: float | torch.Tensor = 8.0,
+        temperature: Temperature = 4.0,
+        *,
+        reduction: str = "batchmean",
+    ):
+        super().__init__()
+        check_weight("DKDLoss", "alpha", alpha)
+        check_weight("DKDLoss", "beta", beta)
+        check_positive("DKDLoss", "temperature", temperature, allow_tensor=True)
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.reduction = check_reduction("DKDLoss", reduction, REDUCTIONS_BATCHMEAN)
+
+    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: Any) -> torch.Tensor:
+        return dkd_loss(
+            teacher_logits,
+            student_logits,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}"
+        )

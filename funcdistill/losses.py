@@ -1,0 +1,71 @@
+"""Distillation losses, as pure functions and as modules usable as mapping payloads.
+
+Argument order: every loss takes ``(teacher, student, ...)``, teacher first,
+in the order of :class:`funcdistill.Pair` ``(teacher_output, student_output,
+payload)``, so a training loop reads ``payload(teacher_output, student_output)``.
+(This differs from :mod:`torch.nn` losses, which take ``(input, target)``.)
+
+All of them accept ``reduction`` (``"none"``, ``"mean"``, ``"sum"``, and
+``"batchmean"`` for the KL-based ones), refuse tensors of mismatched shapes
+instead of broadcasting, and look only at shapes, never at tensor values, to
+decide anything: they run under :func:`torch.func.grad`, :func:`torch.func.vmap`
+and ``torch.compile(fullgraph=True)``. Hyper-parameters such as the temperature
+may be 0-d tensors, so a vmapped sweep can give each student its own.
+
+The losses and their papers:
+
+- `kd_loss` / `KDLoss`: Hinton, Vinyals & Dean 2015 (softened logits, T²-scaled KL).
+- `dkd_loss` / `DKDLoss`: Zhao et al. 2022 (decoupled KD: TCKD + NCKD; needs labels).
+- `FitNetsLoss` with `hint_adapter`: Romero et al. 2015 (hints through a trainable adapter).
+- `attention_transfer_loss` / `AttentionTransferLoss`: Zagoruyko & Komodakis 2017.
+- `rkd_loss` / `RKDLoss`: Park et al. 2019 (relational: distance + angle).
+- `cosine_loss` / `CosineLoss`: the hidden-state loss of DistilBERT (Sanh et al. 2019).
+- `mse_loss`: plain feature matching (or `torch.nn.MSELoss`, which is symmetric).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from funcdistill import Mapping, distill, state
+    >>> from funcdistill.losses import FitNetsLoss, KDLoss, hint_adapter
+    >>> t = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> s = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> m = (Mapping(t, s)
+    ...      .add("", "", KDLoss(temperature=4.0))
+    ...      .add("1", "1", FitNetsLoss(hint_adapter(8, 16, ndim=2))))
+    >>> fn = distill(t, s, m)
+    >>> def loss(ss, x):
+    ...     return sum(c(a, b) for a, b, c in fn(state(t), ss, x))
+    >>> grads = torch.func.grad(loss)(state(s, m), torch.randn(5, 4))
+    >>> sorted(k for k in grads if k.startswith("payloads"))
+    ['payloads.1.adapter.bias', 'payloads.1.adapter.weight']
+"""
+
+from __future__ import annotations
+
+from funcdistill._feature_losses import (
+    AttentionTransferLoss,
+    CosineLoss,
+    FitNetsLoss,
+    attention_transfer_loss,
+    cosine_loss,
+    hint_adapter,
+    mse_loss,
+)
+from funcdistill._logit_losses import DKDLoss, KDLoss, dkd_loss, kd_loss
+from funcdistill._relational_losses import RKDLoss, rkd_loss
+
+__all__ = [
+    "AttentionTransferLoss",
+    "CosineLoss",
+    "DKDLoss",
+    "FitNetsLoss",
+    "KDLoss",
+    "RKDLoss",
+    "attention_transfer_loss",
+    "cosine_loss",
+    "dkd_loss",
+    "hint_adapter",
+    "kd_loss",
+    "mse_loss",
+    "rkd_loss",
+]

@@ -1,0 +1,123 @@
+"""DistilBERT-style distillation of transformers models (examples/distilbert.py).
+
+Real ``transformers`` BERT models built from configs with random weights;
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+from torch.func import grad
+
+pytest.importorskip("transformers")
+
+from transformers.utils import ModelOutput  # noqa: E402
+
+import funcdistill as fd  # noqa: E402
+from examples import distilbert as ex  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ex.build_models()
+
+
+@pytest.fixture(scope="module")
+def mapping(models):
+    return ex.build_mapping(models)
+
+
+@pytest.fixture(scope="module")
+def batch(models):
+    return ex.random_batch(models)
+
+
+def run(models, mapping, batch, student_state=None):
+    fn = fd.distill(models.teacher, models.student, mapping)
+    ids, mask = batch
+    ss = fd.state(models.student, mapping) if student_state is None else student_state
+    return fn(fd.state(models.teacher), ss, input_ids=ids, attention_mask=mask)
+
+
+def test_whole_model_pair_is_the_model_output(models, mapping, batch):
+    pairs = run(models, mapping, batch)
+    teacher_out, student_out, _ = pairs[0]
+    assert isinstance(teacher_out, ModelOutput) and isinstance(student_out, ModelOutput)
+    assert type(teacher_out).__name__ == "SequenceClassifierOutput"
+    # a pytree: flatten/unflatten keeps the type, and the leaves are its tensors
+    leaves, spec = torch_pytree.tree_flatten(student_out)
+    assert len(leaves) == 1 and leaves[0] is student_out.logits
+    rebuilt = torch_pytree.tree_unflatten([x * 2 for x in leaves], spec)
+    assert type(rebuilt) is type(student_out)
+    torch.testing.assert_close(rebuilt.logits, 2 * student_out.logits)
+    ids, mask = batch
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_out.logits, models.teacher(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(student_out.logits, models.student(input_ids=ids, attention_mask=mask).logits)
+    assert teacher_out.logits.shape == (8, 3)
+
+
+def test_layers_mapped_by_name_are_the_hidden_states(models, mapping, batch):
+    assert mapping.names[1:] == (
+        ("bert.encoder.layer.1", "bert.encoder.layer.0"),
+        ("bert.encoder.layer.3", "bert.encoder.layer.1"),
+    )
+    pairs = run(models, mapping, batch)
+    ids, mask = batch
+    with torch.no_grad():
+        t_hidden = models.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        s_hidden = models.student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for k, (t, s, payload) in enumerate(pairs[1:]):
+        # hidden_states[0] is the embedding output, so layer i is hidden_states[i + 1]
+        torch.testing.assert_close(ex.hidden_state(t), t_hidden[2 * k + 2])
+        torch.testing.assert_close(ex.hidden_state(s), s_hidden[k + 1])
+        assert ex.hidden_state(t).shape == (8, 16, 64) and ex.hidden_state(s).shape == (8, 16, 32)
+        assert float(payload(t, s).detach()) > 0
+
+
+def test_adapters_train_with_the_student(models, mapping, batch):
+    fn = fd.distill(models.teacher, models.student, mapping)
+    params = {k: v.detach() for k, v in fd.state(models.student, mapping, buffers=False).items()}
+    assert {"payloads.1.adapter.weight", "payloads.2.adapter.weight"} <= params.keys()
+    ts = fd.state(models.teacher)
+    ids, mask = batch
+    grads = grad(lambda p: ex.objective(fn, ts, p, ids, mask))(params)
+    assert grads.keys() == params.keys()
+    for key in ("payloads.1.adapter.weight", "payloads.2.adapter.bias", "bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
+        assert grads[key].abs().sum() > 0, key
+    # the same gradients as loss.backward() on the live modules
+    models.student.zero_grad()
+    adapter = mapping[1].payload.adapter
+    adapter.zero_grad()
+    ex.objective(fn, ts, fd.state(models.student, mapping), ids, mask).backward()
+    torch.testing.assert_close(adapter.weight.grad, grads["payloads.1.adapter.weight"])
+    torch.testing.assert_close(models.student.classifier.weight.grad, grads["classifier.weight"])
+    assert all(p.grad is None for p in models.teacher.parameters())
+    models.student.zero_grad()
+    adapter.zero_grad()
+
+
+def test_distillation_lowers_every_loss(models, mapping):
+    before = ex.pair_losses(models, mapping, fd.state(models.student, mapping))
+    history = ex.train(models, mapping, steps=8)
+    after = ex.pair_losses(models, mapping, history.params)
+    assert history.losses[-1] < 0.8 * history.losses[0]
+    assert sum(before) == pytest.approx(history.losses[0], rel=1e-5)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert before[0] > 0.05  # the logits term is not trivially zero
+
+
+def test_main_prints_pairs_and_losses(capsys):
+    history = ex.main(["--steps", "2"])
+    out = capsys.readouterr().out
+    assert "pair 0: '' -> SequenceClassifierOutput ['logits']" in out
+    assert "pair 2: bert.encoder.layer.3 (8, 16, 64) -> bert.encoder.layer.1 (8, 16, 32)" in out
+    assert "pair 0 (logits KD):" in out and "total:" in out
+    assert len(history.losses) == 2
+
+
+def test_build_models_rejects_odd_depth():
+    with pytest.raises(ValueError, match="teacher_layers must be even and >= 2 .*got 3"):
+        ex.build_models(teacher_layers=3)
