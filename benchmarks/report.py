@@ -1,0 +1,136 @@
+"""Results as data (JSON) and as Markdown tables, with the machine they come from.
+
+>>> sec = Section("Demo", ["style", "ratio"], intro="One row.")
+>>> sec.add(style="floor", ratio=1.0)
+>>> print(to_markdown([sec], {"cpu": "x"}, heading="Results").splitlines()[-1])
+| floor | 1.00 |
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import funcdistill
+
+__all__ = ["Section", "busy_note", "machine", "to_markdown", "write"]
+
+
+@dataclass
+class Section:
+    """One table: a title, its columns, rows as dicts, and notes printed below it."""
+
+    title: str
+    columns: list[str]
+    intro: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, **row: Any) -> None:
+        """Append a row (missing columns print empty)."""
+        self.rows.append(row)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """Where and when the benchmark runs."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "funcdistill": funcdistill.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    if hasattr(os, "getloadavg"):
+        info["load_at_start"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def busy_note(info: dict[str, Any]) -> str:
+    """A warning when other work loaded the machine during the run, else ``""``.
+
+    The 1-minute load average at the end includes the benchmark's own threads
+    (``torch_threads``); more than half the cores beyond that counts as busy.
+
+    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 0.1, "load_at_end": 2.5})
+    ''
+    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 3.5, "load_at_end": 2.0})
+    '**Other work loaded the machine during this run (load average 3.5 at the start, up to 2.0 during it, on 2 cores): the timing ratios are noisy.**'
+    """
+    start, end = info.get("load_at_start"), info.get("load_at_end")
+    cores = info.get("cores") or 1
+    own = info.get("torch_threads") or 1
+    during = [x for x in (end, *info.get("load_during", ())) if x is not None]
+    busy = (start is not None and start > cores / 2) or any(x - own > cores / 2 for x in during)
+    if not busy:
+        return ""
+    return (
+        f"**Other work loaded the machine during this run (load average {start} at the start, "
+        f"up to {max(during, default=end)} during it, on {cores} cores): the timing ratios are noisy.**"
+    )
+
+
+def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, level: int = 2) -> str:
+    """The tables as Markdown, under a heading and a line describing the machine."""
+    h = "#" * level
+    lines = [f"{h} {heading}", ""]
+    lines.append(
+        "Machine: " + ", ".join(f"{k} `{v}`" for k, v in info.items()) + "."
+    )
+    busy = busy_note(info)
+    if busy:
+        lines += ["", busy]
+    for sec in sections:
+        lines += ["", f"{h}# {sec.title}", ""]
+        if sec.intro:
+            lines += [sec.intro, ""]
+        lines.append("| " + " | ".join(sec.columns) + " |")
+        lines.append("|" + "---|" * len(sec.columns))
+        for row in sec.rows:
+            lines.append("| " + " | ".join(_cell(row.get(c)) for c in sec.columns) + " |")
+        for note in sec.notes:
+            lines += ["", f"- {note}"] if note is sec.notes[0] else [f"- {note}"]
+    return "\n".join(lines)
+
+
+def write(sections: list[Section], info: dict[str, Any], config: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"machine": info, "config": config, "sections": [asdict(s) for s in sections]}
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md_path = out / f"{stem}.md"
+    md_path.write_text(to_markdown(sections, info, heading=f"Results: {stem}", level=1) + "\n")
+    return json_path, md_path

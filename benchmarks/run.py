@@ -1,0 +1,114 @@
+"""Run the funcdistill benchmark suite and write its tables.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.run            # full run, a few minutes on 2 cores
+    python -m benchmarks.run --quick    # short run, to check the harness
+
+It writes ``<out>/<device>.md`` and ``<out>/<device>.json`` (``--out``,
+default ``benchmarks/results``) and, after a full run into the default
+folder, ``docs/benchmarks.md``. Timings are ratios against a hand-written
+step measured in the same process, never absolute claims; run it on a quiet
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report, suite  # noqa: E402
+
+SECTIONS = {
+    "timing": suite.timing_section,
+    "truncation": suite.truncation_section,
+    "flops": suite.flops_section,
+    "bytes": suite.saved_bytes_section,
+    "vmap": suite.vmap_section,
+    "compile": suite.compile_section,
+    "precision": suite.precision_section,
+}
+
+DOCS_INTRO = """# Benchmarks
+
+How much a funcdistill step costs next to the same step written by hand, and
+what truncation, `vmap`, `torch.compile` and a bfloat16 teacher change. Every
+time below is a **ratio** to a hand-written step measured in the same process,
+in interleaved rounds (the median of the per-round ratios, with the
+interquartile range in brackets), so the figures describe this machine and
+this torch build, not absolute speeds. FLOPs and bytes are exact counts;
+`tests/test_costs.py` checks the ones that must hold everywhere (the teacher
+saves nothing for backward, truncation runs only the teacher's prefix, a
+compiled step has no graph break).
+
+Reproduce (the suite is in `benchmarks/`, the models in `benchmarks/models.py`:
+a ResNet-18-like CIFAR CNN teacher with 11.2M parameters and a student at a
+quarter of its width, and a small MLP pair):
+
+```bash
+python -m benchmarks.run          # writes benchmarks/results/cpu.{md,json} and this page
+python -m benchmarks.run --quick  # a short run to check the harness
+```
+
+"""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, CNN batch 8 only, no torch.compile")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for <device>.md/.json")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="also write the docs page here (default: docs/benchmarks.md after a full run into the default --out)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and running order")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    cfg = suite.Config(quick=args.quick, device=args.device, seed=args.seed)
+    info = report.machine(args.device)
+    names = args.only or list(SECTIONS)
+    sections = []
+    start = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"[benchmarks] {name} ...", flush=True)
+        sections.append(SECTIONS[name](cfg))
+        if hasattr(os, "getloadavg"):
+            info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))
+        print(f"[benchmarks] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if hasattr(os, "getloadavg"):
+        info["load_at_end"] = round(os.getloadavg()[0], 2)
+    info["wall_s"] = round(time.perf_counter() - start)
+    config = {**cfg.as_dict(), "sections": names}
+    stem = args.device.split(":")[0] + ("-quick" if args.quick else "")
+    json_path, md_path = report.write(sections, info, config, args.out, stem)
+    print(f"[benchmarks] wrote {json_path} and {md_path}")
+    docs = args.docs
+    if docs is None and not args.quick and args.only is None and args.out == ROOT / "benchmarks" / "results":
+        docs = ROOT / "docs" / "benchmarks.md"
+    if docs is not None:
+        body = report.to_markdown(sections, info, heading=f"Results ({stem})", level=2)
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(DOCS_INTRO + body + "\n")
+        print(f"[benchmarks] wrote {docs}")
+    print(report.to_markdown(sections, info, heading="Results", level=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The deterministic figures of the benchmark suite (``benchmarks/``), on tiny models.
+
+No timings here: bytes saved for backward, teacher FLOPs under truncation and
+graph breaks of a compiled step are exact counts, so they are checked with the
+same code the benchmark reports them with (:mod:`benchmarks.costs`,
+:mod:`benchmarks.steps`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import funcdistill as fd
+from benchmarks import costs
+from benchmarks import steps as S
+from benchmarks.losses import similarity_loss, step_loss
+from benchmarks.models import MLP, ResNetCifar
+
+
+def tiny_cnn_case() -> S.Case:
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    y = torch.tensor([0, 1, 2])
+    return S.Case(ResNetCifar(8, blocks=1), ResNetCifar(4, blocks=1), x, y, point="layer2")
+
+
+def tiny_mlp_case() -> S.Case:
+    torch.manual_seed(0)
+    x = torch.randn(5, 12)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    return S.Case(MLP([12, 32, 32]), MLP([12, 8]), x, y, point="body")
+
+
+CASES = [pytest.param(tiny_cnn_case, id="cnn-batchnorm"), pytest.param(tiny_mlp_case, id="mlp")]
+
+
+def weights(case: S.Case) -> list[torch.Tensor]:
+    return [t for m in (case.teacher, case.student) for t in (*m.parameters(), *m.buffers())]
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_teacher_adds_no_bytes_saved_for_backward(make):
+    case = make()
+    alone = costs.saved_bytes(S.student_alone_loss(case).loss, exclude=weights(case))
+    step = costs.saved_bytes(S.funcdistill_loss(case).loss, exclude=weights(case))
+    floor = costs.saved_bytes(S.floor_loss(case).loss, exclude=weights(case))
+    assert alone["total"] > 0
+    assert step["total"] == alone["total"] == floor["total"]
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_a_teacher_with_grad_is_counted(make):
+    """The counter sees a teacher's graph, so the equality above is not vacuous."""
+    case = make()
+    alone = costs.saved_bytes(S.student_alone_loss(case).loss, exclude=weights(case))["total"]
+    teacher_params = sum(p.numel() * p.element_size() for p in case.teacher.parameters())
+    forgotten = costs.saved_bytes(S.forgotten_nograd_loss(case).loss)["total"]
+    with_grad = costs.saved_bytes(S.funcdistill_loss(case, nograd_teacher=False).loss)["total"]
+    assert forgotten == with_grad
+    assert forgotten > alone + teacher_params // 2
+
+
+def test_truncated_step_saves_what_the_hand_written_truncated_step_saves():
+    case = tiny_cnn_case()
+    fd_loss = S.truncated_funcdistill_loss(case, "layer2").loss
+    fd_loss()  # the first call checks the mapping with a full teacher forward
+    got = costs.saved_bytes(fd_loss, exclude=weights(case))
+    ref = costs.saved_bytes(S.truncated_floor_loss(case, "layer2").loss, exclude=weights(case))
+    assert got["total"] == ref["total"]
+
+
+def test_truncated_teacher_flops_match_the_prefix():
+    case = tiny_cnn_case()
+    t, s, x = case.teacher, case.student, case.x
+    with torch.no_grad():
+        full = costs.flops(lambda: t(x))
+        prefix = costs.flops(lambda: t.forward_features(x, stop_after="layer2"))
+        student = costs.flops(lambda: s(x))
+    fn = fd.distill(t, s, S.truncated_mapping(case, "layer2"), truncate=True)
+    first = costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student
+    later = costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student
+    assert prefix < 0.8 * full
+    assert first == full  # the checking call
+    assert abs(later / prefix - 1) <= 0.01
+
+
+def test_truncation_is_off_when_the_output_is_mapped():
+    case = tiny_cnn_case()
+    t, s, x = case.teacher, case.student, case.x
+    with torch.no_grad():
+        full = costs.flops(lambda: t(x))
+        student = costs.flops(lambda: s(x))
+    fn = fd.distill(t, s, case.mapping(t, s), truncate=True)
+    fn(fd.state(t), fd.state(s), x)
+    assert costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student == full
+
+
+@pytest.mark.compile
+def test_whole_functional_step_traces_without_graph_breaks():
+    case = tiny_mlp_case()
+    t, s, x, y = case.teacher, case.student, case.x, case.y
+    mapping = fd.Mapping(t, s).add("body", "body", similarity_loss).add("body", "", None)
+    fn = fd.distill(t, s, mapping, truncate=True)
+
+    def loss(params, t_state, x, y):
+        pairs = fn(t_state, params, x)
+        return step_loss(pairs, pairs[-1].student, y)
+
+    def step(params, t_state, x, y):
+        return torch.func.grad_and_value(loss)(params, t_state, x, y)
+
+    params = {n: v.detach() for n, v in s.named_parameters()}
+    t_state = {n: v.detach() for n, v in fd.state(t).items()}
+    step(params, t_state, x, y)  # the checking call: later traces see the truncated teacher
+    found = costs.graph_breaks(step, params, t_state, x, y)
+    assert (found["graphs"], found["graph_breaks"], found["reasons"]) == (1, 0, [])
+
+
+@pytest.mark.compile
+def test_graph_break_counter_sees_a_break():
+    def step(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    found = costs.graph_breaks(step, torch.randn(2))
+    assert found["graph_breaks"] == 1 and found["graphs"] == 2
+
+
+@pytest.mark.parametrize("module", ["costs", "features", "losses", "models", "report", "steps", "timing"])
+def test_benchmark_module_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"benchmarks.{module}"))
+    assert result.attempted > 0 and result.failed == 0
