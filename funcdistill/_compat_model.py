@@ -1,0 +1,132 @@
+"""The distillation model that the shim's ``distill`` context hands out.
+
+A stateful ``nn.Module`` around one pure :func:`funcdistill.distill` function
+(``mutable=True``): each forward runs it on the models' own tensors (an empty
+state dict means "every entry from the live model", the very tensors
+:func:`funcdistill.state` returns, without building the dict), so
+``loss.backward()`` fills ``.grad`` as in plain training, and copies the
+buffers the call updated (BatchNorm running statistics) back into the models'
+buffers in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from funcdistill import DistillFn, Pair, distill
+from funcdistill import Mapping as FunctionalMapping
+
+__all__: list[str] = []
+
+
+class DistillationModel(nn.Module):
+    """Teacher and student glued into one model that returns paired outputs.
+
+    Its forward runs the teacher and the student on the same inputs and
+    returns a list of ``(teacher_output, student_output, payload)`` tuples
+    (:class:`funcdistill.Pair`), one per mapping pair, in mapping order; each
+    payload is the object put in the mapping.
+
+    Its submodules are the student (``.student``) and the payloads that are
+    modules (``.payloads``; a payload that shares a parameter with the teacher,
+    such as the teacher's own classifier, is left out), so ``parameters()``
+    are the student's and the adapters'; the teacher is reachable as
+    ``.teacher`` but is not a submodule: ``parameters()``, ``state_dict()``,
+    ``.to()`` and ``.train()`` leave it out.
+
+    Made by :class:`funcdistill.compat.distill`; usable only inside its context.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, mapping: FunctionalMapping, *, nograd_teacher: bool):
+        super().__init__()
+        self.student = student
+        self.payloads = nn.ModuleList(_trainable_payloads(mapping.payload(), teacher))
+        object.__setattr__(self, "_teacher", teacher)  # kept out of the submodules
+        self._mapping = mapping
+        self._nograd_teacher = nograd_teacher
+        self._fns: dict[Any, DistillFn] = {}
+        self._closed = False
+        self._owners = (_buffer_owners(teacher), _buffer_owners(student))
+        self._function()  # build now, so that errors show at __enter__
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher (not a submodule of this model)."""
+        return self._teacher
+
+    @property
+    def mapping(self) -> FunctionalMapping:
+        """The :class:`funcdistill.Mapping` this model runs."""
+        return self._mapping
+
+    def forward(self, *args: Any, **kwargs: Any) -> list[Pair]:
+        """Run teacher and student on the inputs; return the paired outputs."""
+        if self._closed:
+            raise RuntimeError(
+                "this distillation model was used after its distill context exited; "
+                "call it inside `with distill(teacher, student, mapping) as model:`, "
+                "or enter a new distill context."
+            )
+        pairs, buffers = self._function()({}, {}, *args, **kwargs)
+        _write_back(self._owners[0], buffers.teacher)
+        _write_back(self._owners[1], buffers.student)
+        payloads = self._mapping.payload()
+        return [Pair(p.teacher, p.student, payload) for p, payload in zip(pairs, payloads)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"teacher={type(self._teacher).__name__}, pairs={len(self._mapping)}, "
+            f"nograd_teacher={self._nograd_teacher}, closed={self._closed}"
+        )
+
+    def _close(self) -> None:
+        self._closed = True
+        self._fns.clear()
+
+    def _function(self) -> DistillFn:
+        # A distill function works on a snapshot of each model's Python attributes,
+        # so keep one per value of the live flags it must follow:
+        # * DDP's `no_sync()` flips `require_backward_grad_sync` on the live wrapper;
+        # * a teacher in eval mode is truncated after its deepest mapped point (its
+        #   later layers compute nothing the pairs need); one in training mode runs
+        #   in full, so that all its BatchNorm statistics update as in plain PyTorch.
+        train_teacher = self._teacher.training
+        key = (getattr(self.student, "require_backward_grad_sync", None), train_teacher)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = distill(
+                self._teacher, self.student, self._mapping,
+                nograd_teacher=self._nograd_teacher, mutable=True, truncate=not train_teacher,
+            )
+        return fn
+
+
+def _trainable_payloads(payloads: list[Any], teacher: nn.Module) -> list[nn.Module]:
+    """Payload modules, once each, except those that share a parameter with the teacher."""
+    teacher_params = {id(p) for p in teacher.parameters()}
+    modules = dict.fromkeys(p for p in payloads if isinstance(p, nn.Module))
+    return [m for m in modules if not any(id(p) in teacher_params for p in m.parameters())]
+
+
+def _buffer_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Buffer name -> (owning module, attribute), so a buffer is looked up where it lives now."""
+    owners = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr in module._buffers:
+            owners[f"{prefix}.{attr}" if prefix else attr] = (module, attr)
+    return owners
+
+
+def _write_back(owners: dict[str, tuple[nn.Module, str]], updated: dict[str, torch.Tensor]) -> None:
+    """Copy the buffers a call updated (its clones of them) into the model's own buffers."""
+    if not updated:
+        return
+    with torch.no_grad():
+        for name, new in updated.items():
+            owner = owners.get(name)
+            old = None if owner is None else owner[0]._buffers.get(owner[1])
+            if old is not None and old is not new:
+                old.copy_(new)
