@@ -81,19 +81,21 @@ def _cell(value: Any) -> str:
 def busy_note(info: dict[str, Any]) -> str:
     """A warning when other work loaded the machine during the run, else ``""``.
 
-    The 1-minute load average at the end includes the benchmark's own threads
-    (``torch_threads``); more than half the cores beyond that counts as busy.
+    The 1-minute load averages sampled during the run include the benchmark's
+    own threads (``torch_threads``); more than half the cores beyond that
+    counts as busy. The load at the start is only reported (it still decays
+    from whatever ran just before).
 
-    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 0.1, "load_at_end": 2.5})
+    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 1.5, "load_at_end": 2.5})
     ''
-    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 3.5, "load_at_end": 2.0})
-    '**Other work loaded the machine during this run (load average 3.5 at the start, up to 2.0 during it, on 2 cores): the timing ratios are noisy.**'
+    >>> busy_note({"cores": 2, "torch_threads": 2, "load_at_start": 3.5, "load_during": [4.0], "load_at_end": 2.0})
+    '**Other work loaded the machine during this run (load average 3.5 at the start, up to 4.0 during it, on 2 cores): the timing ratios are noisy.**'
     """
     start, end = info.get("load_at_start"), info.get("load_at_end")
     cores = info.get("cores") or 1
     own = info.get("torch_threads") or 1
     during = [x for x in (end, *info.get("load_during", ())) if x is not None]
-    busy = (start is not None and start > cores / 2) or any(x - own > cores / 2 for x in during)
+    busy = any(x - own > cores / 2 for x in during)
     if not busy:
         return ""
     return (

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python -m benchmarks.run            # full run, a few minutes on 2 cores
     python -m benchmarks.run --quick    # short run, to check the harness
+    python -m benchmarks.run --render benchmarks/results/cpu.json --docs docs/benchmarks.md
 
 It writes ``<out>/<device>.md`` and ``<out>/<device>.json`` (``--out``,
 default ``benchmarks/results``) and, after a full run into the default
@@ -15,6 +16,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -71,14 +73,37 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, default=None,
                         help="also write the docs page here (default: docs/benchmarks.md after a full run into the default --out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and running order")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: rewrite the Markdown (and --docs page) from a results JSON")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     return args
 
 
+def _render(args: argparse.Namespace) -> int:
+    data = json.loads(args.render.read_text())
+    sections = [report.Section(**sec) for sec in data["sections"]]
+    stem = args.render.stem
+    md = args.render.with_suffix(".md")
+    md.write_text(report.to_markdown(sections, data["machine"], heading=f"Results: {stem}", level=1) + "\n")
+    print(f"[benchmarks] wrote {md}")
+    if args.docs is not None:
+        _write_docs(args.docs, sections, data["machine"], stem)
+    return 0
+
+
+def _write_docs(path: Path, sections: list, info: dict, stem: str) -> None:
+    body = report.to_markdown(sections, info, heading=f"Results ({stem})", level=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DOCS_INTRO + body + "\n")
+    print(f"[benchmarks] wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.render is not None:
+        return _render(args)
     cfg = suite.Config(quick=args.quick, device=args.device, seed=args.seed)
     info = report.machine(args.device)
     names = args.only or list(SECTIONS)
@@ -102,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if docs is None and not args.quick and args.only is None and args.out == ROOT / "benchmarks" / "results":
         docs = ROOT / "docs" / "benchmarks.md"
     if docs is not None:
-        body = report.to_markdown(sections, info, heading=f"Results ({stem})", level=2)
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(DOCS_INTRO + body + "\n")
-        print(f"[benchmarks] wrote {docs}")
+        _write_docs(docs, sections, info, stem)
     print(report.to_markdown(sections, info, heading="Results", level=2))
     return 0
 
