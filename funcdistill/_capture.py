@@ -224,6 +224,8 @@ class Capture:
                 "input."
             )
         for point, value in captured.items():
+            if isinstance(value, torch.Tensor):
+                continue
             for leaf in torch_pytree.tree_leaves(value):
                 if not isinstance(leaf, torch.Tensor):
                     raise TypeError(

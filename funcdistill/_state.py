@@ -70,7 +70,7 @@ class StateSpec:
     caller's tensors.
     """
 
-    __slots__ = ("role", "model", "owners", "canonical", "buffer_names", "ignored")
+    __slots__ = ("role", "model", "owners", "fill", "buffer_owners", "buffer_names", "ignored")
 
     def __init__(self, role: str, model: nn.Module, run_module: nn.Module):
         self.role = role
@@ -82,9 +82,13 @@ class StateSpec:
             self._add(name, False, t, groups)
         for name, t in run_module.named_buffers(remove_duplicate=False):
             self._add(name, True, t, groups)
-        # one name per distinct tensor (tied weights share a tensor)
-        self.canonical = [names for names in groups.values()]
-        self.buffer_names = [n for n, (_, _, b) in self.owners.items() if b]
+        # one entry per distinct tensor (tied weights share one): its first name,
+        # its other names, and where the live tensor is
+        self.fill = [
+            (names[0], tuple(names[1:]), *self.owners[names[0]]) for names in groups.values()
+        ]
+        self.buffer_owners = [(n, owner) for n, (owner, _, b) in self.owners.items() if b]
+        self.buffer_names = [n for n, _ in self.buffer_owners]
         # names of the live model that the forward does not use (FX drops them)
         self.ignored = _all_names(model) - frozenset(self.owners)
 
@@ -102,21 +106,22 @@ class StateSpec:
                 f"(funcdistill.state({self.role})), got {type(given).__name__}."
             )
         owners = self.owners
-        unexpected = given.keys() - owners.keys() - self.ignored
-        if unexpected:
-            raise ValueError(self._unexpected_message(sorted(unexpected)))
-        full = {k: v for k, v in given.items() if k in owners}
+        if given.keys() <= owners.keys():
+            full = dict(given)
+        else:
+            unexpected = given.keys() - owners.keys() - self.ignored
+            if unexpected:
+                raise ValueError(self._unexpected_message(sorted(unexpected)))
+            full = {k: v for k, v in given.items() if k in owners}
         if len(full) < len(owners):
-            for names in self.canonical:
-                if not any(n in full for n in names):
-                    owner, attr, is_buffer = owners[names[0]]
-                    table = owner._buffers if is_buffer else owner._parameters
-                    full[names[0]] = table[attr]
-        for name in self.buffer_names:
-            owner, _, _ = owners[name]
-            t = full.get(name)
-            if t is not None and owner.training:
-                full[name] = t.clone()
+            for name, aliases, owner, attr, is_buffer in self.fill:
+                if name not in full and not (aliases and any(a in full for a in aliases)):
+                    full[name] = (owner._buffers if is_buffer else owner._parameters)[attr]
+        for name, owner in self.buffer_owners:
+            if owner.training:
+                t = full.get(name)
+                if t is not None:
+                    full[name] = t.clone()
         return full
 
     def buffers(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
