@@ -48,6 +48,8 @@ class DistillationModel(nn.Module):
         self._mapping = mapping
         self._nograd_teacher = nograd_teacher
         self._fns: dict[Any, DistillFn] = {}
+        self._rebind = any(isinstance(p, nn.Module) for p in mapping.payload())
+        self._ddp = isinstance(student, nn.parallel.DistributedDataParallel)
         self._closed = False
         self._owners = (_buffer_owners(teacher), _buffer_owners(student))
         self._function()  # build now, so that errors show at __enter__
@@ -73,8 +75,10 @@ class DistillationModel(nn.Module):
         pairs, buffers = self._function()({}, {}, *args, **kwargs)
         _write_back(self._owners[0], buffers.teacher)
         _write_back(self._owners[1], buffers.student)
-        payloads = self._mapping.payload()
-        return [Pair(p.teacher, p.student, payload) for p, payload in zip(pairs, payloads)]
+        if not self._rebind:
+            return list(pairs)
+        # the core binds adapter payloads to the call's state; hand back the objects put in the mapping
+        return [Pair(p.teacher, p.student, payload) for p, payload in zip(pairs, self._mapping.payload())]
 
     def extra_repr(self) -> str:
         return (
@@ -94,7 +98,7 @@ class DistillationModel(nn.Module):
         #   later layers compute nothing the pairs need); one in training mode runs
         #   in full, so that all its BatchNorm statistics update as in plain PyTorch.
         train_teacher = self._teacher.training
-        key = (getattr(self.student, "require_backward_grad_sync", None), train_teacher)
+        key = (self.student.require_backward_grad_sync if self._ddp else None, train_teacher)
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = distill(
