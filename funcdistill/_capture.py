@@ -227,9 +227,10 @@ class Capture:
             if isinstance(value, torch.Tensor):
                 continue
             for leaf in torch_pytree.tree_leaves(value):
-                if not isinstance(leaf, torch.Tensor):
+                if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
                         f"the output of {self.role} module {point!r} contains a "
                         f"{type(leaf).__name__}, not only tensors; map a module whose "
-                        "output is a tensor or a tuple/list/dict of tensors."
+                        "output is a tensor or a tuple/list/dict of tensors (None "
+                        "entries are allowed)."
                     )

@@ -501,6 +501,16 @@ def test_output_that_is_not_tensors():
         fn(state(t), state(s), torch.randn(2, 4))
 
 
+def test_none_entries_in_outputs_are_allowed():
+    class MaybeCache(nn.Module):
+        def forward(self, x):
+            return x * 2, None
+
+    t, s = nn.Sequential(MaybeCache()), nn.Sequential(MaybeCache())
+    (p,) = distill(t, s, Mapping(t, s).add("0", "0"))({}, {}, torch.ones(2))
+    assert p.teacher[1] is None and torch.equal(p.student[0], torch.full((2,), 2.0))
+
+
 def test_bad_states(models):
     t, s = models
     fn = distill(t, s)
