@@ -25,7 +25,9 @@ class Buffers(NamedTuple):
     """
 
     teacher: dict[str, torch.Tensor]
+    """The teacher's buffers after the call, by qualified name."""
     student: dict[str, torch.Tensor]
+    """The student's buffers after the call, by qualified name."""
 
 
 def distill(

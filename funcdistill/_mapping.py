@@ -21,8 +21,11 @@ class Pair(NamedTuple):
     """
 
     teacher: Any
+    """The teacher point name, or the teacher output at that point."""
     student: Any
+    """The student point name, or the student output at that point."""
     payload: Any = None
+    """What was put in the mapping with this pair (a loss, a weight, an adapter)."""
 
 
 class Mapping:
