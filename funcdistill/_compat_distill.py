@@ -11,7 +11,7 @@ from torch import nn
 from funcdistill import Mapping as FunctionalMapping
 from funcdistill._compat_mapping import Mapping
 from funcdistill._compat_model import DistillationModel
-from funcdistill._compat_models import check_models, functional_mapping, unwrap
+from funcdistill._compat_checks import check_models, functional_mapping, unwrap
 
 __all__ = ["distill"]
 
@@ -30,14 +30,14 @@ class distill(contextlib.ContextDecorator):  # noqa: N801 - the reference API's 
     ``parameters()`` are the student's and those of payload modules (adapters),
     never the teacher's, so ``SGD(model.parameters())`` trains what it should.
 
-    It is a thin layer over :func:`funcdistill.distill` (``mutable=True``): the
+    It is a thin layer over :func:`funcdistill.distill` (``inplace_buffers=True``): the
     models are never instrumented, no hook is registered and no flag is
     changed, so leaving the context (normally or by an exception) leaves both
     models as the body left them. Inside, ``loss.backward()`` fills ``.grad``
     of the student and of adapters; with ``nograd_teacher=True`` the teacher
-    runs under :func:`torch.no_grad` and its ``.grad`` stay ``None``. Buffers
-    the forward updates (BatchNorm running statistics of modules in training
-    mode) are copied into the models' own buffers, as a plain forward would.
+    runs under :func:`torch.no_grad` and its ``.grad`` stay ``None``. Modules
+    in training mode update their own buffers (BatchNorm running statistics)
+    in place, as in a plain forward.
     A teacher in eval mode is therefore never changed, and it stops after its
     deepest mapped point (later layers do not run); a teacher left in
     training mode runs in full and behaves as ``teacher(x)`` under

@@ -1,19 +1,17 @@
 """The distillation model that the shim's ``distill`` context hands out.
 
-A stateful ``nn.Module`` around one pure :func:`funcdistill.distill` function
-(``mutable=True``): each forward runs it on the models' own tensors (an empty
-state dict means "every entry from the live model", the very tensors
+A stateful ``nn.Module`` around one :func:`funcdistill.distill` function built
+with ``inplace_buffers=True``: each forward runs it on the models' own tensors
+(an empty state dict means "every entry from the live model", the very tensors
 :func:`funcdistill.state` returns, without building the dict), so
-``loss.backward()`` fills ``.grad`` as in plain training, and copies the
-buffers the call updated (BatchNorm running statistics) back into the models'
-buffers in place.
+``loss.backward()`` fills ``.grad`` and BatchNorm updates its running
+statistics in place, as in plain training.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from funcdistill import DistillFn, Pair, distill
@@ -51,7 +49,6 @@ class DistillationModel(nn.Module):
         self._rebind = any(isinstance(p, nn.Module) for p in mapping.payload())
         self._ddp = isinstance(student, nn.parallel.DistributedDataParallel)
         self._closed = False
-        self._owners = (_buffer_owners(teacher), _buffer_owners(student))
         self._function()  # build now, so that errors show at __enter__
 
     @property
@@ -72,9 +69,7 @@ class DistillationModel(nn.Module):
                 "call it inside `with distill(teacher, student, mapping) as model:`, "
                 "or enter a new distill context."
             )
-        pairs, buffers = self._function()({}, {}, *args, **kwargs)
-        _write_back(self._owners[0], buffers.teacher)
-        _write_back(self._owners[1], buffers.student)
+        pairs = self._function()({}, {}, *args, **kwargs)
         if not self._rebind:
             return list(pairs)
         # the core binds adapter payloads to the call's state; hand back the objects put in the mapping
@@ -103,7 +98,7 @@ class DistillationModel(nn.Module):
         if fn is None:
             fn = self._fns[key] = distill(
                 self._teacher, self.student, self._mapping,
-                nograd_teacher=self._nograd_teacher, mutable=True, truncate=not train_teacher,
+                nograd_teacher=self._nograd_teacher, inplace_buffers=True, truncate=not train_teacher,
             )
         return fn
 
@@ -113,24 +108,3 @@ def _trainable_payloads(payloads: list[Any], teacher: nn.Module) -> list[nn.Modu
     teacher_params = {id(p) for p in teacher.parameters()}
     modules = dict.fromkeys(p for p in payloads if isinstance(p, nn.Module))
     return [m for m in modules if not any(id(p) in teacher_params for p in m.parameters())]
-
-
-def _buffer_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Buffer name -> (owning module, attribute), so a buffer is looked up where it lives now."""
-    owners = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr in module._buffers:
-            owners[f"{prefix}.{attr}" if prefix else attr] = (module, attr)
-    return owners
-
-
-def _write_back(owners: dict[str, tuple[nn.Module, str]], updated: dict[str, torch.Tensor]) -> None:
-    """Copy the buffers a call updated (its clones of them) into the model's own buffers."""
-    if not updated:
-        return
-    with torch.no_grad():
-        for name, new in updated.items():
-            owner = owners.get(name)
-            old = None if owner is None else owner[0]._buffers.get(owner[1])
-            if old is not None and old is not new:
-                old.copy_(new)

@@ -39,6 +39,7 @@ def distill(
     mutable: bool = False,
     truncate: bool = True,
     teacher_dtype: torch.dtype | None = None,
+    inplace_buffers: bool = False,
 ) -> "DistillFn":
     """Return a pure function that runs both models and pairs their outputs.
 
@@ -80,6 +81,14 @@ def distill(
             it (pass a teacher state already in that dtype to cast it once),
             and teacher outputs are cast back to the dtype of the paired student
             output, so pairs reach the loss in the student's dtype.
+        inplace_buffers: let modules in training mode update the buffers they
+            run with in place, as a plain forward does: the buffers you pass,
+            or the models' own ones for entries you leave out. The function is
+            then no longer pure, and it saves the copy of each such buffer.
+            This is for classic ``loss.backward()`` loops that want the
+            model's BatchNorm statistics to follow training
+            (:mod:`funcdistill.compat` uses it); functional loops should use
+            ``mutable=True`` instead.
 
     Raises:
         TypeError: a model or the mapping has the wrong type.
@@ -99,7 +108,7 @@ def distill(
     """
     return DistillFn(
         teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=mutable,
-        truncate=truncate, teacher_dtype=teacher_dtype,
+        truncate=truncate, teacher_dtype=teacher_dtype, inplace_buffers=inplace_buffers,
     )
 
 
@@ -111,7 +120,10 @@ class DistillFn:
         "_payload_keys", "_bound",
     )
 
-    def __init__(self, teacher, student, mapping, *, nograd_teacher, mutable, truncate, teacher_dtype):
+    def __init__(
+        self, teacher, student, mapping, *, nograd_teacher, mutable, truncate, teacher_dtype,
+        inplace_buffers=False,
+    ):
         _check_models(teacher, student)
         mapping = _check_mapping(mapping, teacher, student)
         if teacher_dtype is not None and not (
@@ -126,13 +138,16 @@ class DistillFn:
         set_(self, "mutable", bool(mutable))
         set_(self, "teacher_dtype", teacher_dtype)
         set_(self, "_teacher", _Side(
-            "teacher", teacher, [t for t, _ in mapping.names], truncate=truncate, dtype=teacher_dtype
+            "teacher", teacher, [t for t, _ in mapping.names],
+            truncate=truncate, dtype=teacher_dtype, clone_buffers=not inplace_buffers,
         ))
-        set_(self, "_student", _Side("student", student, [s for _, s in mapping.names]))
+        set_(self, "_student", _Side(
+            "student", student, [s for _, s in mapping.names], clone_buffers=not inplace_buffers
+        ))
         bound = {}
         for i, payload in enumerate(mapping.payload()):
             if isinstance(payload, nn.Module) and state(payload):
-                bound[i] = _Side(f"payload {i}", payload, [])
+                bound[i] = _Side(f"payload {i}", payload, [], clone_buffers=not inplace_buffers)
         set_(self, "_bound", bound)
         set_(self, "_payload_keys", _payload_keys(bound, self._student))
 
@@ -226,13 +241,13 @@ class _Side:
 
     def __init__(
         self, role: str, model: nn.Module, points: list[str], *,
-        truncate: bool = False, dtype: torch.dtype | None = None,
+        truncate: bool = False, dtype: torch.dtype | None = None, clone_buffers: bool = True,
     ):
         self.role = role
         self.model = model
         self.dtype = dtype
         self.capture = Capture(model, tuple(points) or ("",), role, truncate=truncate)
-        self.spec = StateSpec(role, model, self.capture.run_module)
+        self.spec = StateSpec(role, model, self.capture.run_module, clone_buffers=clone_buffers)
 
     def run(self, given, args, kwargs):
         full = self.spec.complete(given)

@@ -67,14 +67,15 @@ class StateSpec:
     missing tensors are taken from the live model (so ``model.to(...)`` after
     ``distill`` is seen), and buffers of modules in training mode are cloned so
     that in-place updates (BatchNorm running statistics) never reach the
-    caller's tensors.
+    caller's tensors (unless ``clone_buffers=False``).
     """
 
-    __slots__ = ("role", "model", "owners", "fill", "buffer_owners", "buffer_names", "ignored")
+    __slots__ = ("role", "model", "owners", "fill", "buffer_owners", "buffer_names", "ignored", "clone_buffers")
 
-    def __init__(self, role: str, model: nn.Module, run_module: nn.Module):
+    def __init__(self, role: str, model: nn.Module, run_module: nn.Module, *, clone_buffers: bool = True):
         self.role = role
         self.model = model
+        self.clone_buffers = clone_buffers
         # name -> (owning module in the live model, attribute, is_buffer)
         self.owners: dict[str, tuple[nn.Module, str, bool]] = {}
         groups: dict[int, list[str]] = {}
@@ -117,7 +118,7 @@ class StateSpec:
             for name, aliases, owner, attr, is_buffer in self.fill:
                 if name not in full and not (aliases and any(a in full for a in aliases)):
                     full[name] = (owner._buffers if is_buffer else owner._parameters)[attr]
-        for name, owner in self.buffer_owners:
+        for name, owner in self.buffer_owners if self.clone_buffers else ():
             if owner.training:
                 t = full.get(name)
                 if t is not None:

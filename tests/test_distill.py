@@ -227,6 +227,21 @@ def test_buffers_thread_through_a_functional_loop(models):
     torch.testing.assert_close(ss["features.1.bn.running_var"], ref.features[1].bn.running_var)
 
 
+def test_inplace_buffers_update_the_models_statistics_like_a_plain_forward(models):
+    t, s = models
+    t.eval(), s.train()
+    ref = copy.deepcopy(s)
+    teacher_before = snapshot(t)
+    fn = distill(t, s, inplace_buffers=True)
+    for _ in range(2):
+        x = image(4)
+        fn({}, state(s, buffers=False), x)
+        ref(x)
+    for name, b in ref.named_buffers():
+        assert torch.equal(dict(s.named_buffers())[name], b), name
+    assert_same_state(t, teacher_before)  # eval-mode teacher: nothing to update
+
+
 def test_mode_is_read_from_the_live_model_at_each_call(models):
     t, s = models
     fn = distill(t, s)
