@@ -215,8 +215,8 @@ class Capture:
         return output, captured
 
     def _check(self, captured: dict[str, Any]) -> None:
-        missing = [p for p in self.points if p not in captured]
-        if missing:
+        if len(captured) != len(self.points):
+            missing = [p for p in self.points if p not in captured]
             raise RuntimeError(
                 f"{self.role} module(s) {', '.join(map(repr, missing))} never ran during "
                 f"the forward pass of the {self.role} {_names.describe(self.model)}, so "

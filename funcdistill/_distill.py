@@ -117,7 +117,7 @@ class DistillFn:
 
     __slots__ = (
         "mapping", "nograd_teacher", "mutable", "teacher_dtype", "_teacher", "_student",
-        "_payload_keys", "_bound",
+        "_payload_keys", "_bound", "_plan",
     )
 
     def __init__(
@@ -149,6 +149,7 @@ class DistillFn:
             if isinstance(payload, nn.Module) and state(payload):
                 bound[i] = _Side(f"payload {i}", payload, [], clone_buffers=not inplace_buffers)
         set_(self, "_bound", bound)
+        set_(self, "_plan", tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())))
         set_(self, "_payload_keys", _payload_keys(bound, self._student))
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -169,10 +170,13 @@ class DistillFn:
         else:
             t_full, t_out = self._teacher.run(teacher_state, args, kwargs)
         s_full, s_out = self._student.run(student_state, args, kwargs)
-        pairs = tuple(
-            Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
-            for i, ((t, s), p) in enumerate(zip(self.mapping.names, self.mapping.payload()))
-        )
+        if self.teacher_dtype is None and not self._bound:
+            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
+        else:
+            pairs = tuple([
+                Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
+                for i, (t, s, p) in enumerate(self._plan)
+            ])
         if not self.mutable:
             return pairs
         return pairs, Buffers(self._teacher.spec.buffers(t_full), self._student.spec.buffers(s_full))

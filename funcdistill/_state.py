@@ -53,6 +53,11 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
     return out
 
 
+def _table(owner: nn.Module, attr: str, is_buffer: bool) -> tuple[dict[str, Any], str]:
+    """The live dict a tensor is kept in (``_parameters`` or ``_buffers``), and its key."""
+    return (owner._buffers if is_buffer else owner._parameters), attr
+
+
 def _all_names(model: nn.Module) -> frozenset[str]:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
@@ -86,7 +91,7 @@ class StateSpec:
         # one entry per distinct tensor (tied weights share one): its first name,
         # its other names, and where the live tensor is
         self.fill = [
-            (names[0], tuple(names[1:]), *self.owners[names[0]]) for names in groups.values()
+            (names[0], tuple(names[1:]), *_table(*self.owners[names[0]])) for names in groups.values()
         ]
         self.buffer_owners = [(n, owner) for n, (owner, _, b) in self.owners.items() if b]
         self.buffer_names = [n for n, _ in self.buffer_owners]
@@ -107,7 +112,9 @@ class StateSpec:
                 f"(funcdistill.state({self.role})), got {type(given).__name__}."
             )
         owners = self.owners
-        if given.keys() <= owners.keys():
+        if not given:  # everything from the live model
+            full = {name: table[attr] for name, _, table, attr in self.fill}
+        elif given.keys() <= owners.keys():
             full = dict(given)
         else:
             unexpected = given.keys() - owners.keys() - self.ignored
@@ -115,9 +122,9 @@ class StateSpec:
                 raise ValueError(self._unexpected_message(sorted(unexpected)))
             full = {k: v for k, v in given.items() if k in owners}
         if len(full) < len(owners):
-            for name, aliases, owner, attr, is_buffer in self.fill:
+            for name, aliases, table, attr in self.fill:
                 if name not in full and not (aliases and any(a in full for a in aliases)):
-                    full[name] = (owner._buffers if is_buffer else owner._parameters)[attr]
+                    full[name] = table[attr]
         for name, owner in self.buffer_owners if self.clone_buffers else ():
             if owner.training:
                 t = full.get(name)
