@@ -59,7 +59,12 @@ quarter of its width, and a small MLP pair):
 ```bash
 python -m benchmarks.run          # writes benchmarks/results/cpu.{md,json} and this page
 python -m benchmarks.run --quick  # a short run to check the harness
+pip install --no-deps torchdistill  # optional: adds torchdistill's ForwardHookManager row
 ```
+
+(torchdistill's package imports torchvision, which this CPU build of torch
+cannot load; the suite loads its `forward_hook.py` alone, so `--no-deps` is
+enough.)
 
 """
 
