@@ -171,11 +171,6 @@ class Capture:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
 
-    @property
-    def truncates(self) -> bool:
-        """Whether the next call stops after the last mapped point."""
-        return self.stop_at is not None and self.checked
-
     def _shadow(self) -> _Shadow:
         if torch.compiler.is_compiling():
             return self._traced

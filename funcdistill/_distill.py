@@ -184,7 +184,10 @@ class DistillFn:
     def _teacher_value(self, teacher_out: Any, student_out: Any) -> Any:
         if self.teacher_dtype is None:
             return teacher_out
-        dtypes = [x.dtype for x in torch_pytree.tree_leaves(student_out) if x.is_floating_point()]
+        dtypes = [
+            x.dtype for x in torch_pytree.tree_leaves(student_out)
+            if isinstance(x, torch.Tensor) and x.is_floating_point()
+        ]
         return _cast(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
 
     def _split(self, student_state):
