@@ -1,8 +1,18 @@
 """funcdistill: knowledge distillation for PyTorch as pure functions.
 
+- :class:`Mapping`: an immutable pytree of teacher/student point pairs, each
+  with a payload (a loss, a weight, an adapter).
+- :func:`distill`: builds a pure function
+  ``fn(teacher_state, student_state, *inputs)`` that returns one
+  :class:`Pair` ``(teacher_output, student_output, payload)`` per mapping pair.
+- :func:`state`: a model's parameters and buffers as a ``{name: tensor}`` dict.
+
+Losses are in :mod:`funcdistill.losses`; the drop-in for the context-manager
+API is :mod:`funcdistill.compat`.
+
 >>> import funcdistill
->>> sorted(funcdistill.__all__)[:3]
-['Buffers', 'BoundPayload', 'DistillFn']
+>>> sorted(funcdistill.__all__)
+['BoundPayload', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'distill', 'state']
 """
 
 from funcdistill import _pytree as _pytree  # registers Mapping as a pytree

@@ -212,13 +212,16 @@ class DistillFn:
 class BoundPayload:
     """A payload module bound to the state passed to a distill call.
 
-    Calling it runs the module with :func:`torch.func.functional_call` on that
-    state (missing entries come from the module itself).
+    Distill functions return these in place of payload modules that have
+    parameters or buffers (adapters); they are not built by hand. Calling one
+    runs the module with :func:`torch.func.functional_call` on the
+    ``payloads.<index>.*`` entries of that call's student state (missing
+    entries come from the module itself).
     """
 
     __slots__ = ("_side", "_state")
 
-    def __init__(self, side: "_Side", state: dict[str, torch.Tensor]):
+    def __init__(self, side: Any, state: dict[str, torch.Tensor]):  # made by DistillFn only
         object.__setattr__(self, "_side", side)
         object.__setattr__(self, "_state", state)
 
