@@ -17,6 +17,7 @@ from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
 from funcdistill._compat_mapping import Mapping
+from funcdistill._distill import _check_models as check_core_models
 
 __all__: list[str] = []
 
@@ -38,15 +39,9 @@ def same_model(a: nn.Module | None, b: nn.Module | None) -> bool:
 
 
 def check_models(teacher: Any, student: Any) -> None:
-    """Types, and the same model given twice."""
-    for role, model in (("teacher", teacher), ("student", student)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"distill({role}=...) must be an nn.Module, got {type(model).__name__}.")
-    if same_model(teacher, student):
-        raise ValueError(
-            "the same model was passed as teacher and student; distill from a separate "
-            "teacher (copy.deepcopy(model) for self-distillation)."
-        )
+    """Types, and the same model given twice (also when one of them is its DDP wrapper)."""
+    check_core_models(teacher, student)
+    check_core_models(unwrap(teacher), unwrap(student))
 
 
 def functional_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> FunctionalMapping:
