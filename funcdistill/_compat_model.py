@@ -47,7 +47,9 @@ class DistillationModel(nn.Module):
         self._nograd_teacher = nograd_teacher
         self._fns: dict[Any, DistillFn] = {}
         self._rebind = any(isinstance(p, nn.Module) for p in mapping.payload())
-        self._ddp = isinstance(student, nn.parallel.DistributedDataParallel)
+        # a plain attribute beside the submodule: the per-forward lookup skips nn.Module.__getattr__
+        ddp = student if isinstance(student, nn.parallel.DistributedDataParallel) else None
+        object.__setattr__(self, "_ddp_student", ddp)  # not a second submodule
         self._closed = False
         self._function()  # build now, so that errors show at __enter__
 
@@ -93,11 +95,12 @@ class DistillationModel(nn.Module):
         #   later layers compute nothing the pairs need); one in training mode runs
         #   in full, so that all its BatchNorm statistics update as in plain PyTorch.
         train_teacher = self._teacher.training
-        key = (self.student.require_backward_grad_sync if self._ddp else None, train_teacher)
+        ddp = self._ddp_student
+        key = (None if ddp is None else ddp.require_backward_grad_sync, train_teacher)
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = distill(
-                self._teacher, self.student, self._mapping,
+                self._teacher, self._modules["student"], self._mapping,
                 nograd_teacher=self._nograd_teacher, inplace_buffers=True, truncate=not train_teacher,
             )
         return fn
