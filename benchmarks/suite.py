@@ -181,8 +181,9 @@ def timing_section(cfg: Config) -> Section:
                         row["note"] = f"{_fmt(r)} x plain hooks (target <= 1.03: {_met(r['median'], 1.03)})"
     sec.notes.append(
         "funcdistill fn + .backward() calls fn(state(teacher), state(student), x) each step, "
-        "as in the docs; the student's BatchNorm statistics are then not kept (use mutable=True "
-        "for that, as the torch.func.grad row does)."
+        "as in the docs; the student's BatchNorm statistics are then not kept (build it with "
+        "inplace_buffers=True for that, as the compat shim does, or thread them with "
+        "mutable=True, as the torch.func.grad row does)."
     )
     return sec
 
