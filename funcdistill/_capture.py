@@ -158,6 +158,7 @@ class Capture:
         self.model = model
         self.role = role
         self.points = tuple(dict.fromkeys(points))
+        self.whole = WHOLE in self.points
         self.stop_at = frozenset(self.points) if truncate and WHOLE not in self.points else None
         self.checked = False
         self._args = (model, self.points, role)
@@ -171,12 +172,9 @@ class Capture:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
 
-    def _shadow(self) -> _Shadow:
-        if torch.compiler.is_compiling():
-            return self._traced
-        shadow = getattr(self._local, "shadow", None)
-        if shadow is None:
-            shadow = self._local.shadow = _Shadow(*self._args)
+    def _new_shadow(self) -> _Shadow:
+        """This thread's first call: give it its own shadow."""
+        shadow = self._local.shadow = _Shadow(*self._args)
         return shadow
 
     def run(self, full_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
@@ -184,7 +182,10 @@ class Capture:
 
         The output is ``None`` when the forward was truncated.
         """
-        shadow = self._shadow()
+        if torch.compiler.is_compiling():
+            shadow = self._traced
+        else:
+            shadow = getattr(self._local, "shadow", None) or self._new_shadow()
         if shadow.sink is not None:
             raise RuntimeError(
                 f"the {self.role} is already running in a distill call on this thread: "
@@ -202,7 +203,7 @@ class Capture:
             captured = shadow.sink
         finally:
             shadow.sink = None
-        if WHOLE in self.points:
+        if self.whole:
             captured[WHOLE] = output
         self._check(captured)
         if self.stop_at is not None and not self.checked and not torch.compiler.is_compiling():

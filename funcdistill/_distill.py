@@ -163,7 +163,9 @@ class DistillFn:
         )
 
     def __call__(self, teacher_state: AbcMapping[str, torch.Tensor], student_state: AbcMapping[str, torch.Tensor], *args: Any, **kwargs: Any):
-        payload_state, student_state = self._split(student_state)
+        payload_state = {}
+        if self._payload_keys:
+            payload_state, student_state = self._split(student_state)
         if self.nograd_teacher:
             with torch.no_grad():
                 t_full, t_out = self._teacher.run(teacher_state, args, kwargs)
