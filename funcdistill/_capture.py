@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils._pytree as torch_pytree
@@ -93,7 +93,7 @@ class _Shadow:
         self.module = module
         self.pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
         # the tensors the shadow holds between calls: passing these is free
-        self.own = dict(module.named_parameters(remove_duplicate=False))
+        self.own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
         self.own.update(module.named_buffers(remove_duplicate=False))
 
     def _hook(self, point: str, role: str):
@@ -130,10 +130,10 @@ class _Shadow:
 
 
 def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
-    """A GraphModule like ``module`` with an identity tap after each named node."""
-    from torch.fx import GraphModule
+    """A GraphModule like ``module`` (a shadow of one) with an identity tap after each named node."""
+    from torch.fx import Graph, GraphModule
 
-    graph = copy.deepcopy(module.graph)
+    graph: Graph = copy.deepcopy(cast(GraphModule, module).graph)
     by_name = {n.name: n for n in graph.nodes}
     for i, node_name in enumerate(nodes):
         tap = f"_funcdistill_tap_{i}"

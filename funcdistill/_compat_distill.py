@@ -138,7 +138,7 @@ class distill(contextlib.ContextDecorator):  # noqa: N801 - the reference API's 
 
 def _claim(teacher: nn.Module, student: nn.Module) -> list[nn.Module]:
     """Mark the models as inside a context; refuse one that already is."""
-    wanted = {}
+    wanted: dict[int, tuple[nn.Module, str]] = {}
     for role, model in (("teacher", teacher), ("student", student)):
         for m in (model, unwrap(model)):
             wanted.setdefault(id(m), (m, role))

@@ -41,7 +41,10 @@ class DistillationModel(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module, mapping: FunctionalMapping, *, nograd_teacher: bool):
         super().__init__()
         self.student = student
+        self._student: nn.Module
+        object.__setattr__(self, "_student", student)  # the same, as a plain attribute
         self.payloads = nn.ModuleList(_trainable_payloads(mapping.payload(), teacher))
+        self._teacher: nn.Module
         object.__setattr__(self, "_teacher", teacher)  # kept out of the submodules
         self._mapping = mapping
         self._nograd_teacher = nograd_teacher
@@ -49,6 +52,7 @@ class DistillationModel(nn.Module):
         self._rebind = any(isinstance(p, nn.Module) for p in mapping.payload())
         # a plain attribute beside the submodule: the per-forward lookup skips nn.Module.__getattr__
         ddp = student if isinstance(student, nn.parallel.DistributedDataParallel) else None
+        self._ddp_student: nn.parallel.DistributedDataParallel | None
         object.__setattr__(self, "_ddp_student", ddp)  # not a second submodule
         self._closed = False
         self._function()  # build now, so that errors show at __enter__
@@ -100,7 +104,7 @@ class DistillationModel(nn.Module):
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = distill(
-                self._teacher, self._modules["student"], self._mapping,
+                self._teacher, self._student, self._mapping,
                 nograd_teacher=self._nograd_teacher, inplace_buffers=True, truncate=not train_teacher,
             )
         return fn

@@ -119,6 +119,15 @@ class DistillFn:
         "mapping", "nograd_teacher", "mutable", "teacher_dtype", "_teacher", "_student",
         "_payload_keys", "_bound", "_plan",
     )
+    mapping: Mapping
+    nograd_teacher: bool
+    mutable: bool
+    teacher_dtype: torch.dtype | None
+    _teacher: "_Side"
+    _student: "_Side"
+    _payload_keys: frozenset[str]
+    _bound: dict[int, "_Side"]
+    _plan: tuple[tuple[str, str, Any], ...]
 
     def __init__(
         self, teacher, student, mapping, *, nograd_teacher, mutable, truncate, teacher_dtype,
@@ -222,6 +231,8 @@ class BoundPayload:
     """
 
     __slots__ = ("_side", "_state")
+    _side: "_Side"
+    _state: dict[str, torch.Tensor]
 
     def __init__(self, side: Any, state: dict[str, torch.Tensor]):  # made by DistillFn only
         object.__setattr__(self, "_side", side)

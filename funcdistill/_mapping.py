@@ -57,6 +57,10 @@ class Mapping:
     """
 
     __slots__ = ("_teacher", "_student", "_names", "_payloads")
+    _teacher: nn.Module | None
+    _student: nn.Module | None
+    _names: tuple[tuple[str, str], ...]
+    _payloads: tuple[Any, ...]
 
     def __init__(self, teacher: nn.Module | None = None, student: nn.Module | None = None):
         for role, model in (("teacher", teacher), ("student", student)):

@@ -32,9 +32,9 @@ def _entries(m: Mapping) -> tuple[int, ...]:
 
 
 optree.register_pytree_node(
-    Mapping,
-    lambda m: (*_flatten(m), _entries(m)),
-    _unflatten,
+    Mapping,  # type: ignore[arg-type]  # a Mapping is a container of its payloads
+    lambda m: (*_flatten(m), _entries(m)),  # type: ignore[arg-type]
+    _unflatten,  # type: ignore[arg-type]
     namespace=NAMESPACE,
 )
 
@@ -56,7 +56,7 @@ def _torch_unflatten(kept: Any, context: tuple[Any, ...]) -> Mapping:
 
 def _torch_flatten_with_keys(m: Mapping) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
     kept, context = _torch_flatten(m)
-    keys = [torch_pytree.SequenceKey(i) for i, p in enumerate(m._payloads) if p is not None]
+    keys: list[Any] = [torch_pytree.SequenceKey(i) for i, p in enumerate(m._payloads) if p is not None]
     return list(zip(keys, kept)), context
 
 

@@ -84,10 +84,10 @@ class StateSpec:
         # name -> (owning module in the live model, attribute, is_buffer)
         self.owners: dict[str, tuple[nn.Module, str, bool]] = {}
         groups: dict[int, list[str]] = {}
-        for name, t in run_module.named_parameters(remove_duplicate=False):
-            self._add(name, False, t, groups)
-        for name, t in run_module.named_buffers(remove_duplicate=False):
-            self._add(name, True, t, groups)
+        for name, p in run_module.named_parameters(remove_duplicate=False):
+            self._add(name, False, p, groups)
+        for name, b in run_module.named_buffers(remove_duplicate=False):
+            self._add(name, True, b, groups)
         # one entry per distinct tensor (tied weights share one): its first name,
         # its other names, and where the live tensor is
         self.fill = [
