@@ -159,7 +159,7 @@ class Capture:
         self.role = role
         self.points = tuple(dict.fromkeys(points))
         self.whole = WHOLE in self.points
-        self.stop_at = frozenset(self.points) if truncate and WHOLE not in self.points else None
+        self.stop_at = frozenset(self.points) if truncate and not self.whole else None
         self.checked = False
         self._args = (model, self.points, role)
         self._main = _Shadow(*self._args)

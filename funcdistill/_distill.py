@@ -202,7 +202,7 @@ class DistillFn:
         return _cast(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
 
     def _split(self, student_state):
-        if not self._payload_keys or not isinstance(student_state, AbcMapping):
+        if not isinstance(student_state, AbcMapping):  # the student side reports the type error
             return {}, student_state
         keys = self._payload_keys
         payload_state = {k: v for k, v in student_state.items() if k in keys}
