@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from funcdistill import DistillFn, Pair, distill
+from funcdistill import DistillFn, Pair
+from funcdistill._distill import distill_inplace
 from funcdistill import Mapping as FunctionalMapping
 
 __all__: list[str] = []
@@ -103,9 +104,9 @@ class DistillationModel(nn.Module):
         key = (None if ddp is None else ddp.require_backward_grad_sync, train_teacher)
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = distill(
+            fn = self._fns[key] = distill_inplace(
                 self._teacher, self._student, self._mapping,
-                nograd_teacher=self._nograd_teacher, inplace_buffers=True, truncate=not train_teacher,
+                nograd_teacher=self._nograd_teacher, truncate=not train_teacher,
             )
         return fn
 

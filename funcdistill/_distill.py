@@ -39,7 +39,6 @@ def distill(
     mutable: bool = False,
     truncate: bool = True,
     teacher_dtype: torch.dtype | None = None,
-    inplace_buffers: bool = False,
 ) -> "DistillFn":
     """Return a pure function that runs both models and pairs their outputs.
 
@@ -81,14 +80,6 @@ def distill(
             it (pass a teacher state already in that dtype to cast it once),
             and teacher outputs are cast back to the dtype of the paired student
             output, so pairs reach the loss in the student's dtype.
-        inplace_buffers: let modules in training mode update the buffers they
-            run with in place, as a plain forward does: the buffers you pass,
-            or the models' own ones for entries you leave out. The function is
-            then no longer pure, and it saves the copy of each such buffer.
-            This is for classic ``loss.backward()`` loops that want the
-            model's BatchNorm statistics to follow training
-            (:mod:`funcdistill.compat` uses it); functional loops should use
-            ``mutable=True`` instead.
 
     Raises:
         TypeError: a model or the mapping has the wrong type.
@@ -108,7 +99,24 @@ def distill(
     """
     return DistillFn(
         teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=mutable,
-        truncate=truncate, teacher_dtype=teacher_dtype, inplace_buffers=inplace_buffers,
+        truncate=truncate, teacher_dtype=teacher_dtype,
+    )
+
+
+def distill_inplace(
+    teacher: nn.Module, student: nn.Module, mapping: Mapping | None, *, nograd_teacher: bool = True,
+    truncate: bool = True,
+) -> "DistillFn":
+    """A distill function whose training-mode modules update the buffers they run with, in place.
+
+    For :mod:`funcdistill.compat` only, whose ``loss.backward()`` loops expect
+    BatchNorm statistics to follow training as in a plain forward: buffers that
+    are passed in, or the models' own ones for entries left out, are written.
+    Such a function is not pure, which is why :func:`distill` does not offer it.
+    """
+    return DistillFn(
+        teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=False,
+        truncate=truncate, teacher_dtype=None, inplace_buffers=True,
     )
 
 

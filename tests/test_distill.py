@@ -8,6 +8,7 @@ from torch.func import functional_call, grad, grad_and_value, jacrev, stack_modu
 
 import funcdistill as fd
 from funcdistill import Mapping, distill, state
+from funcdistill._distill import distill_inplace
 from tests.models import Branchy, Labelled, Net, Shared, image, mlp
 
 
@@ -232,7 +233,7 @@ def test_inplace_buffers_update_the_models_statistics_like_a_plain_forward(model
     t.eval(), s.train()
     ref = copy.deepcopy(s)
     teacher_before = snapshot(t)
-    fn = distill(t, s, inplace_buffers=True)
+    fn = distill_inplace(t, s, None)
     for _ in range(2):
         x = image(4)
         fn({}, state(s, buffers=False), x)
