@@ -1,7 +1,8 @@
 """Command line: ``python -m funcdistill demo [options]``.
 
-The demo itself (:mod:`funcdistill._demo`) and what it needs (scikit-learn,
-matplotlib, tqdm) are imported only when the demo runs, not for ``--help``.
+The demo's training code (:mod:`funcdistill._demo.train`) and what it needs
+(scikit-learn, matplotlib, tqdm) are imported only when the demo runs, not for
+``--help``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from funcdistill import __version__
-from funcdistill._demo_config import DemoConfig
+from funcdistill._demo import DemoConfig, run_demo
 
 __all__ = ["build_parser", "main"]
 
@@ -98,8 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = DemoConfig(**args)
     except (TypeError, ValueError) as error:
         demo_parser.error(_option_names(str(error)))  # exits with status 2
-    from funcdistill._demo import run_demo
-
     try:
         run_demo(config)
     except ModuleNotFoundError as error:

@@ -5,7 +5,7 @@ import copy
 import optree
 import torch
 import torch.utils._pytree as torch_pytree
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 import funcdistill as fd
 from property_tests.strategies import feature_loss, mappings, model_pairs, names, payloads

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -43,7 +45,7 @@ class InvertedResidual(nn.Module):
 class TinyMobileNet(nn.Module):
     """19 feature blocks like MobileNetV2 (``features.0`` stem ... ``features.18`` head conv), narrow."""
 
-    STRIDES = {2: 2, 4: 2, 7: 2, 11: 2}
+    STRIDES: ClassVar[dict[int, int]] = {2: 2, 4: 2, 7: 2, 11: 2}
 
     def __init__(self, width: int = 4, classes: int = 5):
         super().__init__()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ class Net(nn.Module):
 def mlp(widths: tuple[int, ...] = (4, 8, 3)) -> nn.Sequential:
     """Linear/ReLU stack: Linear modules at even indices."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())

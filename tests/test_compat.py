@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-import textwrap
+import gc
+import io
+import pickle
+import weakref
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from torch import nn
 
 import funcdistill
 from funcdistill.compat import Mapping, distill
-from tests.compat_nets import TinyMobileNet, pair
+from funcdistill.compat import _distill as compat_distill
+from tests.compat_nets import pair
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "enot-distillation-api.txt"
 
@@ -439,7 +443,7 @@ def test_the_context_is_also_a_decorator():
     step(torch.randn(2, 3))
     assert len(seen) == 2 and len(seen[0]) == 1
     with pytest.raises(RuntimeError, match=r"model exists only inside the context"):
-        context.model
+        _ = context.model
 
 
 def test_keyword_arguments_in_any_order():
@@ -610,3 +614,82 @@ def test_model_repr_and_context_repr():
     with context as model:
         assert "teacher=Sequential, pairs=1, nograd_teacher=True, closed=False" in repr(model)
         assert model.mapping.names == (("", ""),)
+
+
+def test_models_of_a_context_that_never_exits_can_be_collected():
+    teacher, student = small_pair()
+    active = len(compat_distill._ACTIVE)
+    context = distill(teacher, student)
+    model = context.__enter__()  # and never __exit__
+    model(torch.randn(2, 3))
+    assert len(compat_distill._ACTIVE) == active + 2
+    refs = [weakref.ref(obj) for obj in (teacher, student, model)]
+    del teacher, student, model, context
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+    assert len(compat_distill._ACTIVE) == active  # the registry entries went with them
+
+
+def copy_of(model: nn.Module, how: str) -> nn.Module:
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = ["deepcopy", "pickle", "torch.save"]
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_model_copied_inside_the_context_runs_on_its_own_copies(how):
+    teacher, student = small_pair()
+    adapter = nn.Linear(4, 6)
+    m = Mapping(teacher, student)
+    m.add(teacher[0], "0", payload=adapter)
+    m.add("", "", payload=teacher[3])  # shares the teacher's parameters: not one of the model's payloads
+    x = torch.randn(5, 3)
+
+    def loss_of(pairs):
+        (t0, s0, a), (t, s, _) = pairs
+        return nn.functional.mse_loss(a(s0), t0) + nn.functional.mse_loss(s, t)
+
+    with distill(teacher, student, m) as model:
+        clone = copy_of(model, how)
+        assert clone.student is not student and clone.teacher is not teacher
+        assert clone.mapping.student is clone.student and clone.mapping.teacher is clone.teacher
+        assert clone.mapping.names == model.mapping.names
+        assert list(clone.payloads) == [clone.mapping.payload()[0]] and clone.payloads[0] is not adapter
+        assert clone.mapping.payload()[1] is clone.teacher[3]
+
+        got, expected = clone(x), model(x)
+        assert len(got) == len(expected) == 2
+        for g, e in zip(got, expected):
+            assert torch.equal(g.teacher, e.teacher) and torch.equal(g.student, e.student)
+        assert got[0].payload is clone.payloads[0] and got[1].payload is clone.teacher[3]
+
+        loss_of(got).backward()
+        assert all(p.grad is not None for p in clone.parameters())
+        assert all(p.grad is None for p in [*student.parameters(), *adapter.parameters(), *teacher.parameters()])
+        assert all(p.grad is None for p in clone.teacher.parameters())  # nograd_teacher copies too
+
+        loss_of(expected).backward()
+        for p, q in zip(clone.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(RuntimeError, match=r"used after its distill context exited"):
+        model(x)
+    assert len(clone(x)) == 2  # the copy belongs to no context: leaving this one does not close it
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copy_of_a_closed_model_stays_closed(how):
+    teacher, student = small_pair()
+    with distill(teacher, student) as model:
+        pass
+    clone = copy_of(model, how)
+    assert "closed=True" in repr(clone)
+    with pytest.raises(RuntimeError, match=r"this distillation model was used after its distill context exited"):
+        clone(torch.randn(2, 3))

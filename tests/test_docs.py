@@ -106,7 +106,7 @@ def run_page(path: Path) -> dict:
         # pad with newlines so that tracebacks give the line in the Markdown file
         code = compile("\n" * (block.line - 1) + block.source, str(path), "exec")
         try:
-            exec(code, namespace)  # noqa: S102 - running the documentation is the point
+            exec(code, namespace)  # running the documentation is the point
         except Exception as exc:
             raise AssertionError(
                 f"{name}: the python block at line {block.line} failed with "

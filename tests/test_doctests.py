@@ -3,13 +3,15 @@
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
 import funcdistill
 
+# every module, those of the subpackages (funcdistill.losses._logit, ...) included
 MODULES = sorted(
-    ["funcdistill"] + [f"funcdistill.{m.name}" for m in pkgutil.iter_modules(funcdistill.__path__)]
+    ["funcdistill"] + [m.name for m in pkgutil.walk_packages(funcdistill.__path__, prefix="funcdistill.")]
 )
 
 
@@ -20,8 +22,21 @@ def test_docstring_examples(name):
     assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples in {name} failed"
 
 
+def test_every_source_file_is_walked():
+    root = Path(funcdistill.__file__).parent
+    files = {
+        ".".join(("funcdistill", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+    }
+    assert files == set(MODULES)
+
+
 def test_examples_exist_where_the_style_promises_them():
     finder = doctest.DocTestFinder()
-    for name in ("funcdistill._mapping", "funcdistill._distill", "funcdistill._state", "funcdistill.losses"):
+    for name in (
+        "funcdistill._mapping", "funcdistill._distill", "funcdistill._state", "funcdistill.losses",
+        "funcdistill.losses._logit", "funcdistill.losses._feature", "funcdistill.losses._relational",
+        "funcdistill.compat", "funcdistill.compat._distill", "funcdistill.compat._mapping",
+    ):
         examples = sum(len(t.examples) for t in finder.find(importlib.import_module(name)))
         assert examples > 0, name

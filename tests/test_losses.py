@@ -256,9 +256,9 @@ def test_fitnets_adapter_trains_through_functional_api():
 def test_fitnets_and_adapter_errors():
     with pytest.raises(ValueError, match=r"mse_loss: teacher and student shapes differ.*hint_adapter\(student_width, teacher_width\)"):
         L.FitNetsLoss()(torch.randn(2, 8, 3, 3), torch.randn(2, 4, 3, 3))
-    with pytest.raises(TypeError, match="FitNetsLoss: adapter must be an nn.Module or None .*got function"):
+    with pytest.raises(TypeError, match=r"FitNetsLoss: adapter must be an nn\.Module or None .*got function"):
         L.FitNetsLoss(lambda x: x)
-    with pytest.raises(ValueError, match="hint_adapter: ndim must be 4 .* got 5"):
+    with pytest.raises(ValueError, match=r"hint_adapter: ndim must be 4 .* got 5"):
         L.hint_adapter(2, 4, ndim=5)
     with pytest.raises(TypeError, match="hint_adapter: student_channels must be an int, got float"):
         L.hint_adapter(2.0, 4)
@@ -297,7 +297,7 @@ def test_attention_transfer_reference_and_reductions():
 
 
 def test_attention_transfer_errors():
-    with pytest.raises(ValueError, match="same batch and spatial sizes .*functional.interpolate"):
+    with pytest.raises(ValueError, match=r"same batch and spatial sizes .*functional\.interpolate"):
         L.attention_transfer_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"teacher must be a feature map \(\.\.\., C, H, W\), got shape \(2, 3\)"):
         L.attention_transfer_loss(torch.randn(2, 3), torch.randn(2, 3, 4, 4))

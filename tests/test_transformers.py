@@ -13,10 +13,10 @@ from torch.func import grad
 
 pytest.importorskip("transformers")
 
-from transformers.utils import ModelOutput  # noqa: E402
+from transformers.utils import ModelOutput
 
-import funcdistill as fd  # noqa: E402
-from examples import distilbert as ex  # noqa: E402
+import funcdistill as fd
+from examples import distilbert as ex
 
 
 @pytest.fixture(scope="module")
@@ -119,5 +119,5 @@ def test_main_prints_pairs_and_losses(capsys):
 
 
 def test_build_models_rejects_odd_depth():
-    with pytest.raises(ValueError, match="teacher_layers must be even and >= 2 .*got 3"):
+    with pytest.raises(ValueError, match=r"teacher_layers must be even and >= 2 .*got 3"):
         ex.build_models(teacher_layers=3)

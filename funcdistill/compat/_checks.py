@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
-from funcdistill._compat_mapping import Mapping
 from funcdistill._distill import _check_models as check_core_models
+from funcdistill.compat._mapping import Mapping
 
 __all__: list[str] = []
 

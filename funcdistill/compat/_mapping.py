@@ -50,7 +50,7 @@ class Mapping:
         self._functional = FunctionalMapping(teacher, student)
 
     @classmethod
-    def from_functional(cls, mapping: FunctionalMapping) -> "Mapping":
+    def from_functional(cls, mapping: FunctionalMapping) -> Mapping:
         """Wrap an immutable :class:`funcdistill.Mapping` (it is not copied).
 
         Raises:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill._loss_checks import (
+from funcdistill.losses._checks import (
     check_positive,
     check_reduction,
     check_same_shape,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-from funcdistill._demo_config import DemoConfig
+from funcdistill._demo.config import DemoConfig
 
 __all__ = ["DemoResult", "Row", "run_demo"]
 
@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig | None = None, *, stream: TextIO | None = None) 
 
     Example:
         >>> from funcdistill._demo import run_demo
-        >>> from funcdistill._demo_config import DemoConfig
+        >>> from funcdistill._demo import DemoConfig
         >>> import io
         >>> tiny = DemoConfig(epochs=1, teacher_epochs=1, plot=None, quiet=True)
         >>> result = run_demo(tiny, stream=io.StringIO())
@@ -96,7 +96,7 @@ def run_demo(config: DemoConfig | None = None, *, stream: TextIO | None = None) 
 
 
 def _run(config: DemoConfig, out: TextIO) -> DemoResult:
-    from funcdistill import _demo_train as train
+    from funcdistill._demo import train
 
     started = time.perf_counter()
     say = (lambda text: None) if config.quiet else (lambda text: print(text, file=out, flush=True))
@@ -207,7 +207,7 @@ class _Bar:
 
             self._bar = tqdm(total=total, desc=desc, unit="epoch", leave=True, dynamic_ncols=True)
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -42,7 +42,7 @@ Example:
 
 from __future__ import annotations
 
-from funcdistill._feature_losses import (
+from funcdistill.losses._feature import (
     AttentionTransferLoss,
     CosineLoss,
     FitNetsLoss,
@@ -51,8 +51,8 @@ from funcdistill._feature_losses import (
     hint_adapter,
     mse_loss,
 )
-from funcdistill._logit_losses import DKDLoss, KDLoss, dkd_loss, kd_loss
-from funcdistill._relational_losses import RKDLoss, rkd_loss
+from funcdistill.losses._logit import DKDLoss, KDLoss, dkd_loss, kd_loss
+from funcdistill.losses._relational import RKDLoss, rkd_loss
 
 __all__ = [
     "AttentionTransferLoss",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill._loss_checks import (
+from funcdistill.losses._checks import (
     REDUCTIONS_BATCHMEAN,
     check_positive,
     check_reduction,

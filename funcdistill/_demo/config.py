@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["DemoConfig", "DEFAULT_PLOT"]
+__all__ = ["DEFAULT_PLOT", "DemoConfig"]
 
 DEFAULT_PLOT = "funcdistill-demo.png"
 

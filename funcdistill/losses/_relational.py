@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill._loss_checks import check_reduction, check_tensors, check_weight, reduce
+from funcdistill.losses._checks import check_reduction, check_tensors, check_weight, reduce
 
 __all__ = ["RKDLoss", "rkd_loss"]
 

@@ -1,11 +1,12 @@
 """The distillation model that the shim's ``distill`` context hands out.
 
 A stateful ``nn.Module`` around one :func:`funcdistill.distill` function built
-with ``inplace_buffers=True``: each forward runs it on the models' own tensors
-(an empty state dict means "every entry from the live model", the very tensors
-:func:`funcdistill.state` returns, without building the dict), so
-``loss.backward()`` fills ``.grad`` and BatchNorm updates its running
-statistics in place, as in plain training.
+with the private ``funcdistill._distill.distill_inplace`` (training-mode
+modules update the buffers they run with, in place): each forward runs it on
+the models' own tensors (an empty state dict means "every entry from the live
+model", the very tensors :func:`funcdistill.state` returns, without building
+the dict), so ``loss.backward()`` fills ``.grad`` and BatchNorm updates its
+running statistics in place, as in plain training.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from funcdistill import DistillFn, Pair
-from funcdistill._distill import distill_inplace
 from funcdistill import Mapping as FunctionalMapping
+from funcdistill._distill import distill_inplace
 
 __all__: list[str] = []
 
@@ -37,6 +38,13 @@ class DistillationModel(nn.Module):
     ``.to()`` and ``.train()`` leave it out.
 
     Made by :class:`funcdistill.compat.distill`; usable only inside its context.
+
+    It can be copied (:func:`copy.deepcopy`, :mod:`pickle`, :func:`torch.save`).
+    A copy made inside the context runs on copies of the teacher, the student
+    and the payloads, outside any context (nothing closes it), and
+    ``loss.backward()`` on it fills ``.grad`` of the copied student only. A
+    copy of a model whose context has exited stays closed. A student wrapped in
+    DistributedDataParallel cannot be copied, nor therefore this model.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, mapping: FunctionalMapping, *, nograd_teacher: bool):
@@ -87,6 +95,27 @@ class DistillationModel(nn.Module):
             f"teacher={type(self._teacher).__name__}, pairs={len(self._mapping)}, "
             f"nograd_teacher={self._nograd_teacher}, closed={self._closed}"
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # The built distill functions are derived state (and hold thread-local
+        # capture state, which cannot be pickled): `_function()` rebuilds them.
+        del state["_fns"]
+        # A funcdistill.Mapping deep-copies its payloads but keeps its models, so
+        # keep its pairs only; `__setstate__` puts them back over the copied models.
+        mapping: FunctionalMapping = state.pop("_mapping")
+        state["_mapping_pairs"] = (mapping.names, mapping.payload())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        names, payloads = state.pop("_mapping_pairs")
+        super().__setstate__(state)
+        mapping = FunctionalMapping(self._teacher, self._student)
+        for (t, s), payload in zip(names, payloads):
+            mapping = mapping.add(t, s, payload)
+        self._mapping = mapping
+        self._fns = {}
 
     def _close(self) -> None:
         self._closed = True

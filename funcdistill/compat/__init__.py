@@ -16,7 +16,7 @@ immutable :class:`funcdistill.Mapping` (``to_functional()`` /
 ['Mapping', 'distill']
 """
 
-from funcdistill._compat_distill import distill
-from funcdistill._compat_mapping import Mapping
+from funcdistill.compat._distill import distill
+from funcdistill.compat._mapping import Mapping
 
 __all__ = ["Mapping", "distill"]

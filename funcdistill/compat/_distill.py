@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any
 
 from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
-from funcdistill._compat_mapping import Mapping
-from funcdistill._compat_model import DistillationModel
-from funcdistill._compat_checks import check_models, functional_mapping, unwrap
+from funcdistill.compat._checks import check_models, functional_mapping, unwrap
+from funcdistill.compat._mapping import Mapping
+from funcdistill.compat._model import DistillationModel
 
 __all__ = ["distill"]
 
-# id(model) -> (model, role) for every model inside an active distill context
-_ACTIVE: dict[int, tuple[nn.Module, str]] = {}
+# Every model inside an active distill context, as (id(model), role) -> model. The
+# models are held weakly, so that one whose context is never exited (entered by hand,
+# or in an abandoned frame) can still be garbage-collected; its entry goes with it.
+# Keyed by id rather than by the model, because a module may define __eq__.
+_ACTIVE: weakref.WeakValueDictionary[tuple[int, str], nn.Module] = weakref.WeakValueDictionary()
+_ROLES = ("teacher", "student")
 _LOCK = threading.Lock()
 
 
@@ -30,10 +35,11 @@ class distill(contextlib.ContextDecorator):  # noqa: N801 - the reference API's 
     ``parameters()`` are the student's and those of payload modules (adapters),
     never the teacher's, so ``SGD(model.parameters())`` trains what it should.
 
-    It is a thin layer over :func:`funcdistill.distill` (``inplace_buffers=True``): the
-    models are never instrumented, no hook is registered and no flag is
-    changed, so leaving the context (normally or by an exception) leaves both
-    models as the body left them. Inside, ``loss.backward()`` fills ``.grad``
+    It is a thin layer over :func:`funcdistill.distill` (a variant whose
+    training-mode modules update their buffers in place): the models are
+    never instrumented, no hook is registered and no flag is changed, so
+    leaving the context (normally or by an exception) leaves both models as
+    the body left them. Inside, ``loss.backward()`` fills ``.grad``
     of the student and of adapters; with ``nograd_teacher=True`` the teacher
     runs under :func:`torch.no_grad` and its ``.grad`` stay ``None``. Modules
     in training mode update their own buffers (BatchNorm running statistics)
@@ -143,22 +149,31 @@ def _claim(teacher: nn.Module, student: nn.Module) -> list[nn.Module]:
         for m in (model, unwrap(model)):
             wanted.setdefault(id(m), (m, role))
     with _LOCK:
-        for key, (model, role) in wanted.items():
-            if key in _ACTIVE:
-                _, outer_role = _ACTIVE[key]
+        for model, role in wanted.values():
+            outer_role = _active_role(model)
+            if outer_role is not None:
                 raise RuntimeError(
                     f"the {role} {type(model).__name__} is already the {outer_role} of an "
                     "active distill context; distill contexts cannot be nested over the "
                     "same model. Exit the outer context first, or distill a copy "
                     "(copy.deepcopy(model))."
                 )
-        _ACTIVE.update(wanted)
+        for key, (model, role) in wanted.items():
+            _ACTIVE[key, role] = model
     return [m for m, _ in wanted.values()]
 
 
 def _release(models: list[nn.Module]) -> None:
     with _LOCK:
         for m in models:
-            entry = _ACTIVE.get(id(m))
-            if entry is not None and entry[0] is m:
-                del _ACTIVE[id(m)]
+            role = _active_role(m)
+            if role is not None:
+                del _ACTIVE[id(m), role]
+
+
+def _active_role(model: nn.Module) -> str | None:
+    """The role of ``model`` in an active context, or ``None``; call with ``_LOCK`` held."""
+    for role in _ROLES:
+        if _ACTIVE.get((id(model), role)) is model:
+            return role
+    return None
