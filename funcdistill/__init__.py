@@ -16,8 +16,9 @@ API is :mod:`funcdistill.compat`.
 """
 
 from funcdistill import _pytree as _pytree  # registers Mapping as a pytree
-from funcdistill._distill import BoundPayload, Buffers, DistillFn, distill
+from funcdistill._distill import Buffers, DistillFn, distill
 from funcdistill._mapping import Mapping, Pair
+from funcdistill._payloads import BoundPayload
 from funcdistill._state import state
 
 __all__ = ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "distill", "state"]

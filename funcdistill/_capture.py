@@ -1,9 +1,9 @@
 """Capturing intermediate outputs without touching the user's modules.
 
-The one place where modules are instrumented. :class:`Capture` owns a *shadow*
-of a model: a shallow clone of its module tree (new module objects, the same
-tensors, the same non-tensor attributes). Forward hooks that record the mapped
-outputs are registered on the shadow once, when ``distill`` is called, so
+The one place where modules are instrumented and run. :class:`Capture` owns
+*shadows* of a model: shallow clones of its module tree (new module objects,
+the same tensors, the same non-tensor attributes). Forward hooks that record
+the mapped outputs are registered on a shadow once, when it is made, so
 
 * the user's modules never carry a hook, not even during a call;
 * nothing is registered while a function is being traced, so ``torch.compile``
@@ -11,11 +11,22 @@ outputs are registered on the shadow once, when ``distill`` is called, so
 * captured tensors are returned from inside the call, so ``vmap`` and ``grad``
   see them as ordinary outputs.
 
-Each thread gets its own shadow (``torch.func.functional_call`` swaps tensors
-into the module it runs, so one module object cannot serve two threads at
-once); traced code uses a dedicated one. Training/eval mode is copied from the
-live model at every call; structure and hyper-parameters are a snapshot taken
-by ``distill``.
+A call puts the state it was given into the shadow's own ``_parameters`` and
+``_buffers`` dicts by a plan made once (which dict, which key, tied names
+included) and puts the shadow's tensors back in ``finally``; under
+``torch.compile`` it uses :func:`torch.func.functional_call` instead. Each
+thread gets its own shadow, traced code a dedicated one, and the shape-only
+dry run (:mod:`funcdistill._dryrun`) another. Training/eval mode is copied
+from the live model at every call; structure and hyper-parameters are a
+snapshot taken by ``distill``.
+
+Truncation: a model built with ``truncate=True`` whose modules are all in eval
+mode stops right after its last mapped point has run, from its first call on,
+by raising :class:`_Stop`, a ``BaseException`` that ``except Exception`` in
+model code does not swallow. Whether stopping is safe (every mapped point runs
+exactly once) is the dry run's verdict for the input signature; a model with
+a module in training mode runs in full, so its random draws and buffer
+updates are those of a plain forward.
 """
 
 from __future__ import annotations
@@ -25,18 +36,20 @@ import threading
 from typing import Any, cast
 
 import torch
-import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.func import functional_call
 
-from funcdistill import _names
+from funcdistill import _dryrun, _names
+from funcdistill._pytree import tree_leaves, tree_map
+from funcdistill._state import StateSpec
 
 __all__: list[str] = []
 
 WHOLE = ""
+_MAX_VERDICTS = 1024
 
 
-class Truncate(Exception):
+class _Stop(BaseException):
     """Raised by the last tap of a truncated model to stop its forward early."""
 
 
@@ -63,22 +76,21 @@ def shallow_clone(root: nn.Module) -> nn.Module:
         attrs = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in m.__dict__.items()}
         new.__dict__.update(attrs)
         memo[id(m)] = new
-        new.__dict__["_modules"] = {
-            k: None if c is None else clone(c) for k, c in m._modules.items()
-        }
+        new.__dict__["_modules"] = {k: None if c is None else clone(c) for k, c in m._modules.items()}
         return new
 
     return clone(root)
 
 
 class _Shadow:
-    """One thread's instrumented copy of a model."""
+    """One instrumented copy of a model, and the plan to run it on a given state."""
 
-    __slots__ = ("module", "sink", "stop", "own", "pairs")
+    __slots__ = ("module", "sink", "stop", "counts", "lives", "shadows", "modes", "own", "own_list", "meta", "slots")
 
     def __init__(self, model: nn.Module, points: tuple[str, ...], role: str):
         self.sink: dict[str, Any] | None = None
         self.stop: frozenset[str] | None = None
+        self.counts: dict[str, int] | None = None  # set during a dry run
         module = shallow_clone(model)
         live = _names.module_names(model)
         nodes = [p for p in points if p and p not in live]
@@ -89,18 +101,36 @@ class _Shadow:
             by_name[node] = module.get_submodule(f"_funcdistill_tap_{i}")
         for point in points:
             if point != WHOLE:
-                by_name[point].register_forward_hook(self._hook(point, role))
+                by_name[point].register_forward_hook(self._hook(point, role, len(points)))
         self.module = module
-        self.pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
-        # the tensors the shadow holds between calls: passing these is free
+        pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
+        self.shadows = [m for m, _ in pairs]
+        self.lives = [m for _, m in pairs]
+        self.modes = [m.training for m in self.shadows]
         self.own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
         self.own.update(module.named_buffers(remove_duplicate=False))
 
-    def _hook(self, point: str, role: str):
+    def bind(self, spec: StateSpec) -> _Shadow:
+        """Make the swap plan: every dict slot that holds each canonical entry."""
+        slots: dict[str, list[tuple[dict, str]]] = {}
+        for name, canonical in spec.canonical.items():
+            prefix, _, attr = name.rpartition(".")
+            owner = self.module.get_submodule(prefix)
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            slots.setdefault(canonical, []).append((table, attr))
+        self.slots = {k: tuple(v) for k, v in slots.items()}
+        self.own_list = [self.own[n] for n in spec._names]
+        self.meta = [n for n in spec._names if self.own[n].is_meta]
+        return self
+
+    def _hook(self, point: str, role: str, n_points: int):
         def record(module: nn.Module, args: Any, output: Any) -> None:
             sink = self.sink
-            if sink is None:  # a forward outside a distill call (e.g. checkpoint recompute)
-                return
+            if sink is None:
+                counts = self.counts
+                if counts is not None:  # a dry run
+                    counts[point] = counts.get(point, 0) + 1
+                return  # a forward outside a distill call (e.g. checkpoint recompute)
             if point in sink:
                 raise RuntimeError(
                     f"{role} module {point!r} ran more than once in one forward pass, so "
@@ -110,23 +140,38 @@ class _Shadow:
                 )
             sink[point] = output
             stop = self.stop
-            if stop is not None and stop.issubset(sink):
-                raise Truncate
+            if stop is not None and len(sink) >= n_points and stop.issubset(sink):
+                raise _Stop
 
         return record
 
-    def sync_modes(self) -> None:
-        for shadow, live in self.pairs:
-            if shadow.training != live.training:
-                shadow.training = live.training
+    def sync_modes(self) -> bool:
+        """Copy the live models' training flags; return whether any module is training."""
+        modes = [m.training for m in self.lives]
+        if modes != self.modes:
+            for m, flag in zip(self.shadows, modes):
+                m.training = flag
+            self.modes = modes
+        return any(modes)
 
-    def forward(self, full_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-        """Run the shadow with ``full_state``, swapping only what it does not hold already."""
-        own = self.own
-        swap = {k: v for k, v in full_state.items() if own.get(k) is not v}
-        if not swap:
+    def forward(self, swaps: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run the shadow with ``swaps`` in place of its own tensors."""
+        if not swaps:
             return self.module(*args, **kwargs)
-        return functional_call(self.module, swap, args, kwargs, tie_weights=True)
+        if torch.compiler.is_compiling():
+            return functional_call(self.module, swaps, args, kwargs, tie_weights=True, strict=False)
+        slots = self.slots
+        try:
+            for name, t in swaps.items():
+                for table, attr in slots[name]:
+                    table[attr] = t
+            return self.module(*args, **kwargs)
+        finally:
+            own = self.own
+            for name in swaps:
+                for table, attr in slots[name]:
+                    table[attr] = own[name]
+
 
 
 def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
@@ -144,45 +189,57 @@ def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
 
 
 class Capture:
-    """Runs a model statelessly and returns the outputs at its mapped points.
+    """Runs a model statelessly on a given state and returns the outputs at its mapped points.
 
     Args:
         model: the live model (never modified).
         points: point names to capture (``''`` is the final output).
         role: ``"teacher"`` or ``"student"``, for messages.
-        truncate: once a first full call has shown that every point runs exactly
-            once, stop later forwards as soon as every point has been recorded.
+        truncate: stop the forward once every point has been recorded, when
+            every module is in eval mode and the dry run allows it.
+        clone_buffers: clone the buffers of training-mode modules before a
+            call, so that their in-place updates never reach the given tensors.
+        dtype: run in this floating dtype (state and floating inputs are cast).
     """
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...], role: str, *, truncate: bool = False):
+    def __init__(
+        self, model: nn.Module, points: tuple[str, ...], role: str, *,
+        truncate: bool = False, clone_buffers: bool = True, dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.role = role
+        self.dtype = dtype
         self.points = tuple(dict.fromkeys(points))
         self.whole = WHOLE in self.points
         self.stop_at = frozenset(self.points) if truncate and not self.whole else None
-        self.checked = False
         self._args = (model, self.points, role)
-        self._main = _Shadow(*self._args)
-        self._traced = _Shadow(*self._args)
+        main = _Shadow(*self._args)
+        self.spec = StateSpec(role, model, main.module, clone_buffers=clone_buffers, dtype=dtype)
+        self._main = main.bind(self.spec)
+        self._traced = _Shadow(*self._args).bind(self.spec)
         self._local = threading.local()
         self._local.shadow = self._main
+        self._verdicts: dict[tuple, str] = {}
+        self._dry_lock = threading.Lock()
+        self._dry: _Shadow | None = None
+        self._traced_verdict = torch._dynamo.assume_constant_result(lambda sig: self._verdict_for(sig))
 
     @property
     def run_module(self) -> nn.Module:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
 
-    def _new_shadow(self) -> _Shadow:
-        """This thread's first call: give it its own shadow."""
-        shadow = self._local.shadow = _Shadow(*self._args)
-        return shadow
+    def run(
+        self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False,
+    ) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor] | None, bool]:
+        """Run the model on the ``given`` state.
 
-    def run(self, full_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]]:
-        """Run the model with ``full_state``; return its output and the captured points.
-
-        The output is ``None`` when the forward was truncated.
+        Returns its output (``None`` when truncated), the captured points, the
+        buffers it ran with (when ``buffers``), and whether training-mode
+        buffers were cloned for the call.
         """
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             shadow = self._traced
         else:
             shadow = getattr(self._local, "shadow", None) or self._new_shadow()
@@ -192,23 +249,129 @@ class Capture:
                 "a distill function cannot be called from inside itself (for example "
                 "from a payload or a hook)."
             )
-        shadow.sync_modes()
+        training = shadow.sync_modes()
+        swaps, cloned = self.spec.swaps(given, shadow)
+        if self.dtype is not None:
+            args, kwargs = cast_floating((args, kwargs), self.dtype)
+        stop = None
+        if self.stop_at is not None and not training:
+            verdict = self._verdict(args, kwargs, compiling)
+            if verdict == _dryrun.TRUNCATE:
+                stop = self.stop_at
+            elif verdict != _dryrun.FULL:
+                raise RuntimeError(verdict)
         shadow.sink = {}
-        shadow.stop = self.stop_at if self.checked else None
+        shadow.stop = stop
         try:
             try:
-                output = shadow.forward(full_state, args, kwargs)
-            except Truncate:
+                output = shadow.forward(swaps, args, kwargs)
+            except _Stop:
                 output = None
+            except Exception as error:
+                self._reraise(error, swaps, shadow, args, kwargs)
+                raise
             captured = shadow.sink
         finally:
             shadow.sink = None
         if self.whole:
             captured[WHOLE] = output
         self._check(captured)
-        if self.stop_at is not None and not self.checked and not torch.compiler.is_compiling():
-            self.checked = True  # every point ran exactly once in a full forward
-        return output, captured
+        used = self.spec.buffers(swaps, shadow.own) if buffers else None
+        return output, captured, used, cloned
+
+    def _new_shadow(self) -> _Shadow:
+        """This thread's first call: give it its own shadow."""
+        shadow = self._local.shadow = _Shadow(*self._args).bind(self.spec)
+        return shadow
+
+    # --- truncation -----------------------------------------------------------------
+
+    def _verdict(self, args: tuple, kwargs: dict, compiling: bool) -> str:
+        sig = _dryrun.signature(args, kwargs)
+        if sig is None:
+            return _dryrun.FULL
+        if compiling:  # a constant of the trace: needs static shapes (dynamic=False) or truncate=False
+            return self._traced_verdict(sig)
+        verdict = self._verdicts.get(sig)
+        return self._verdict_for(sig) if verdict is None else verdict
+
+    def _verdict_for(self, sig: tuple) -> str:
+        """The dry run's verdict for an input signature (cached: it depends on nothing else)."""
+        with self._dry_lock:
+            verdict = self._verdicts.get(sig)
+            if verdict is not None:
+                return verdict
+            counts = _dryrun.count_calls(self._dry_run, self._fake_specs(sig), sig)
+            if counts is None:
+                verdict = _dryrun.FULL
+            else:
+                verdict = next(
+                    (self._repeat_message(p, n) for p, n in counts.items() if n > 1), _dryrun.TRUNCATE
+                )
+            if len(self._verdicts) >= _MAX_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[sig] = verdict
+            return verdict
+
+    def _dry_run(self, fake_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict[str, int]:
+        if self._dry is None:
+            self._dry = _Shadow(*self._args).bind(self.spec)
+        shadow = self._dry
+        shadow.sync_modes()
+        shadow.counts = {}
+        try:
+            functional_call(shadow.module, fake_state, args, kwargs, tie_weights=True, strict=False)
+            return shadow.counts
+        finally:
+            shadow.counts = None
+
+    def _fake_specs(self, sig: tuple) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
+        """Shape, dtype and device of each state entry, as the checked call will run it."""
+        spec, dtype = self.spec, self.dtype
+        fallback = next((leaf[3] for leaf in _tensor_leaves(sig)), torch.device("cpu"))
+        out = {}
+        for name in spec._names:
+            t = spec.live_tensor(name)
+            if t is None:
+                continue
+            t_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            out[name] = (t.shape, t_dtype, fallback if t.is_meta else t.device)
+        return out
+
+    def _repeat_message(self, point: str, n: int) -> str:
+        return (
+            f"{self.role} module {point!r} runs {n} times in one forward pass of the "
+            f"{self.role} {_names.describe(self.model)} (seen by the shape-only dry run that "
+            "checks a truncated teacher for these input shapes), so its output is ambiguous. "
+            "Map a module that runs once (for example one of the calls' parent modules), give "
+            "each call its own module, or trace the model with torch.fx and map the node of the "
+            "call you mean."
+        )
+
+    # --- errors -----------------------------------------------------------------------
+
+    def _reraise(self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict) -> None:
+        """Raise a clearer error than ``error`` when the inputs' dtype differs from the model's."""
+        state_dtype = next(
+            (t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None
+        )
+        input_dtype = next(
+            (x.dtype for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()),
+            None,
+        )
+        if state_dtype is None or input_dtype is None or state_dtype == input_dtype:
+            return
+        fix = (
+            f"pass distill(..., teacher_dtype={input_dtype}) to run the teacher in the inputs' "
+            f"dtype, or convert the teacher (teacher.to({input_dtype}))"
+            if self.role == "teacher"
+            else f"convert the student (student.to({input_dtype})) or the inputs (x.to({state_dtype}))"
+        )
+        raise TypeError(
+            f"the {self.role} {_names.describe(self.model)} failed on inputs of dtype "
+            f"{input_dtype} while its state is {state_dtype} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); {fix}."
+        ) from error
 
     def _check(self, captured: dict[str, Any]) -> None:
         if len(captured) != len(self.points):
@@ -222,7 +385,7 @@ class Capture:
         for point, value in captured.items():
             if isinstance(value, torch.Tensor):
                 continue
-            for leaf in torch_pytree.tree_leaves(value):
+            for leaf in tree_leaves(value):
                 if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
                         f"the output of {self.role} module {point!r} contains a "
@@ -230,3 +393,18 @@ class Capture:
                         "output is a tensor or a tuple/list/dict of tensors (None "
                         "entries are allowed)."
                     )
+
+
+def _tensor_leaves(sig: Any):
+    """The ``(tag, shape, dtype, device)`` tensor entries of a signature."""
+    if isinstance(sig, tuple):
+        if sig and sig[0] == _dryrun._TENSOR:
+            yield sig
+        else:
+            for item in sig:
+                yield from _tensor_leaves(item)
+
+
+def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors of a pytree to ``dtype`` (a no-op for those already in it)."""
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from collections.abc import Mapping as AbcMapping
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as torch_pytree
 from torch import nn
 
-from funcdistill import _names
-from funcdistill._capture import Capture
+from funcdistill import _names, _payloads
+from funcdistill._capture import Capture, cast_floating
+from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
-from funcdistill._state import PAYLOAD_PREFIX, StateSpec, state
+from funcdistill._payloads import BoundPayload
+from funcdistill._pytree import tree_leaves
+from funcdistill._state import state
 
-__all__ = ["Buffers", "DistillFn", "distill"]
+__all__ = ["BoundPayload", "Buffers", "DistillFn", "distill"]
 
 
 class Buffers(NamedTuple):
@@ -36,24 +40,24 @@ def distill(
     mapping: Mapping | None = None,
     *,
     nograd_teacher: bool = True,
-    mutable: bool = False,
+    mutable: bool | None = None,
     truncate: bool = True,
     teacher_dtype: torch.dtype | None = None,
 ) -> "DistillFn":
     """Return a pure function that runs both models and pairs their outputs.
 
     The returned ``fn(teacher_state, student_state, *args, **kwargs)`` runs the
-    teacher and then the student on the same inputs with
-    :func:`torch.func.functional_call`, using the given state dicts
-    (:func:`funcdistill.state`; a missing entry is taken from the model), and
-    returns a tuple of :class:`Pair` ``(teacher_output, student_output,
+    teacher and then the student on the same inputs, using the given state
+    dicts (:func:`funcdistill.state`; a missing entry is taken from the model),
+    as :func:`torch.func.functional_call` would, and returns a tuple of :class:`Pair` ``(teacher_output, student_output,
     payload)``, one per mapping pair, in order. Outputs keep their pytree
     structure (tuples, dicts, ``ModelOutput``).
 
     ``fn`` is pure: it never changes the modules or the tensors it is given,
     and it composes with :func:`torch.func.grad`, :func:`torch.func.vmap`,
     :func:`torch.func.jacrev` and :func:`torch.compile`. It may be called from
-    several threads at once.
+    several threads at once. Every entry of a state is checked against the
+    model (name, shape, dtype, device), with one error naming each culprit.
 
     Payloads that are modules with parameters (adapters) take them from
     ``student_state['payloads.<index>.<name>']`` when present
@@ -66,15 +70,25 @@ def distill(
         mapping: the pairs to return; ``None`` pairs the two final outputs.
         nograd_teacher: run the teacher under :func:`torch.no_grad`: no gradient
             reaches a teacher parameter and the teacher saves nothing for backward.
-        mutable: also return the models' buffers after the call (BatchNorm
-            running statistics), as ``(pairs, Buffers(teacher, student))``.
-            Buffers passed in are never updated in place.
-        truncate: stop the teacher right after its deepest mapped point, so
-            layers the mapping does not need never run (unless ``''`` is
-            mapped). The first call runs the teacher in full to check that each
-            mapped point runs exactly once; later calls are truncated. The
-            teacher's buffers returned with ``mutable=True`` then reflect only
-            the layers that ran.
+        mutable: ``True``: also return the buffers each model ran with
+            (BatchNorm running statistics, updated by modules in training
+            mode), as ``(pairs, Buffers(teacher, student))``; thread them into
+            the next call (``{**student_state, **buffers.student}``), or in a
+            ``loss.backward()`` loop write them back into the model
+            (``student.load_state_dict(buffers.student, strict=False)``).
+            ``False``: return only the pairs and drop such updates.
+            ``None`` (the default): like ``False``, but a call that drops
+            updates warns and says what to do. Buffers passed in are never
+            updated in place.
+        truncate: stop a teacher whose modules are all in eval mode right
+            after its deepest mapped point, from its first call on, so layers
+            the mapping does not need never run (unless ``''`` is mapped). A
+            shape-only dry run (no FLOPs), once per input signature, checks
+            that every mapped point runs exactly once; where it cannot run
+            (control flow that depends on values), the teacher runs in full.
+            A teacher with a module in training mode always runs in full, so
+            its dropout draws and BatchNorm updates are those of a plain
+            forward.
         teacher_dtype: run the teacher in this floating dtype (e.g.
             ``torch.bfloat16``): floating inputs and teacher state are cast to
             it (pass a teacher state already in that dtype to cast it once),
@@ -84,6 +98,14 @@ def distill(
     Raises:
         TypeError: a model or the mapping has the wrong type.
         ValueError: the mapping names an unknown point, or was built for other models.
+
+    The function raises, when called: ``TypeError`` for a state that is not a
+    dict, non-string keys, a one-shot iterator input, or inputs whose dtype
+    the model cannot take (pointing to ``teacher_dtype``); ``ValueError`` for
+    state entries the model does not have or with another shape, dtype or
+    device (saying when it looks like the other model's state), and for an
+    adapter left out of a differentiated student state; ``RuntimeError`` for
+    a mapped module that never runs or runs more than once.
 
     Example:
         >>> import torch
@@ -120,21 +142,25 @@ def distill_inplace(
     )
 
 
-class DistillFn:
+class DistillFn(Frozen):
     """The pure function made by :func:`distill`; see there."""
 
     __slots__ = (
-        "mapping", "nograd_teacher", "mutable", "teacher_dtype", "_teacher", "_student",
-        "_payload_keys", "_bound", "_plan",
+        "mapping", "nograd_teacher", "mutable", "truncate", "teacher_dtype", "_inplace", "_teacher",
+        "_student", "_payload_keys", "_bound", "_plan",
     )
+    _immutable_name = "a distill function"
+    _immutable_hint = " Call distill() again for other settings."
     mapping: Mapping
     nograd_teacher: bool
-    mutable: bool
+    mutable: bool | None
+    truncate: bool
     teacher_dtype: torch.dtype | None
-    _teacher: "_Side"
-    _student: "_Side"
+    _inplace: bool
+    _teacher: Capture
+    _student: Capture
     _payload_keys: frozenset[str]
-    _bound: dict[int, "_Side"]
+    _bound: dict[int, Capture]
     _plan: tuple[tuple[str, str, Any], ...]
 
     def __init__(
@@ -149,28 +175,33 @@ class DistillFn:
             raise TypeError(
                 f"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got {teacher_dtype!r}."
             )
-        set_ = object.__setattr__
-        set_(self, "mapping", mapping)
-        set_(self, "nograd_teacher", bool(nograd_teacher))
-        set_(self, "mutable", bool(mutable))
-        set_(self, "teacher_dtype", teacher_dtype)
-        set_(self, "_teacher", _Side(
-            "teacher", teacher, [t for t, _ in mapping.names],
-            truncate=truncate, dtype=teacher_dtype, clone_buffers=not inplace_buffers,
-        ))
-        set_(self, "_student", _Side(
-            "student", student, [s for _, s in mapping.names], clone_buffers=not inplace_buffers
-        ))
-        bound = {}
-        for i, payload in enumerate(mapping.payload()):
-            if isinstance(payload, nn.Module) and state(payload):
-                bound[i] = _Side(f"payload {i}", payload, [], clone_buffers=not inplace_buffers)
-        set_(self, "_bound", bound)
-        set_(self, "_plan", tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())))
-        set_(self, "_payload_keys", _payload_keys(bound, self._student))
+        if mutable is not None and not isinstance(mutable, bool):
+            raise TypeError(f"mutable must be True, False or None, got {mutable!r}.")
+        clone = not inplace_buffers
+        t = Capture(teacher, tuple(t for t, _ in mapping.names) or ("",), "teacher",
+                    truncate=truncate, clone_buffers=clone, dtype=teacher_dtype)
+        s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone)
+        t.spec.other, s.spec.other = s.spec, t.spec
+        bound = {
+            i: Capture(payload, ("",), f"payload {i}", clone_buffers=clone)
+            for i, payload in _payloads.stateful_modules(mapping.payload())
+            if state(payload)
+        }
+        init(
+            self, mapping=mapping, nograd_teacher=bool(nograd_teacher), mutable=mutable,
+            truncate=bool(truncate), teacher_dtype=teacher_dtype, _inplace=bool(inplace_buffers),
+            _teacher=t, _student=s, _bound=bound,
+            _plan=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
+            _payload_keys=_payload_keys(bound, s),
+        )
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("a distill function is immutable; call distill() again.")
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the shadows, plans and verdicts are derived: a copy rebuilds them from the (copied) models
+        return (_rebuild, (
+            self._teacher.model, self._student.model, self.mapping,
+            {"nograd_teacher": self.nograd_teacher, "mutable": self.mutable, "truncate": self.truncate,
+             "teacher_dtype": self.teacher_dtype, "inplace_buffers": self._inplace},
+        ))
 
     def __repr__(self) -> str:
         return (
@@ -179,16 +210,23 @@ class DistillFn:
             f"nograd_teacher={self.nograd_teacher}>"
         )
 
-    def __call__(self, teacher_state: AbcMapping[str, torch.Tensor], student_state: AbcMapping[str, torch.Tensor], *args: Any, **kwargs: Any):
-        payload_state = {}
-        if self._payload_keys:
+    def __call__(
+        self, teacher_state: AbcMapping[str, torch.Tensor], student_state: AbcMapping[str, torch.Tensor],
+        *args: Any, **kwargs: Any,
+    ):
+        _check_inputs(args, kwargs)
+        payload_state: dict[str, Any] = {}
+        if self._payload_keys and isinstance(student_state, AbcMapping):
             payload_state, student_state = self._split(student_state)
+        keep = bool(self.mutable)
         if self.nograd_teacher:
             with torch.no_grad():
-                t_full, t_out = self._teacher.run(teacher_state, args, kwargs)
+                _, t_out, t_buffers, t_cloned = self._teacher.run(teacher_state, args, kwargs, buffers=keep)
         else:
-            t_full, t_out = self._teacher.run(teacher_state, args, kwargs)
-        s_full, s_out = self._student.run(student_state, args, kwargs)
+            _, t_out, t_buffers, t_cloned = self._teacher.run(teacher_state, args, kwargs, buffers=keep)
+        _, s_out, s_buffers, s_cloned = self._student.run(student_state, args, kwargs, buffers=keep)
+        if self.mutable is None and (t_cloned or s_cloned):
+            _warn_dropped_buffers(t_cloned, s_cloned)
         if self.teacher_dtype is None and not self._bound:
             pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
         else:
@@ -196,96 +234,68 @@ class DistillFn:
                 Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
                 for i, (t, s, p) in enumerate(self._plan)
             ])
-        if not self.mutable:
+        if not keep:
             return pairs
-        return pairs, Buffers(self._teacher.spec.buffers(t_full), self._student.spec.buffers(s_full))
+        return pairs, Buffers(t_buffers, s_buffers)
+
+    def _split(self, student_state: AbcMapping[str, Any]) -> tuple[dict[str, Any], AbcMapping[str, Any]]:
+        payload_state, rest = _payloads.split(student_state, self._payload_keys)
+        frozen = _payloads.missing_under_grad(rest, payload_state, list(self._bound))
+        if frozen:
+            raise ValueError(
+                f"student_state is being differentiated (torch.func.grad) but has no entries for "
+                f"the adapter payload(s) of pair(s) {frozen} "
+                f"({', '.join(type(self._bound[i].model).__name__ for i in frozen)}), so they would "
+                f"run on their own tensors and never train. Pass funcdistill.state(student, mapping), "
+                f"which adds them as '{_payloads.PREFIX}.<index>.<name>'; to keep an adapter fixed, "
+                "put it in the mapping as a function of its own tensors (or detach them)."
+            )
+        return payload_state, rest
 
     def _teacher_value(self, teacher_out: Any, student_out: Any) -> Any:
         if self.teacher_dtype is None:
             return teacher_out
         dtypes = [
-            x.dtype for x in torch_pytree.tree_leaves(student_out)
+            x.dtype for x in tree_leaves(student_out)
             if isinstance(x, torch.Tensor) and x.is_floating_point()
         ]
-        return _cast(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
-
-    def _split(self, student_state):
-        if not isinstance(student_state, AbcMapping):  # the student side reports the type error
-            return {}, student_state
-        keys = self._payload_keys
-        payload_state = {k: v for k, v in student_state.items() if k in keys}
-        if not payload_state:
-            return {}, student_state
-        rest = {k: v for k, v in student_state.items() if k not in keys}
-        return payload_state, rest
+        return cast_floating(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
 
     def _payload(self, i: int, payload: Any, payload_state: dict) -> Any:
         side = self._bound.get(i)
         if side is None:
             return payload
-        prefix = f"{PAYLOAD_PREFIX}.{i}."
-        own = {k[len(prefix):]: v for k, v in payload_state.items() if k.startswith(prefix)}
-        return BoundPayload(side, own)
+        return BoundPayload(side, _payloads.own_entries(i, payload_state))
 
 
-class BoundPayload:
-    """A payload module bound to the state passed to a distill call.
-
-    Distill functions return these in place of payload modules that have
-    parameters or buffers (adapters); they are not built by hand. Calling one
-    runs the module with :func:`torch.func.functional_call` on the
-    ``payloads.<index>.*`` entries of that call's student state (missing
-    entries come from the module itself).
-    """
-
-    __slots__ = ("_side", "_state")
-    _side: "_Side"
-    _state: dict[str, torch.Tensor]
-
-    def __init__(self, side: Any, state: dict[str, torch.Tensor]):  # made by DistillFn only
-        object.__setattr__(self, "_side", side)
-        object.__setattr__(self, "_state", state)
-
-    @property
-    def module(self) -> nn.Module:
-        """The payload module as it was put in the mapping."""
-        return self._side.model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._side.run(self._state, args, kwargs)[1][""]
-
-    def __repr__(self) -> str:
-        return f"BoundPayload({self._side.model!r})"
+def _rebuild(teacher: nn.Module, student: nn.Module, mapping: Mapping, options: dict[str, Any]) -> DistillFn:
+    return DistillFn(teacher, student, mapping, **options)
 
 
-def _cast(tree: Any, dtype: torch.dtype) -> Any:
-    """Cast the floating tensors of a pytree to ``dtype`` (a no-op for those already in it)."""
-    return torch_pytree.tree_map(
-        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
+def _check_inputs(args: tuple, kwargs: dict) -> None:
+    """One-shot iterators would be used up by the teacher, leaving the student nothing."""
+    for where, x in (*enumerate(args), *kwargs.items()):
+        if not isinstance(x, torch.Tensor) and isinstance(x, Iterator):
+            what = f"positional input {where}" if isinstance(where, int) else f"keyword input {where!r}"
+            raise TypeError(
+                f"{what} is a one-shot {type(x).__name__}: the teacher would use it up and the "
+                "student would get an empty one. Pass a list or tuple instead (list(...))."
+            )
+
+
+def _warn_dropped_buffers(teacher: bool, student: bool) -> None:
+    who = " and ".join(r for r, flag in (("teacher", teacher), ("student", student)) if flag)
+    warnings.warn(
+        f"the {who} has modules in training mode that update buffers (BatchNorm running "
+        "statistics); this distill function returns only the pairs, so those updates are "
+        "dropped and the models keep their old statistics. Build it with "
+        "distill(..., mutable=True) to get them back as (pairs, buffers), and in a "
+        "loss.backward() loop write them back after the step: "
+        "student.load_state_dict(buffers.student, strict=False). Pass mutable=False to drop "
+        "them without this warning, or put the modules in eval mode.",
+        UserWarning,
+        stacklevel=3,
     )
-
-
-class _Side:
-    """One model of a distill function: its capture and its state spec."""
-
-    __slots__ = ("role", "model", "capture", "spec", "dtype")
-
-    def __init__(
-        self, role: str, model: nn.Module, points: list[str], *,
-        truncate: bool = False, dtype: torch.dtype | None = None, clone_buffers: bool = True,
-    ):
-        self.role = role
-        self.model = model
-        self.dtype = dtype
-        self.capture = Capture(model, tuple(points) or ("",), role, truncate=truncate)
-        self.spec = StateSpec(role, model, self.capture.run_module, clone_buffers=clone_buffers)
-
-    def run(self, given, args, kwargs):
-        full = self.spec.complete(given)
-        if self.dtype is not None:
-            full, args, kwargs = _cast((full, args, kwargs), self.dtype)
-        _, captured = self.capture.run(full, args, kwargs)
-        return full, captured
 
 
 def _check_models(teacher: Any, student: Any) -> None:
@@ -330,17 +340,13 @@ def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapp
     return mapping
 
 
-def _payload_keys(bound: dict[int, _Side], student: _Side) -> frozenset[str]:
-    keys = frozenset(
-        f"{PAYLOAD_PREFIX}.{i}.{name}"
-        for i, side in bound.items()
-        for name in side.spec.owners
-    )
-    clash = keys & student.spec.owners.keys()
+def _payload_keys(bound: dict[int, Capture], student: Capture) -> frozenset[str]:
+    keys = frozenset(_payloads.key(i, name) for i, side in bound.items() for name in side.spec.live)
+    clash = keys & student.spec.live.keys()
     if clash:
         raise ValueError(
             f"the student has state named {sorted(clash)[0]!r}, which is where funcdistill "
-            f"keeps the parameters of payload modules ('{PAYLOAD_PREFIX}.<index>.<name>'); "
-            f"rename the student's {PAYLOAD_PREFIX!r} submodule."
+            f"keeps the parameters of payload modules ('{_payloads.PREFIX}.<index>.<name>'); "
+            f"rename the student's {_payloads.PREFIX!r} submodule."
         )
     return keys

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from funcdistill import _names
+from funcdistill._frozen import Frozen, init
 
 __all__ = ["Mapping", "Pair"]
 
@@ -28,7 +29,7 @@ class Pair(NamedTuple):
     """What was put in the mapping with this pair (a loss, a weight, an adapter)."""
 
 
-class Mapping:
+class Mapping(Frozen):
     """Immutable list of teacher/student point pairs, each with a payload.
 
     A point is a qualified submodule name (``'features.5.conv'``), ``''`` for the
@@ -38,7 +39,7 @@ class Mapping:
 
     A Mapping is a pytree whose leaves are the payloads (the names are static
     metadata): ``optree.tree_map(f, mapping, namespace="funcdistill")`` and
-    ``torch.utils._pytree.tree_map(f, mapping)`` map the payloads.
+    torch's ``tree_map(f, mapping)`` (``torch.utils._pytree``) map the payloads.
 
     Args:
         teacher: the teacher model, needed to resolve module references and to
@@ -57,6 +58,7 @@ class Mapping:
     """
 
     __slots__ = ("_teacher", "_student", "_names", "_payloads")
+    _immutable_hint = " Use add() or replace(), which return a new Mapping."
     _teacher: nn.Module | None
     _student: nn.Module | None
     _names: tuple[tuple[str, str], ...]
@@ -172,15 +174,6 @@ class Mapping:
             )
         return f"Mapping({models}pairs=[{pairs}])"
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(
-            f"Mapping is immutable: cannot set {name!r}. Use add() or replace(), "
-            "which return a new Mapping."
-        )
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Mapping is immutable: cannot delete {name!r}.")
-
     def __copy__(self) -> "Mapping":
         return self
 
@@ -194,10 +187,7 @@ class Mapping:
 
 
 def _init(obj: Mapping, teacher, student, names, payloads) -> None:
-    object.__setattr__(obj, "_teacher", teacher)
-    object.__setattr__(obj, "_student", student)
-    object.__setattr__(obj, "_names", names)
-    object.__setattr__(obj, "_payloads", payloads)
+    init(obj, _teacher=teacher, _student=student, _names=names, _payloads=payloads)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,7 +1,9 @@
-"""Pytree registration of :class:`Mapping`, in one place, for optree and torch.
+"""Every pytree call of the package, and the registration of :class:`Mapping`, in one place.
 
-Leaves are the payloads; the names and the models are static metadata. The
-namespace for optree is ``"funcdistill"``.
+Tree utilities come from the public ``torch.utils.pytree`` where the installed
+torch has it, else from ``torch.utils._pytree``. :class:`Mapping` is registered
+once, with optree (namespace ``"funcdistill"``) and with torch's registry:
+its leaves are the payloads; the names and the models are static metadata.
 """
 
 from __future__ import annotations
@@ -9,13 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 import optree
-import torch.utils._pytree as torch_pytree
+
+try:  # public from newer torch releases on
+    import torch.utils.pytree as torch_pytree  # type: ignore[import-not-found]
+except ImportError:
+    import torch.utils._pytree as torch_pytree
 
 from funcdistill._mapping import Mapping
 
-__all__ = ["NAMESPACE"]
+__all__ = ["NAMESPACE", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
 
 NAMESPACE = "funcdistill"
+
+tree_map = torch_pytree.tree_map
+tree_leaves = torch_pytree.tree_leaves
+tree_flatten = torch_pytree.tree_flatten
+tree_unflatten = torch_pytree.tree_unflatten
 
 
 def _flatten(m: Mapping) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -37,6 +48,7 @@ optree.register_pytree_node(
     _unflatten,  # type: ignore[arg-type]
     namespace=NAMESPACE,
 )
+
 
 # torch's pytree treats None as a leaf and optree does not; torch's flattening
 # drops None payloads (their positions go into the context) so that both see

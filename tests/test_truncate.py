@@ -33,10 +33,8 @@ def test_teacher_stops_after_its_deepest_mapped_point(models):
     full_flops, prefix_flops, student_flops = flops(t, x), flops(prefix, x), flops(s, x)
     assert prefix_flops < 0.7 * full_flops
 
-    first = flops(fn, state(t), state(s), x)  # checking call: full teacher
-    assert first == full_flops + student_flops
-    truncated = flops(fn, state(t), state(s), x)
-    assert truncated == prefix_flops + student_flops
+    calls = [flops(fn, state(t), state(s), x) for _ in range(3)]
+    assert calls == [prefix_flops + student_flops] * 3  # truncated from the first call on
 
 
 def test_truncated_pairs_equal_full_pairs(models):
@@ -45,8 +43,8 @@ def test_truncated_pairs_equal_full_pairs(models):
     m = Mapping(t, s).add("features.2", "features.1")
     full = distill(t, s, m, truncate=False)(state(t), state(s), x)
     cut = distill(t, s, m)
-    cut(state(t), state(s), x)
-    torch.testing.assert_close(cut(state(t), state(s), x)[0].teacher, full[0].teacher)
+    for _ in range(2):
+        torch.testing.assert_close(cut(state(t), state(s), x)[0].teacher, full[0].teacher)
 
 
 def test_whole_model_or_truncate_false_runs_everything(models):
@@ -65,7 +63,146 @@ def test_a_point_that_runs_twice_is_caught_before_truncating():
     t, s = Shared(), Shared()
     fn = distill(t, s, Mapping(t, s).add("lin", "out"))
     with pytest.raises(RuntimeError, match="teacher module 'lin' ran more than once"):
-        fn(state(t), state(s), torch.randn(2, 4))
+        fn(state(t), state(s), torch.randn(2, 4))  # a training-mode teacher runs in full
+    t.eval()
+    for _ in range(3):  # the second call happens after the stop: the dry run sees it, every time
+        with pytest.raises(RuntimeError, match=r"teacher module 'lin' runs 2 times in one forward pass of the teacher Shared \(seen by the shape-only dry run"):
+            fn(state(t), state(s), torch.randn(2, 4))
+
+
+class RepeatsOnWideInputs(nn.Module):
+    """Runs ``block`` a second time, after ``head``'s input is ready, only for inputs wider than 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x.repeat(1, 8 // x.shape[1]) if x.shape[1] < 8 else x
+        h = self.block(x)
+        if x.shape[0] > 4:
+            h = self.block(h)
+        return self.head(h)
+
+
+def test_a_module_repeated_on_some_shapes_is_an_error_for_those_only_whatever_came_before():
+    torch.manual_seed(0)
+    t, s = RepeatsOnWideInputs().eval(), mlp((8, 8, 3))
+    fn = distill(t, s, Mapping(t, s).add("block", "0"))
+    small, large = torch.randn(2, 8), torch.randn(6, 8)
+    for order in ((small, large, small, large), (large, small, large, small)):
+        for x in order:
+            if x.shape[0] > 4:
+                with pytest.raises(RuntimeError, match="teacher module 'block' runs 2 times"):
+                    fn(state(t), state(s), x)
+            else:
+                torch.testing.assert_close(fn(state(t), state(s), x)[0].teacher, t.block(x))
+
+
+class SwallowsErrors(nn.Module):
+    """Wraps each layer in ``try/except Exception``, as some models do around optional parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def forward(self, x):
+        for layer in self.layers:
+            try:
+                x = layer(x)
+            except Exception:  # noqa: BLE001 - what the test is about
+                x = x * 0
+        return x
+
+
+def test_the_stop_signal_is_not_swallowed_by_except_exception():
+    torch.manual_seed(0)
+    t, s = SwallowsErrors().eval(), mlp((4, 8, 3))
+    fn = distill(t, s, Mapping(t, s).add("layers.0", "0"))
+    x = torch.randn(3, 4)
+    (p,) = fn(state(t), state(s), x)
+    torch.testing.assert_close(p.teacher, t.layers[0](x))
+    assert flops(fn, state(t), state(s), x) == flops(t.layers[0], x) + flops(s, x)
+
+
+class ValueDependent(nn.Module):
+    """Control flow on a tensor's value: the shape-only dry run cannot follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 1e9:  # never true here
+            h = self.a(h)
+        return self.c(self.b(h))
+
+
+def test_value_dependent_control_flow_runs_the_teacher_in_full_every_call():
+    torch.manual_seed(0)
+    t, s = ValueDependent().eval(), mlp((4, 4))
+    fn = distill(t, s, Mapping(t, s).add("a", "0"))
+    x = torch.randn(2, 4)
+    full = flops(t, x) + flops(s, x)
+    assert [flops(fn, state(t), state(s), x) for _ in range(3)] == [full] * 3
+    torch.testing.assert_close(fn(state(t), state(s), x)[0].teacher, t.a(x))
+
+
+def test_a_training_teacher_runs_in_full_and_draws_like_a_plain_forward():
+    torch.manual_seed(0)
+    t = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    s = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    fn = distill(t, s, Mapping(t, s).add("1", "1"))
+    x = torch.randn(16, 4)
+    assert flops(fn, state(t), state(s), x) == flops(t, x) + flops(s, x)
+    outputs = []
+    for _ in range(3):
+        torch.manual_seed(7)
+        (p,) = fn(state(t), state(s), x)
+        outputs.append((p.teacher, p.student))
+        torch.manual_seed(7)  # the same draws as plain forwards, teacher first
+        with torch.no_grad():
+            t_ref = t[:2](x)
+            t[2:](t_ref)
+        torch.testing.assert_close(p.teacher, t_ref)
+        torch.testing.assert_close(p.student, s[:2](x))
+    for later in outputs[1:]:
+        assert torch.equal(later[0], outputs[0][0]) and torch.equal(later[1], outputs[0][1])
+
+
+@pytest.mark.compile
+def test_compiled_before_any_eager_call_the_graph_holds_only_the_prefix(models):
+    t, s = models
+    x = image(4)
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.0"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x):
+        (p,) = fn(state(t), state(s), x)
+        return (p.teacher[:, :4] - p.student).pow(2).mean()
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    got = compiled(x)
+    convs = sum(1 for g in graphs for n in g.graph.nodes if n.target is torch.conv2d)
+    teacher_convs = 2  # stem + features.1's conv; the two later blocks never run
+    student_convs = sum(isinstance(m, nn.Conv2d) for m in s.modules())
+    assert convs == teacher_convs + student_convs
+    torch.testing.assert_close(got, step(x))
+
+
+@pytest.mark.compile
+def test_compiled_call_reports_a_module_that_runs_again_after_the_stop():
+    t, s = Shared().eval(), Shared()
+    fn = distill(t, s, Mapping(t, s).add("lin", "out"))
+    compiled = torch.compile(lambda x: fn(state(t), state(s), x)[0].teacher, fullgraph=True, dynamic=False)
+    with pytest.raises(Exception, match="teacher module 'lin' runs 2 times"):
+        compiled(torch.randn(2, 4))
 
 
 def test_truncation_keeps_gradients_exact(models):
@@ -74,7 +211,6 @@ def test_truncation_keeps_gradients_exact(models):
     m = Mapping(t, s).add("features.2", "features.1")
     ref = distill(t, s, m, truncate=False)
     cut = distill(t, s, m)
-    cut(state(t), state(s), x)
 
     def loss(fn):
         return lambda p: ((lambda pr: (pr.teacher.mean(1) - pr.student.mean(1)).pow(2).mean())(fn(state(t), p, x)[0]))
