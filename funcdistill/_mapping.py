@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -178,9 +179,10 @@ class Mapping(Frozen):
         return self
 
     def __deepcopy__(self, memo: dict) -> "Mapping":
-        import copy
-
-        return Mapping._build(self._teacher, self._student, self._names, copy.deepcopy(self._payloads, memo))
+        # the models are referred to, not owned: a copy keeps them, unless they were
+        # copied in the same deepcopy (a distill function, a checkpoint), then it takes the copies
+        teacher, student = (memo.get(id(m), m) for m in (self._teacher, self._student))
+        return Mapping._build(teacher, student, self._names, copy.deepcopy(self._payloads, memo))
 
     def __reduce__(self):
         return (Mapping._build, (self._teacher, self._student, self._names, self._payloads))

@@ -557,3 +557,99 @@ def test_distill_fn_is_immutable_and_has_a_repr(models):
     with pytest.raises(AttributeError, match="a distill function is immutable"):
         fn.mapping = None
     assert repr(fn) == "<distill fn: teacher=Net, student=Net, 1 pairs, nograd_teacher=True>"
+
+
+# --- inputs, adapters and BatchNorm: no silent traps -------------------------------
+
+
+def test_one_shot_iterator_inputs_are_refused(models):
+    t, s = models
+    fn = distill(t, s)
+    with pytest.raises(TypeError, match=r"positional input 0 is a one-shot generator: the teacher would use it up and the student would get an empty one\. Pass a list or tuple instead"):
+        fn(state(t), state(s), (x for x in [image()]))
+    with pytest.raises(TypeError, match=r"keyword input 'x' is a one-shot list_iterator"):
+        fn(state(t), state(s), x=iter([image()]))
+
+
+def test_an_adapter_left_out_of_a_differentiated_student_state_is_an_error():
+    t, s = mlp((3, 6, 2)), mlp((3, 4, 2))
+    hint = Hint(4, 6)
+    m = Mapping(t, s).add("0", "0", payload=hint)
+    fn = distill(t, s, m)
+    x = torch.randn(5, 3)
+
+    def loss(ss):
+        (p,) = fn(state(t), ss, x)
+        return p.payload(p.teacher, p.student)
+
+    with pytest.raises(ValueError, match=r"student_state is being differentiated \(torch.func.grad\) but has no entries for the adapter payload\(s\) of pair\(s\) \[0\] \(Hint\).*Pass funcdistill.state\(student, mapping\)"):
+        grad(loss)(state(s, buffers=False))
+    assert set(grad(loss)(state(s, m, buffers=False))) >= {"payloads.0.adapter.weight"}
+
+
+def test_dropped_batchnorm_updates_warn_until_mutable_is_chosen(models):
+    t, s = models
+    t.eval(), s.train()
+    x = image()
+    with pytest.warns(UserWarning, match=r"the student has modules in training mode that update buffers .*distill\(\.\.\., mutable=True\).*student.load_state_dict\(buffers.student, strict=False\)"):
+        distill(t, s)(state(t), state(s), x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distill(t, s, mutable=False)(state(t), state(s), x)  # chosen: no warning
+        distill(t, s, mutable=True)(state(t), state(s), x)
+        s.eval()
+        distill(t, s)(state(t), state(s), x)  # nothing to drop
+
+
+def test_the_readme_backward_loop_keeps_batchnorm_statistics(models):
+    t, s = models
+    t.eval(), s.train()
+    ref = copy.deepcopy(s)
+    fn = distill(t, s, mutable=True)
+    opt, ref_opt = torch.optim.SGD(s.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        x = image(4)
+        pairs, buffers = fn(state(t), state(s), x)
+        loss = sum((p.teacher - p.student).pow(2).mean() for p in pairs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        s.load_state_dict(buffers.student, strict=False)
+        with torch.no_grad():
+            target = t(x)
+        ((target - ref(x)).pow(2).mean()).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert s.features[1].bn.num_batches_tracked.item() == 3
+    for (name, a), b in zip(s.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# --- copies -----------------------------------------------------------------------
+
+
+def test_distill_functions_pickle_deepcopy_and_torch_save():
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    t, s = mlp((3, 6, 2)).eval(), mlp((3, 4, 2))
+    m = Mapping(t, s).add("0", "0", payload=Hint(4, 6)).add("", "")
+    fn = distill(t, s, m, mutable=False, teacher_dtype=torch.float64)
+    x = torch.randn(5, 3)
+    expected = fn(state(t), state(s, m), x)
+    buffer = io.BytesIO()
+    torch.save(fn, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(fn)), copy.deepcopy(fn), torch.load(buffer, weights_only=False)]
+    for other in copies:
+        assert isinstance(other, fd.DistillFn) and other._teacher.model is not t
+        assert (other.mutable, other.teacher_dtype) == (False, torch.float64)
+        ct, cs = other._teacher.model, other._student.model
+        got = other(state(ct), state(cs, other.mapping), x)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.teacher, b.teacher)
+            torch.testing.assert_close(a.student, b.student)
+        torch.testing.assert_close(got[0].payload(got[0].teacher, got[0].student), expected[0].payload(expected[0].teacher, expected[0].student))

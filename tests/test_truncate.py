@@ -201,7 +201,7 @@ def test_compiled_call_reports_a_module_that_runs_again_after_the_stop():
     t, s = Shared().eval(), Shared()
     fn = distill(t, s, Mapping(t, s).add("lin", "out"))
     compiled = torch.compile(lambda x: fn(state(t), state(s), x)[0].teacher, fullgraph=True, dynamic=False)
-    with pytest.raises(Exception, match="teacher module 'lin' runs 2 times"):
+    with pytest.raises(Exception, match=r"teacher module 'lin' runs 2 times"):
         compiled(torch.randn(2, 4))
 
 

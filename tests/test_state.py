@@ -1,0 +1,159 @@
+"""funcdistill.state, and the checks a distill call makes of each state entry."""
+
+import pytest
+import torch
+from torch import nn
+
+from funcdistill import Mapping, distill, state
+from tests.models import Net, image, mlp
+
+
+def reference_state(model, buffers=True):
+    out = dict(model.named_parameters())
+    if buffers:
+        out.update(model.named_buffers())
+    return out
+
+
+def same(a, b):
+    return list(a) == list(b) and all(a[k] is b[k] for k in a)
+
+
+def test_state_equals_named_parameters_and_buffers_after_every_kind_of_change():
+    model = Net(width=4, depth=2)
+    assert same(state(model), reference_state(model))
+    assert same(state(model, buffers=False), reference_state(model, buffers=False))
+    model.head.weight = nn.Parameter(torch.zeros(3, 4))  # a replaced tensor
+    assert same(state(model), reference_state(model))
+    model.features[1].bn = nn.BatchNorm2d(4)  # a replaced submodule
+    assert same(state(model), reference_state(model))
+    model.head.register_buffer("extra", torch.ones(1))  # a new name
+    assert same(state(model), reference_state(model))
+    del model.head.extra
+    model.head.register_buffer("other", torch.ones(1))  # same count, other name
+    assert same(state(model), reference_state(model))
+    model.head.bias = None  # a None entry
+    assert same(state(model), reference_state(model))
+    model.head.bias = nn.Parameter(torch.zeros(3))  # and back
+    assert same(state(model), reference_state(model))
+    model.features[2].conv.weight = model.features[1].conv.weight  # tied after the fact
+    assert same(state(model), reference_state(model))
+    shared = nn.Linear(2, 2)
+    both = nn.Sequential(shared, shared)  # a shared submodule
+    assert same(state(both), reference_state(both))
+
+
+def test_state_of_a_transformers_model_equals_named_parameters():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    model = transformers.BertForMaskedLM(config)  # tied decoder/embedding weights
+    assert same(state(model), reference_state(model))
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    return Net(width=8, depth=2).eval(), Net(width=4, depth=1).eval()
+
+
+def test_a_broadcastable_entry_of_another_shape_is_refused(models):
+    t, s = models
+    fn = distill(t, s)
+    bad = {**state(s), "head.bias": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"student_state does not fit the student Net: 'head.bias' has shape \(1,\), the model's has \(3,\).*Pass funcdistill.state\(student\)"):
+        fn(state(t), bad, image())
+
+
+def test_every_bad_entry_is_named_in_one_message(models):
+    t, s = models
+    fn = distill(t, s)
+    bad = {
+        **state(s),
+        "head.weight": torch.zeros(4, 3),
+        "head.bias": torch.zeros(3, dtype=torch.float64),
+        "features.0.bias": torch.zeros(4, device="meta"),
+    }
+    with pytest.raises(ValueError) as info:
+        fn(state(t), bad, image())
+    msg = str(info.value)
+    assert "'head.weight' has shape (4, 3), the model's has (3, 4)" in msg
+    assert "'head.bias' has dtype torch.float64, the model's has torch.float32" in msg
+    assert "'features.0.bias' is on meta, the model's is on cpu" in msg
+
+
+def test_the_other_models_state_is_recognised(models):
+    t, s = Net(width=8, depth=1), Net(width=4, depth=1)  # same names, other widths
+    fn = distill(t, s)
+    with pytest.raises(ValueError, match=r"student_state does not fit the student Net: .*This looks like the teacher's state \(its names and shapes are the teacher's\): teacher_state and student_state look swapped\. Pass funcdistill.state\(student\)"):
+        fn(state(t), state(t), image())
+    with pytest.raises(ValueError, match=r"teacher_state does not fit the teacher Net: .*This looks like the student's state"):
+        fn(state(s), state(s), image())
+    t, s = models  # the teacher is deeper: its extra names are reported, with the same hint
+    with pytest.raises(ValueError, match=r"student_state has 6 key\(s\) that are not parameters or buffers of the student Net: .*This looks like the teacher's state"):
+        distill(t, s)(state(t), state(t), image())
+
+
+def test_non_string_keys_and_non_tensor_values(models):
+    t, s = models
+    fn = distill(t, s)
+    with pytest.raises(TypeError, match=r"student_state has 1 key\(s\) that are not strings: 0 \(int\)\. Keys are qualified names such as 'features.0.weight'"):
+        fn(state(t), {**state(s), 0: torch.zeros(1)}, image())
+    with pytest.raises(ValueError, match=r"'head.bias' is a list, not a tensor"):
+        fn(state(t), {**state(s), "head.bias": [0.0, 0.0, 0.0]}, image())
+
+
+def test_a_meta_model_entry_left_out_is_an_error():
+    torch.manual_seed(0)
+    t = mlp((4, 8, 3)).eval()
+    with torch.device("meta"):
+        s = mlp((4, 8, 3))
+    fn = distill(t, s)
+    real = {k: torch.randn(v.shape) for k, v in state(s).items()}
+    (p,) = fn(state(t), real, torch.randn(2, 4))  # a meta skeleton with real state works
+    assert p.student.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"student entry '2.bias' is on the meta device .* pass real tensors for the model's meta entries"):
+        fn(state(t), {k: v for k, v in real.items() if k != "2.bias"}, torch.randn(2, 4))
+
+
+def test_a_teacher_of_another_dtype_points_to_teacher_dtype():
+    torch.manual_seed(0)
+    t, s = mlp((4, 8, 3)).double().eval(), mlp((4, 8, 3))
+    fn = distill(t, s)
+    with pytest.raises(TypeError, match=r"the teacher Sequential failed on inputs of dtype torch.float32 while its state is torch.float64 .*pass distill\(\.\.\., teacher_dtype=torch.float32\)"):
+        fn(state(t), state(s), torch.randn(2, 4))
+    (p,) = distill(t, s, teacher_dtype=torch.float32)(state(t), state(s), torch.randn(2, 4))
+    assert p.teacher.dtype == torch.float32
+
+
+def test_tied_names_given_different_tensors_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3, bias=False)
+            self.b = nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    t, s = Tied(), Tied()
+    fn = distill(t, s)
+    with pytest.raises(ValueError, match=r"'b.weight' is tied to 'a.weight' in the model, but the state gives them different tensors"):
+        fn(state(t), {"a.weight": torch.eye(3), "b.weight": torch.eye(3) * 2}, torch.ones(1, 3))
+
+
+def test_an_unknown_key_suggests_the_closest_name(models):
+    t, s = models
+    fn = distill(t, s)
+    with pytest.raises(ValueError, match=r"student_state has 1 key\(s\) that are not parameters or buffers of the student Net: 'head.weigth'\. Did you mean 'head.weight'\?"):
+        fn(state(t), {"head.weigth": torch.zeros(3, 4)}, image())
+
+
+def test_the_fast_path_passes_the_models_own_tensors_without_copies(models):
+    t, s = models
+    fn = distill(t, s, Mapping(t, s).add("head", "head"))
+    x = image()
+    (p,) = fn(state(t), state(s), x)
+    torch.testing.assert_close(p.student, s(x))
