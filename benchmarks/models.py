@@ -21,7 +21,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock", "MLP", "ResNetCifar", "mlp_student", "mlp_teacher", "n_params",
-    "resnet_student", "resnet_teacher",
+    "resnet_student", "resnet_teacher", "tensor_stack",
 ]
 
 
@@ -142,6 +142,27 @@ def mlp_teacher(in_features: int = 64, hidden: int = 512, depth: int = 3) -> MLP
 def mlp_student(in_features: int = 64, hidden: int = 64, depth: int = 2) -> MLP:
     """The MLP student: narrower and shallower than :func:`mlp_teacher`."""
     return MLP([in_features] + [hidden] * depth)
+
+
+def tensor_stack(n_tensors: int, *, width: int = 4, num_classes: int = 4) -> nn.Sequential:
+    """Many state tensors, negligible compute: tiny Linear-BatchNorm1d-ReLU blocks, then a Linear head.
+
+    Each block holds 7 tensors (Linear weight and bias, BatchNorm weight, bias and
+    its 3 buffers); the block count is chosen so that parameters + buffers come to
+    about ``n_tensors``. For timing what a call costs per tensor (per-call overhead,
+    ``funcdistill.state``), not the arithmetic.
+
+    >>> [sum(1 for _ in (*m.parameters(), *m.buffers())) for m in map(tensor_stack, (50, 200, 800))]
+    [51, 198, 800]
+    >>> tensor_stack(50)(torch.randn(2, 4)).shape
+    torch.Size([2, 4])
+    """
+    blocks = max(1, round((n_tensors - 2) / 7))
+    layers: list[nn.Module] = [
+        nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()) for _ in range(blocks)
+    ]
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
 
 
 def n_params(model: nn.Module) -> int:

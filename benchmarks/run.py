@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report, suite  # noqa: E402
+from benchmarks import calls, report, suite  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
+    "overhead": calls.overhead_section,
+    "state": calls.state_section,
     "truncation": suite.truncation_section,
     "flops": suite.flops_section,
     "bytes": suite.saved_bytes_section,
@@ -44,10 +46,13 @@ DOCS_INTRO = """# Benchmarks
 
 How much a funcdistill step costs next to the same step written by hand, and
 what truncation, `vmap`, `torch.compile` and a bfloat16 teacher change. Every
-time below is a **ratio** to a hand-written step measured in the same process,
+step time below is a **ratio** to a hand-written step measured in the same process,
 in interleaved rounds (the median of the per-round ratios, with the
 interquartile range in brackets), so the figures describe this machine and
-this torch build, not absolute speeds. FLOPs and bytes are exact counts;
+this torch build, not absolute speeds. The per-call overhead of a distill
+function and the cost of `funcdistill.state` are in microseconds: the overhead
+is a difference against the plain forwards timed in the same rounds, on models
+with many state tensors and negligible arithmetic. FLOPs and bytes are exact counts;
 `tests/test_costs.py` checks the ones that must hold everywhere (the teacher
 saves nothing for backward, truncation runs only the teacher's prefix, a
 compiled step has no graph break).
@@ -71,7 +76,7 @@ enough.)
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, CNN batch 8 only, no torch.compile")
+    parser.add_argument("--quick", action="store_true", help="few rounds, CNN batch 8 only (both CNN pairs), no torch.compile")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for <device>.md/.json")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")

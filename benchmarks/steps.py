@@ -35,7 +35,7 @@ from benchmarks.losses import kd_loss, similarity_loss, step_loss
 __all__ = [
     "Case", "Style", "compat_loss", "floor_loss", "forgotten_nograd_loss",
     "full_teacher_truncated_loss", "funcdistill_grad_step", "funcdistill_loss", "hooks_loss",
-    "student_alone_loss", "torchdistill_loss", "truncated_floor_loss",
+    "student_alone_loss", "torchdistill_loss", "trains_buffers", "truncated_floor_loss",
     "truncated_funcdistill_loss", "truncated_mapping",
 ]
 
@@ -76,16 +76,58 @@ class Case:
 
 
 class Style(NamedTuple):
-    """One way of writing the step: its loss function and the models it trains."""
+    """One way of writing the step: its loss function, the models it trains, what follows backward."""
 
     loss: LossFn
     zero: tuple[nn.Module, ...]
+    after: Callable[[], None] | None = None
 
     def step(self) -> None:
-        """Clear the gradients of ``zero``, build the loss, run backward."""
+        """Clear the gradients of ``zero``, build the loss, run backward, then ``after()``."""
         for model in self.zero:
             model.zero_grad(set_to_none=True)
         self.loss().backward()
+        if self.after is not None:
+            self.after()
+
+
+def trains_buffers(model: nn.Module) -> bool:
+    """Whether a module of ``model`` in training mode has buffers (BatchNorm running statistics).
+
+    >>> trains_buffers(nn.BatchNorm1d(2)), trains_buffers(nn.BatchNorm1d(2).eval()), trains_buffers(nn.Linear(2, 2))
+    (True, False, False)
+    """
+    return any(m.training and next(iter(m.buffers(recurse=False)), None) is not None for m in model.modules())
+
+
+def _fd_style(case: Case, mapping: fd.Mapping, teacher_state: dict | None = None, **distill_kwargs: Any) -> Style:
+    """``fn(state(teacher), state(student), x)`` then the loss, in the recommended ``.backward()`` loop.
+
+    A student with buffers in training mode (BatchNorm) gets ``distill(..., mutable=True)``
+    and, after backward, ``student.load_state_dict(buffers.student, strict=False)``: its
+    statistics follow training as in the floor's plain train-mode forward.
+    """
+    t, s, x, y = case.teacher, case.student, case.x, case.y
+    if not trains_buffers(s):
+        fn = fd.distill(t, s, mapping, **distill_kwargs)
+
+        def loss() -> torch.Tensor:
+            pairs = fn(fd.state(t) if teacher_state is None else teacher_state, fd.state(s), x)
+            return step_loss(pairs, pairs[-1].student, y)
+
+        return Style(loss, (s,))
+    fn = fd.distill(t, s, mapping, mutable=True, **distill_kwargs)
+    box: dict[str, dict[str, torch.Tensor]] = {}
+
+    def loss_mutable() -> torch.Tensor:
+        pairs, buffers = fn(fd.state(t) if teacher_state is None else teacher_state, fd.state(s), x)
+        box["student"] = buffers.student
+        return step_loss(pairs, pairs[-1].student, y)
+
+    def keep_statistics() -> None:
+        s.load_state_dict(box.pop("student"), strict=False)
+
+    return Style(loss_mutable, (s,), keep_statistics)
 
 
 def floor_loss(case: Case) -> Style:
@@ -195,16 +237,11 @@ def compat_loss(case: Case) -> Style | str:
 def funcdistill_loss(case: Case, *, teacher_state: dict | None = None, **distill_kwargs: Any) -> Style:
     """The documented ``.backward()`` idiom: ``fn(state(teacher), state(student), x)``.
 
+    With BatchNorm in training mode, the recommended loop: ``mutable=True`` and
+    ``student.load_state_dict(buffers.student, strict=False)`` after backward.
     ``teacher_state`` replaces ``state(teacher)`` (e.g. a copy cast to bfloat16).
     """
-    t, s, x, y = case.teacher, case.student, case.x, case.y
-    fn = fd.distill(t, s, case.mapping(t, s), **distill_kwargs)
-
-    def loss() -> torch.Tensor:
-        pairs = fn(fd.state(t) if teacher_state is None else teacher_state, fd.state(s), x)
-        return step_loss(pairs, pairs[-1].student, y)
-
-    return Style(loss, (s,))
+    return _fd_style(case, case.mapping(case.teacher, case.student), teacher_state, **distill_kwargs)
 
 
 def funcdistill_grad_step(case: Case) -> Callable[[], None]:
@@ -268,12 +305,5 @@ def truncated_funcdistill_loss(case: Case, stop_after: str, *, truncate: bool = 
     support = features.truncate_support()
     if truncate and support is not True:
         return str(support)
-    t, s, x, y = case.teacher, case.student, case.x, case.y
     kwargs = {"truncate": truncate} if support is True else {}
-    fn = fd.distill(t, s, truncated_mapping(case, stop_after), **kwargs)
-
-    def loss() -> torch.Tensor:
-        pairs = fn(fd.state(t), fd.state(s), x)
-        return step_loss(pairs, pairs[-1].student, y)
-
-    return Style(loss, (s,))
+    return _fd_style(case, truncated_mapping(case, stop_after), **kwargs)

@@ -64,7 +64,7 @@ def test_a_teacher_with_grad_is_counted(make):
 def test_truncated_step_saves_what_the_hand_written_truncated_step_saves():
     case = tiny_cnn_case()
     fd_loss = S.truncated_funcdistill_loss(case, "layer2").loss
-    fd_loss()  # the first call checks the mapping with a full teacher forward
+    fd_loss()  # a first call, so that any one-off check is not counted
     got = costs.saved_bytes(fd_loss, exclude=weights(case))
     ref = costs.saved_bytes(S.truncated_floor_loss(case, "layer2").loss, exclude=weights(case))
     assert got["total"] == ref["total"]
@@ -77,11 +77,12 @@ def test_truncated_teacher_flops_match_the_prefix():
         full = costs.flops(lambda: t(x))
         prefix = costs.flops(lambda: t.forward_features(x, stop_after="layer2"))
         student = costs.flops(lambda: s(x))
-    fn = fd.distill(t, s, S.truncated_mapping(case, "layer2"), truncate=True)
+    fn = fd.distill(t, s, S.truncated_mapping(case, "layer2"), truncate=True, mutable=False)
     first = costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student
     later = costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student
     assert prefix < 0.8 * full
-    assert first == full  # the checking call
+    # an eval-mode teacher is truncated from its first call (its check is a shape-only dry run)
+    assert abs(first / prefix - 1) <= 0.01
     assert abs(later / prefix - 1) <= 0.01
 
 
@@ -91,7 +92,7 @@ def test_truncation_is_off_when_the_output_is_mapped():
     with torch.no_grad():
         full = costs.flops(lambda: t(x))
         student = costs.flops(lambda: s(x))
-    fn = fd.distill(t, s, case.mapping(t, s), truncate=True)
+    fn = fd.distill(t, s, case.mapping(t, s), truncate=True, mutable=False)
     fn(fd.state(t), fd.state(s), x)
     assert costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student == full
 
@@ -128,7 +129,7 @@ def test_graph_break_counter_sees_a_break():
     assert found["graph_breaks"] == 1 and found["graphs"] == 2
 
 
-@pytest.mark.parametrize("module", ["costs", "features", "losses", "models", "report", "steps", "timing"])
+@pytest.mark.parametrize("module", ["calls", "costs", "features", "losses", "models", "report", "steps", "timing"])
 def test_benchmark_module_examples_run(module):
     import doctest
     import importlib
