@@ -230,13 +230,13 @@ class Capture:
         return self._main.module
 
     def run(
-        self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False,
+        self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False, report: bool = False,
     ) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor] | None, bool]:
         """Run the model on the ``given`` state.
 
         Returns its output (``None`` when truncated), the captured points, the
-        buffers it ran with (when ``buffers``), and whether training-mode
-        buffers were cloned for the call.
+        buffers it ran with (when ``buffers``), and (when ``report``) whether
+        the forward updated buffers that were cloned for the call.
         """
         compiling = torch.compiler.is_compiling()
         if compiling:
@@ -277,7 +277,8 @@ class Capture:
             captured[WHOLE] = output
         self._check(captured)
         used = self.spec.buffers(swaps, shadow.own) if buffers else None
-        return output, captured, used, cloned
+        updated = report and bool(cloned) and not compiling and self.spec.updated(swaps, cloned)
+        return output, captured, used, updated
 
     def _new_shadow(self) -> _Shadow:
         """This thread's first call: give it its own shadow."""

@@ -218,15 +218,17 @@ class DistillFn(Frozen):
         payload_state: dict[str, Any] = {}
         if self._payload_keys and isinstance(student_state, AbcMapping):
             payload_state, student_state = self._split(student_state)
-        keep = bool(self.mutable)
+        keep, report = bool(self.mutable), self.mutable is None
         if self.nograd_teacher:
             with torch.no_grad():
-                _, t_out, t_buffers, t_cloned = self._teacher.run(teacher_state, args, kwargs, buffers=keep)
+                _, t_out, t_buffers, t_dropped = self._teacher.run(
+                    teacher_state, args, kwargs, buffers=keep, report=report
+                )
         else:
-            _, t_out, t_buffers, t_cloned = self._teacher.run(teacher_state, args, kwargs, buffers=keep)
-        _, s_out, s_buffers, s_cloned = self._student.run(student_state, args, kwargs, buffers=keep)
-        if self.mutable is None and (t_cloned or s_cloned):
-            _warn_dropped_buffers(t_cloned, s_cloned)
+            _, t_out, t_buffers, t_dropped = self._teacher.run(teacher_state, args, kwargs, buffers=keep, report=report)
+        _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
+        if t_dropped or s_dropped:
+            _warn_dropped_buffers(t_dropped, s_dropped)
         if self.teacher_dtype is None and not self._bound:
             pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
         else:
@@ -236,7 +238,7 @@ class DistillFn(Frozen):
             ])
         if not keep:
             return pairs
-        return pairs, Buffers(t_buffers, s_buffers)
+        return pairs, Buffers(t_buffers or {}, s_buffers or {})
 
     def _split(self, student_state: AbcMapping[str, Any]) -> tuple[dict[str, Any], AbcMapping[str, Any]]:
         payload_state, rest = _payloads.split(student_state, self._payload_keys)

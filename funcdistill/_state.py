@@ -5,11 +5,13 @@ from __future__ import annotations
 import difflib
 import weakref
 from collections.abc import Mapping as AbcMapping
-from operator import eq, getitem, is_
+from itertools import repeat
+from operator import attrgetter, eq, getitem, is_
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from funcdistill import _payloads
 
@@ -46,12 +48,18 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"state() takes an nn.Module, got {type(module).__name__}.")
-    plan = _PLANS.get(module)
-    if plan is None or not plan.valid():
-        plan = _PLANS[module] = _Plan(module)
-    out = plan.parameters()
-    if buffers:
-        out.update(plan.buffers())
+    out: dict[str, torch.Tensor]
+    if torch.compiler.is_compiling():  # traced once: no plan (Dynamo would guard on the cache)
+        out = dict(module.named_parameters())
+        if buffers:
+            out.update(module.named_buffers())
+    else:
+        plan = _PLANS.get(module)
+        if plan is None or not plan.valid():
+            plan = _PLANS[module] = _Plan(module)
+        out = plan.parameters()
+        if buffers:
+            out.update(plan.buffers())
     if mapping is not None:
         for i, payload in _payloads.stateful_modules(mapping.payload()):
             for name, t in state(payload, buffers=buffers).items():
@@ -60,6 +68,7 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
 
 
 _NONE_ID = id(None)
+_SPEC = attrgetter("shape", "dtype", "device")
 
 
 class _Plan:
@@ -79,7 +88,7 @@ class _Plan:
         modules = _modules(root)
         self._child_tables: list[dict] = []
         self._child_keys: list[str] = []
-        self._children: list[nn.Module] = []
+        self._children: list[nn.Module | None] = []
         self._tables: list[dict] = []
         self._keysets: list[frozenset] = []
         for _, m in modules:
@@ -113,7 +122,9 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary(
 
 def _modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(prefix, module)`` in the order of ``named_modules()``, each module once."""
-    out, seen, stack = [], set(), [("", root)]
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
     while stack:
         prefix, m = stack.pop()
         if id(m) in seen:
@@ -164,7 +175,7 @@ class StateSpec:
 
     __slots__ = (
         "role", "model", "dtype", "clone_buffers", "live", "canonical", "tied", "buffer_owners",
-        "buffer_names", "ignored", "other", "_names", "_tables", "_attrs",
+        "buffer_names", "stat_buffers", "ignored", "other", "_names", "_tables", "_attrs",
     )
 
     def __init__(
@@ -193,6 +204,8 @@ class StateSpec:
         self.tied = {name: tuple(names) for names in groups.values() if len(names) > 1 for name in names}
         self.buffer_owners = [(n, self.live[n][0]) for n in self.live if is_buffer[n] and self.canonical[n] == n]
         self.buffer_names = [n for n in self.live if is_buffer[n]]
+        # buffers of the modules known to update them in training mode (BatchNorm and the like)
+        self.stat_buffers = frozenset(n for n, owner in self.buffer_owners if isinstance(owner, _NormBase))
         # the live tensor of each canonical name, as parallel lists for C-level checks
         self._names = [n for n in self.live if self.canonical[n] == n]
         self._tables = [self.live[n][1] for n in self._names]
@@ -204,14 +217,15 @@ class StateSpec:
         _, table, attr = self.live[name]
         return table[attr]
 
-    def swaps(self, given: Any, held: Any) -> tuple[dict[str, torch.Tensor], bool]:
+    def swaps(self, given: Any, held: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The entries to swap into a runner, by canonical name.
 
         ``held`` is what the runner holds: ``own`` (name -> tensor), ``own_list``
         (the tensors of :attr:`canonical` names, in order) and ``meta`` (the
         names it holds on the meta device).
 
-        Returns the swaps and whether a training-mode module's buffers were cloned.
+        Returns the swaps and the names of the training-mode modules' buffers
+        that were cloned for the call.
         """
         if not isinstance(given, AbcMapping):
             raise TypeError(
@@ -222,26 +236,46 @@ class StateSpec:
         swaps: dict[str, torch.Tensor] = {}
         if given:
             try:
-                for k, v in given.items():
-                    if own[k] is not v:
-                        swaps[k] = v
+                swaps = {k: v for k, v in given.items() if own[k] is not v}
             except (KeyError, TypeError):
                 given = self._known(given)
                 swaps = {k: v for k, v in given.items() if own[k] is not v}
-            if swaps:
+            if swaps and not self._all_fit(swaps, held):
+                swaps = self._checked(swaps, given)
+            elif self.tied:
                 swaps = self._checked(swaps, given)
         if len(given) < len(own):
             self._fill(given, held, swaps)
-        cloned = False
+        cloned = []
         if self.clone_buffers:
             for name, owner in self.buffer_owners:
                 if owner.training:
                     t = swaps.get(name)
                     swaps[name] = (own[name] if t is None else t).clone()
-                    cloned = True
+                    cloned.append(name)
         if self.dtype is not None:
             self._cast(own, swaps)
         return swaps, cloned
+
+    def updated(self, swaps: dict[str, torch.Tensor], cloned: list[str]) -> bool:
+        """Whether the forward wrote into any of the ``cloned`` buffers (then dropped unless returned)."""
+        for name in cloned:
+            t = swaps[name]
+            if t._version or (torch._C._functorch.is_functorch_wrapped_tensor(t) and name in self.stat_buffers):
+                return True  # a transform's wrapper keeps no version count: trust the module kind
+        return False
+
+    def _all_fit(self, swaps: dict[str, Any], held: Any) -> bool:
+        """The fast check: every swapped entry is a tensor like the runner's, which is the live model's."""
+        if torch.compiler.is_compiling():
+            return False  # the per-entry check traces as well as any
+        values = list(swaps.values())
+        refs = list(map(held.own.__getitem__, swaps))
+        return (
+            all(map(isinstance, values, repeat(torch.Tensor)))
+            and list(map(_SPEC, values)) == list(map(_SPEC, refs))
+            and all(map(is_, map(getitem, self._tables, self._attrs), held.own_list))
+        )
 
     def buffers(self, swaps: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The buffers a call ran with (updated in place by the forward), by every name."""
@@ -309,11 +343,11 @@ class StateSpec:
             if c in out and out[c] is not v:
                 problems.append(f"{k!r} is tied to {c!r} in the model, but the state gives them different tensors")
             out[c] = v
-        if self.tied:
-            for k, v in given.items():
-                c = canonical.get(k)
-                if c in out and out[c] is not v and k in self.tied:
-                    problems.append(f"{k!r} is tied to {c!r} in the model, but the state gives them different tensors")
+        for k, v in given.items() if self.tied else ():
+            if k in self.tied and canonical[k] in out and out[canonical[k]] is not v:
+                problems.append(
+                    f"{k!r} is tied to {canonical[k]!r} in the model, but the state gives them different tensors"
+                )
         if problems:
             raise ValueError(self._mismatch_message(problems, given))
         return out
@@ -368,7 +402,7 @@ class StateSpec:
             return ""
         return (
             f" This looks like the {other.role}'s state (its names and shapes are the "
-            f"{other.role}'s): teacher_state and student_state look swapped;"
+            f"{other.role}'s): teacher_state and student_state look swapped."
         )
 
     def _fits(self, given: AbcMapping) -> bool:
