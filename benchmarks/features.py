@@ -63,7 +63,7 @@ def torchdistill_hook_manager() -> Any:
     spec = importlib.util.find_spec("torchdistill")
     if spec is None or not spec.submodule_search_locations:
         return "torchdistill is not installed"
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     alias = "_benchmarks_torchdistill"
     for sub in ("", ".common", ".core"):
         pkg = types.ModuleType(alias + sub)

@@ -16,12 +16,21 @@ exactly the code ``forward`` runs, so FLOPs and saved tensors are comparable.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 __all__ = [
-    "BasicBlock", "MLP", "ResNetCifar", "mlp_student", "mlp_teacher", "n_params",
-    "resnet_student", "resnet_teacher", "tensor_stack",
+    "MLP",
+    "BasicBlock",
+    "ResNetCifar",
+    "mlp_student",
+    "mlp_teacher",
+    "n_params",
+    "resnet_student",
+    "resnet_teacher",
+    "tensor_stack",
 ]
 
 
@@ -108,7 +117,7 @@ class MLP(nn.Module):
     def __init__(self, sizes: list[int], *, num_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(sizes[-1], num_classes)

@@ -65,8 +65,7 @@ def unknown_name_message(
     if other is not None and name in point_names(other):
         msg += (
             f" {name!r} is a module of the {other_role}: teacher and student look "
-            "swapped (this API takes the teacher first, some releases of the "
-            "reference library take the student first)."
+            "swapped (Mapping.add and distill take the teacher first)."
         )
     if not close:
         shown = ", ".join(repr(n) for n in valid[:8])
@@ -112,7 +111,7 @@ def resolve(
         if other is not None and _qualified_name(other, point) is not None:
             msg += (
                 f" It belongs to the {'student' if role == 'teacher' else 'teacher'}:"
-                " teacher and student look swapped (this API takes the teacher first)."
+                " teacher and student look swapped (Mapping.add and distill take the teacher first)."
             )
         else:
             msg += " Pass a module of that model, or its qualified name as a string."

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, jacrev, stack_module_state, vmap
+from torch.func import grad, grad_and_value, jacrev, stack_module_state, vmap
 
 import funcdistill as fd
 from funcdistill import Mapping, distill, state
@@ -203,7 +203,7 @@ def test_mutable_returns_batchnorm_statistics(models):
     t.train(), s.train()
     x = image(4)
     before = snapshot(s)
-    pairs, buffers = distill(t, s, mutable=True)(state(t), state(s), x)
+    _, buffers = distill(t, s, mutable=True)(state(t), state(s), x)
     assert isinstance(buffers, fd.Buffers)
     assert_same_state(s, before)
     ref = copy.deepcopy(s)
@@ -337,7 +337,7 @@ def test_grad_and_value_vmap_over_stacked_students(models):
 
     grads, values = vmap(grad_and_value(lambda p, b: loss({**p, **b})))(params, buffers)
     for i, st in enumerate(students):
-        g, v = grad_and_value(lambda p: loss({**p, **dict(st.named_buffers())}))(state(st, buffers=False))
+        g, v = grad_and_value(lambda p, st=st: loss({**p, **dict(st.named_buffers())}))(state(st, buffers=False))
         torch.testing.assert_close(values[i], v)
         torch.testing.assert_close(grads["features.0.weight"][i], g["features.0.weight"])
 
@@ -456,7 +456,7 @@ def test_student_state_named_payloads_clashes():
     t = mlp((3, 6, 2))
     s = nn.Sequential()
     s.add_module("payloads", nn.ModuleList([Hint(6, 6)]))
-    with pytest.raises(ValueError, match="the student has state named 'payloads.0.adapter.bias'"):
+    with pytest.raises(ValueError, match=r"the student has state named 'payloads.0.adapter.bias'"):
         distill(t, s, Mapping(t, s).add("0", "payloads.0.adapter", payload=Hint(6, 6)))
 
 
@@ -471,7 +471,7 @@ def test_unknown_name_at_distill_time(models):
 
 def test_names_from_the_other_model_say_swapped():
     t, s = Net(width=4, depth=3), Net(width=4, depth=1)
-    with pytest.raises(ValueError, match="'features.3' is a module of the teacher: teacher and student look swapped"):
+    with pytest.raises(ValueError, match=r"'features.3' is a module of the teacher: teacher and student look swapped"):
         distill(t, s, Mapping().add("features.3", "features.3"))
 
 
@@ -490,7 +490,7 @@ def test_bad_arguments(models):
         distill(t, lambda x: x)
     with pytest.raises(ValueError, match="the same model was passed as teacher and student"):
         distill(t, t)
-    with pytest.raises(TypeError, match="mapping must be a funcdistill.Mapping, got list"):
+    with pytest.raises(TypeError, match=r"mapping must be a funcdistill.Mapping, got list"):
         distill(t, s, [("", "")])
     with pytest.raises(ValueError, match="the mapping is empty"):
         distill(t, s, Mapping())
@@ -534,12 +534,12 @@ def test_bad_states(models):
         fn([], state(s), image())
     wide = Net(width=4, depth=3)
     fn = distill(wide, s)
-    with pytest.raises(ValueError, match="student_state has 12 key\\(s\\) that are not parameters or buffers of the student Net: 'features.2.bn.bias'.*teacher_state and student_state look swapped"):
+    with pytest.raises(ValueError, match=r"student_state has 12 key\(s\) that are not parameters or buffers of the student Net: 'features.2.bn.bias'.*teacher_state and student_state look swapped"):
         fn(state(s), state(wide), image())
 
 
 def test_distill_fn_calling_itself_is_rejected():
-    t, s = mlp((2, 2)), mlp((2, 2))
+    s = mlp((2, 2))
     holder = {}
 
     class Recurse(nn.Module):

@@ -125,7 +125,7 @@ def test_names_without_models_are_accepted_unchecked():
 
 
 def test_bad_point_type_is_a_type_error(models):
-    with pytest.raises(TypeError, match="a teacher point must be a module name \\(str\\) or an nn.Module, got int"):
+    with pytest.raises(TypeError, match=r"a teacher point must be a module name \(str\) or an nn.Module, got int"):
         Mapping(*models).add(3, "head")
 
 
@@ -178,7 +178,7 @@ def test_torch_pytree_has_the_same_leaves():
     assert leaves[0] is m.payload()[0] and leaves[-1] == 2.0
     assert torch_pytree.tree_unflatten(leaves, spec) == m
     keyed, _ = torch_pytree.tree_flatten_with_path(m)
-    assert [k for k, _ in keyed][0] == (torch_pytree.SequenceKey(0),)
+    assert next(k for k, _ in keyed) == (torch_pytree.SequenceKey(0),)
 
 
 def test_vmap_accepts_a_mapping_of_tensor_weights():

@@ -252,5 +252,5 @@ def test_bf16_teacher_pairs_reach_the_loss_in_the_students_dtype(models):
 
 
 def test_teacher_dtype_must_be_floating(models):
-    with pytest.raises(TypeError, match="teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8"):
+    with pytest.raises(TypeError, match=r"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8"):
         distill(*models, teacher_dtype=torch.int8)
