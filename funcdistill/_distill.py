@@ -43,7 +43,7 @@ def distill(
     mutable: bool | None = None,
     truncate: bool = True,
     teacher_dtype: torch.dtype | None = None,
-) -> "DistillFn":
+) -> DistillFn:
     """Return a pure function that runs both models and pairs their outputs.
 
     The returned ``fn(teacher_state, student_state, *args, **kwargs)`` runs the
@@ -128,7 +128,7 @@ def distill(
 def distill_inplace(
     teacher: nn.Module, student: nn.Module, mapping: Mapping | None, *, nograd_teacher: bool = True,
     truncate: bool = True,
-) -> "DistillFn":
+) -> DistillFn:
     """A distill function whose training-mode modules update the buffers they run with, in place.
 
     For :mod:`funcdistill.compat` only, whose ``loss.backward()`` loops expect

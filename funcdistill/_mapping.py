@@ -80,7 +80,7 @@ class Mapping(Frozen):
         _init(self, teacher, student, (), ())
 
     @classmethod
-    def _build(cls, teacher, student, names, payloads) -> "Mapping":
+    def _build(cls, teacher, student, names, payloads) -> Mapping:
         new = object.__new__(cls)
         _init(new, teacher, student, tuple(names), tuple(payloads))
         return new
@@ -100,7 +100,7 @@ class Mapping(Frozen):
         """The ``(teacher_name, student_name)`` pairs, in order."""
         return self._names
 
-    def add(self, teacher_module: Any, student_module: Any, payload: Any = None) -> "Mapping":
+    def add(self, teacher_module: Any, student_module: Any, payload: Any = None) -> Mapping:
         """Return a new Mapping with one more pair; the original is unchanged.
 
         Args:
@@ -127,7 +127,7 @@ class Mapping(Frozen):
         """The payloads, in insertion order."""
         return list(self._payloads)
 
-    def replace(self, *, payloads: Any) -> "Mapping":
+    def replace(self, *, payloads: Any) -> Mapping:
         """Return a new Mapping with the same pairs and new payloads; the original is unchanged.
 
         Raises:
@@ -175,10 +175,10 @@ class Mapping(Frozen):
             )
         return f"Mapping({models}pairs=[{pairs}])"
 
-    def __copy__(self) -> "Mapping":
+    def __copy__(self) -> Mapping:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "Mapping":
+    def __deepcopy__(self, memo: dict) -> Mapping:
         # the models are referred to, not owned: a copy keeps them, unless they were
         # copied in the same deepcopy (a distill function, a checkpoint), then it takes the copies
         teacher, student = (memo.get(id(m), m) for m in (self._teacher, self._student))
