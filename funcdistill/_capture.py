@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import deque
+from operator import attrgetter
 from typing import Any, cast
 
 import torch
@@ -41,7 +43,7 @@ from torch.func import functional_call
 
 from funcdistill import _dryrun, _names
 from funcdistill._pytree import tree_leaves, tree_map
-from funcdistill._state import StateSpec
+from funcdistill._state import StateSpec, state
 
 __all__: list[str] = []
 
@@ -82,10 +84,16 @@ def shallow_clone(root: nn.Module) -> nn.Module:
     return clone(root)
 
 
+_TRAINING = attrgetter("training")
+
+
 class _Shadow:
     """One instrumented copy of a model, and the plan to run it on a given state."""
 
-    __slots__ = ("module", "sink", "stop", "counts", "lives", "shadows", "modes", "own", "own_list", "meta", "slots")
+    __slots__ = (
+        "module", "sink", "stop", "counts", "lives", "shadows", "modes", "own", "own_list", "meta",
+        "tables", "attrs", "aliases", "state_keys", "state_ids",
+    )
 
     def __init__(self, model: nn.Module, points: tuple[str, ...], role: str):
         self.sink: dict[str, Any] | None = None
@@ -118,9 +126,16 @@ class _Shadow:
             owner = self.module.get_submodule(prefix)
             table = owner._parameters if attr in owner._parameters else owner._buffers
             slots.setdefault(canonical, []).append((table, attr))
-        self.slots = {k: tuple(v) for k, v in slots.items()}
+        # first slot of each entry as two dicts, for C-level swaps; the other slots of tied entries
+        self.tables = {k: v[0][0] for k, v in slots.items()}
+        self.attrs = {k: v[0][1] for k, v in slots.items()}
+        self.aliases = {k: tuple(v[1:]) for k, v in slots.items() if len(v) > 1}
         self.own_list = [self.own[n] for n in spec._names]
         self.meta = [n for n in spec._names if self.own[n].is_meta]
+        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing
+        held = state(self.module)
+        self.state_keys = list(held)
+        self.state_ids = list(map(id, held.values()))
         return self
 
     def _hook(self, point: str, role: str, n_points: int):
@@ -147,7 +162,7 @@ class _Shadow:
 
     def sync_modes(self) -> bool:
         """Copy the live models' training flags; return whether any module is training."""
-        modes = [m.training for m in self.lives]
+        modes = [m.training for m in self.lives] if torch.compiler.is_compiling() else list(map(_TRAINING, self.lives))
         if modes != self.modes:
             for m, flag in zip(self.shadows, modes):
                 m.training = flag
@@ -160,17 +175,20 @@ class _Shadow:
             return self.module(*args, **kwargs)
         if torch.compiler.is_compiling():
             return functional_call(self.module, swaps, args, kwargs, tie_weights=True, strict=False)
-        slots = self.slots
+        tables = list(map(self.tables.__getitem__, swaps))
+        attrs = list(map(self.attrs.__getitem__, swaps))
+        aliases = [k for k in swaps if k in self.aliases] if self.aliases else ()
         try:
-            for name, t in swaps.items():
-                for table, attr in slots[name]:
-                    table[attr] = t
+            deque(map(dict.__setitem__, tables, attrs, swaps.values()), 0)
+            for k in aliases:  # the other names of tied entries
+                for table, attr in self.aliases[k]:
+                    table[attr] = swaps[k]
             return self.module(*args, **kwargs)
-        finally:
-            own = self.own
-            for name in swaps:
-                for table, attr in slots[name]:
-                    table[attr] = own[name]
+        finally:  # put the shadow's own tensors back
+            deque(map(dict.__setitem__, tables, attrs, map(self.own.__getitem__, swaps)), 0)
+            for k in aliases:
+                for table, attr in self.aliases[k]:
+                    table[attr] = self.own[k]
 
 
 

@@ -69,6 +69,7 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
 
 _NONE_ID = id(None)
 _SPEC = attrgetter("shape", "dtype", "device")
+_TRAINING = attrgetter("training")
 
 
 class _Plan:
@@ -175,7 +176,7 @@ class StateSpec:
 
     __slots__ = (
         "role", "model", "dtype", "clone_buffers", "live", "canonical", "tied", "buffer_owners",
-        "buffer_names", "stat_buffers", "ignored", "other", "_names", "_tables", "_attrs",
+        "buffer_names", "stat_buffers", "ignored", "other", "_names", "_tables", "_attrs", "_buffer_modules",
     )
 
     def __init__(
@@ -204,6 +205,7 @@ class StateSpec:
         self.tied = {name: tuple(names) for names in groups.values() if len(names) > 1 for name in names}
         self.buffer_owners = [(n, self.live[n][0]) for n in self.live if is_buffer[n] and self.canonical[n] == n]
         self.buffer_names = [n for n in self.live if is_buffer[n]]
+        self._buffer_modules = list({id(owner): owner for _, owner in self.buffer_owners}.values())
         # buffers of the modules known to update them in training mode (BatchNorm and the like)
         self.stat_buffers = frozenset(n for n, owner in self.buffer_owners if isinstance(owner, _NormBase))
         # the live tensor of each canonical name, as parallel lists for C-level checks
@@ -234,7 +236,9 @@ class StateSpec:
             )
         own = held.own
         swaps: dict[str, torch.Tensor] = {}
-        if given:
+        if given and not torch.compiler.is_compiling() and list(map(id, given.values())) == held.state_ids and list(given) == held.state_keys:
+            pass  # funcdistill.state(model) itself: the runner holds every one of these tensors
+        elif given:
             try:
                 swaps = {k: v for k, v in given.items() if own[k] is not v}
             except (KeyError, TypeError):
@@ -247,7 +251,7 @@ class StateSpec:
         if len(given) < len(own):
             self._fill(given, held, swaps)
         cloned = []
-        if self.clone_buffers:
+        if self.clone_buffers and self.buffer_owners and self._any_training():
             for name, owner in self.buffer_owners:
                 if owner.training:
                     t = swaps.get(name)
@@ -256,6 +260,11 @@ class StateSpec:
         if self.dtype is not None:
             self._cast(own, swaps)
         return swaps, cloned
+
+    def _any_training(self) -> bool:
+        if torch.compiler.is_compiling():
+            return any(owner.training for owner in self._buffer_modules)
+        return any(map(_TRAINING, self._buffer_modules))
 
     def updated(self, swaps: dict[str, torch.Tensor], cloned: list[str]) -> bool:
         """Whether the forward wrote into any of the ``cloned`` buffers (then dropped unless returned)."""

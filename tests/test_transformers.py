@@ -121,3 +121,29 @@ def test_main_prints_pairs_and_losses(capsys):
 def test_build_models_rejects_odd_depth():
     with pytest.raises(ValueError, match=r"teacher_layers must be even and >= 2 .*got 3"):
         ex.build_models(teacher_layers=3)
+
+
+def test_an_eval_bert_teacher_is_truncated_from_its_first_call():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertModel
+
+    def config(layers):
+        return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64)
+
+    torch.manual_seed(0)
+    t, s = BertModel(config(4)).eval(), BertModel(config(2)).eval()
+    m = fd.Mapping(t, s).add("encoder.layer.1", "encoder.layer.0")
+    inputs = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+
+    def flops(f):
+        with FlopCounterMode(display=False) as counter:
+            f()
+        return counter.get_total_flops()
+
+    fn = fd.distill(t, s, m)
+    student = flops(lambda: s(**inputs))
+    full = flops(lambda: t(**inputs))
+    calls = [flops(lambda: fn(fd.state(t), fd.state(s), **inputs)) - student for _ in range(3)]
+    assert calls[0] == calls[1] == calls[2] < 0.6 * full  # two of four layers, from the first call on
+    ref = fd.distill(t, s, m, truncate=False)(fd.state(t), fd.state(s), **inputs)
+    torch.testing.assert_close(fn(fd.state(t), fd.state(s), **inputs)[0].teacher, ref[0].teacher)

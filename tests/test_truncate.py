@@ -254,3 +254,23 @@ def test_bf16_teacher_pairs_reach_the_loss_in_the_students_dtype(models):
 def test_teacher_dtype_must_be_floating(models):
     with pytest.raises(TypeError, match=r"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8"):
         distill(*models, teacher_dtype=torch.int8)
+
+
+def test_truncated_under_vmap_and_grad_from_the_first_call(models):
+    t, s = models
+    m = Mapping(t, s).add("features.1", "features.0")
+    fn, ref = distill(t, s, m), distill(t, s, m, truncate=False)
+    xs = torch.stack([image(2) for _ in range(3)])
+
+    def loss(f, ss, x):
+        (p,) = f(state(t), ss, x)
+        return (p.teacher[:, :4] - p.student).pow(2).mean()
+
+    step = vmap(grad(lambda ss, x: loss(fn, ss, x)), in_dims=(None, 0))
+    full_step = vmap(grad(lambda ss, x: loss(ref, ss, x)), in_dims=(None, 0))
+    params = state(s, buffers=False)
+    skipped = (flops(t, xs[0]) - flops(nn.Sequential(*t.features[:2]), xs[0])) * 3  # after features.1, per sample
+    assert flops(step, params, xs) == flops(full_step, params, xs) - skipped  # already on the first call
+    got, want = step(params, xs), full_step(params, xs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
