@@ -240,7 +240,7 @@ class Capture:
         self._verdicts: dict[tuple, str] = {}
         self._dry_lock = threading.Lock()
         self._dry: _Shadow | None = None
-        self._traced_verdict = torch._dynamo.assume_constant_result(lambda sig: self._verdict_for(sig))
+        self._traced_verdict = constant_under_compile(lambda sig: self._verdict_for(sig))
 
     @property
     def run_module(self) -> nn.Module:
@@ -412,6 +412,18 @@ class Capture:
                         "output is a tensor or a tuple/list/dict of tensors (None "
                         "entries are allowed)."
                     )
+
+
+def constant_under_compile(fn: Any) -> Any:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does, without importing Dynamo.
+
+    Dynamo then calls ``fn`` at trace time and puts its result in the graph as a
+    constant. Importing Dynamo takes about two seconds, which eager-only users
+    (and every DataLoader worker) would pay on their first ``distill``; the
+    marker is the attribute the public function sets (a test checks they agree).
+    """
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def _tensor_leaves(sig: Any):

@@ -274,3 +274,24 @@ def test_truncated_under_vmap_and_grad_from_the_first_call(models):
     got, want = step(params, xs), full_step(params, xs)
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_the_compile_constant_marker_is_the_one_torch_sets():
+    import subprocess
+    import sys
+
+    from funcdistill._capture import constant_under_compile
+
+    def ours():
+        return 0
+
+    def public():
+        return 0
+
+    before = set(vars(ours))
+    constant_under_compile(ours)
+    torch.compiler.assume_constant_result(public)
+    assert set(vars(ours)) - before == set(vars(public)) - before == {"_dynamo_marked_constant"}
+    code = "import sys, torch, funcdistill as fd; fd.distill(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # building a distill function does not import Dynamo
