@@ -76,9 +76,7 @@ class ResNetCifar(nn.Module):
 
     def __init__(self, width: int = 64, *, num_classes: int = 10, blocks: int = 2):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         chans = [width, width * 2, width * 4, width * 8]
         in_ch = width
         for i, ch in enumerate(chans):

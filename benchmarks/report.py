@@ -108,9 +108,7 @@ def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, 
     """The tables as Markdown, under a heading and a line describing the machine."""
     h = "#" * level
     lines = [f"{h} {heading}", ""]
-    lines.append(
-        "Machine: " + ", ".join(f"{k} `{v}`" for k, v in info.items()) + "."
-    )
+    lines.append("Machine: " + ", ".join(f"{k} `{v}`" for k, v in info.items()) + ".")
     busy = busy_note(info)
     if busy:
         lines += ["", busy]
@@ -127,7 +125,9 @@ def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, 
     return "\n".join(lines)
 
 
-def write(sections: list[Section], info: dict[str, Any], config: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
+def write(
+    sections: list[Section], info: dict[str, Any], config: dict[str, Any], out: Path, stem: str
+) -> tuple[Path, Path]:
     """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     data = {"machine": info, "config": config, "sections": [asdict(s) for s in sections]}

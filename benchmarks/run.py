@@ -76,15 +76,27 @@ enough.)
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, CNN batch 8 only (both CNN pairs), no torch.compile")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for <device>.md/.json")
+    parser.add_argument(
+        "--quick", action="store_true", help="few rounds, CNN batch 8 only (both CNN pairs), no torch.compile"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for <device>.md/.json"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="also write the docs page here (default: docs/benchmarks.md after a full run into the default --out)")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also write the docs page here (default: docs/benchmarks.md after a full run into the default --out)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and running order")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="measure nothing: rewrite the Markdown (and --docs page) from a results JSON")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: rewrite the Markdown (and --docs page) from a results JSON",
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")

@@ -33,10 +33,21 @@ from benchmarks import features
 from benchmarks.losses import kd_loss, similarity_loss, step_loss
 
 __all__ = [
-    "Case", "Style", "compat_loss", "floor_loss", "forgotten_nograd_loss",
-    "full_teacher_truncated_loss", "funcdistill_grad_step", "funcdistill_loss", "hooks_loss",
-    "student_alone_loss", "torchdistill_loss", "trains_buffers", "truncated_floor_loss",
-    "truncated_funcdistill_loss", "truncated_mapping",
+    "Case",
+    "Style",
+    "compat_loss",
+    "floor_loss",
+    "forgotten_nograd_loss",
+    "full_teacher_truncated_loss",
+    "funcdistill_grad_step",
+    "funcdistill_loss",
+    "hooks_loss",
+    "student_alone_loss",
+    "torchdistill_loss",
+    "trains_buffers",
+    "truncated_floor_loss",
+    "truncated_funcdistill_loss",
+    "truncated_mapping",
 ]
 
 LossFn = Callable[[], torch.Tensor]
@@ -52,8 +63,9 @@ class Case:
             ``points`` entry before the logits when ``None``).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 *, point: str | None = None):
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor, *, point: str | None = None
+    ):
         self.teacher = teacher.eval()
         self.student = student.train()
         self.x, self.y = x, y

@@ -26,8 +26,14 @@ from benchmarks.report import Section
 from benchmarks.timing import paired_rounds, ratio
 
 __all__ = [
-    "Config", "compile_section", "flops_section", "precision_section", "saved_bytes_section",
-    "timing_section", "truncation_section", "vmap_section",
+    "Config",
+    "compile_section",
+    "flops_section",
+    "precision_section",
+    "saved_bytes_section",
+    "timing_section",
+    "truncation_section",
+    "vmap_section",
 ]
 
 STOP_AFTER = "layer2"  # the truncation point: stage 2 of 4
@@ -65,9 +71,13 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "quick": self.quick, "device": self.device, "seed": self.seed,
-            "cnn_batches": list(self.cnn_batches), "big_batch": self.big_batch,
-            "mlp_batch": self.mlp_batch, "vmap_ks": list(self.vmap_ks),
+            "quick": self.quick,
+            "device": self.device,
+            "seed": self.seed,
+            "cnn_batches": list(self.cnn_batches),
+            "big_batch": self.big_batch,
+            "mlp_batch": self.mlp_batch,
+            "vmap_ks": list(self.vmap_ks),
         }
 
 
@@ -90,7 +100,11 @@ def _cnn_case(batch: int, cfg: Config, widths: tuple[int, int] | None = None) ->
     dev = cfg.device
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
-    t, s = (resnet_teacher(), resnet_student()) if widths is None else (resnet_teacher(widths[0]), resnet_student(widths[1]))
+    t, s = (
+        (resnet_teacher(), resnet_student())
+        if widths is None
+        else (resnet_teacher(widths[0]), resnet_student(widths[1]))
+    )
     return S.Case(t.to(dev), s.to(dev), x, y, point="layer2")
 
 
@@ -110,8 +124,16 @@ def _runnable(style: Any) -> Callable[[], None] | str:
     return style
 
 
-def _measure(sec: Section, scenario: str, styles: dict[str, Any], reference: str, cfg: Config,
-             kind: str, targets: dict[str, float], extra: Callable[[dict], dict] | None = None) -> dict:
+def _measure(
+    sec: Section,
+    scenario: str,
+    styles: dict[str, Any],
+    reference: str,
+    cfg: Config,
+    kind: str,
+    targets: dict[str, float],
+    extra: Callable[[dict], dict] | None = None,
+) -> dict:
     """Time the runnable styles together; add a row per style to ``sec``."""
     runnable = {name: _runnable(s) for name, s in styles.items()}
     timed = {name: fn for name, fn in runnable.items() if not isinstance(fn, str)}
@@ -122,10 +144,15 @@ def _measure(sec: Section, scenario: str, styles: dict[str, Any], reference: str
             sec.add(scenario=scenario, style=name, note=f"skipped: {fn}")
             continue
         r = ratio(times, name, reference)
-        row = dict(scenario=scenario, style=name, ratio=_fmt(r), median=r["median"],
-                   target=f"<= {targets[name]:.2f}" if name in targets else "",
-                   met=_met(r["median"], targets.get(name)),
-                   reference_ms=round(1000 * sorted(times[reference])[len(times[reference]) // 2], 3))
+        row = dict(
+            scenario=scenario,
+            style=name,
+            ratio=_fmt(r),
+            median=r["median"],
+            target=f"<= {targets[name]:.2f}" if name in targets else "",
+            met=_met(r["median"], targets.get(name)),
+            reference_ms=round(1000 * sorted(times[reference])[len(times[reference]) // 2], 3),
+        )
         if extra:
             row.update(extra({"times": times, "name": name}))
         sec.add(**row)
@@ -141,7 +168,9 @@ def _check_losses(sec: Section, scenario: str, styles: dict[str, Any], reference
                 warnings.simplefilter("always")
                 value = style.loss().detach()
             if not torch.allclose(value, ref, rtol=1e-4, atol=1e-5):
-                sec.notes.append(f"{scenario}: {name} computes loss {float(value):.6f}, the reference {float(ref):.6f}.")
+                sec.notes.append(
+                    f"{scenario}: {name} computes loss {float(value):.6f}, the reference {float(ref):.6f}."
+                )
             for w in {str(w.message): w for w in caught}.values():
                 sec.notes.append(f"{scenario}: {name} warns ({w.category.__name__}: {str(w.message)[:200]}).")
 
@@ -257,8 +286,11 @@ def flops_section(cfg: Config) -> Section:
     sec.add(what="teacher, full forward", flops=full, x_prefix=round(full / prefix, 3))
     sec.add(what=f"teacher prefix up to {STOP_AFTER!r} (hand-written)", flops=prefix, x_prefix=1.0)
     sec.add(what="student forward", flops=student)
-    sec.add(what="floor step, forward + backward of both", flops=step_total,
-            note=f"the teacher is {100 * full / step_total:.0f}% of it")
+    sec.add(
+        what="floor step, forward + backward of both",
+        flops=step_total,
+        note=f"the teacher is {100 * full / step_total:.0f}% of it",
+    )
     mapping = S.truncated_mapping(case, STOP_AFTER)
     support = features.truncate_support()
     # mutable=False: the student's training-mode BatchNorm updates are not needed here
@@ -272,8 +304,13 @@ def flops_section(cfg: Config) -> Section:
         fn = fd.distill(t, s, mapping, truncate=True, mutable=False)
         for which in ("first call", "later calls"):
             trunc = costs.flops(lambda: fn(fd.state(t), fd.state(s), x)) - student
-            sec.add(what=f"{name}, {which}", flops=trunc, x_prefix=round(trunc / prefix, 3), target="within 1%",
-                    met="yes" if abs(trunc / prefix - 1) <= 0.01 else "no")
+            sec.add(
+                what=f"{name}, {which}",
+                flops=trunc,
+                x_prefix=round(trunc / prefix, 3),
+                target="within 1%",
+                met="yes" if abs(trunc / prefix - 1) <= 0.01 else "no",
+            )
     return sec
 
 
@@ -312,9 +349,16 @@ def saved_bytes_section(cfg: Config) -> Section:
                 # its loss has no logits pair: compare with the hand-written truncated step
                 ref = costs.saved_bytes(S.truncated_floor_loss(case, STOP_AFTER).loss, exclude=weights)
                 teacher = got["total"] - ref["total"]
-            sec.add(case=label, what=what, total=got["total"], activations=got["activations"],
-                    x_student_alone=round(got["total"] / alone["total"], 2), teacher_bytes=teacher,
-                    target=target and f"teacher {target}", met=_met(teacher, 0) if target else "")
+            sec.add(
+                case=label,
+                what=what,
+                total=got["total"],
+                activations=got["activations"],
+                x_student_alone=round(got["total"] / alone["total"], 2),
+                teacher_bytes=teacher,
+                target=target and f"teacher {target}",
+                met=_met(teacher, 0) if target else "",
+            )
     sec.notes.append(
         "The funcdistill rows' `activations` exceed the floor's by the student's BatchNorm running "
         "statistics: in training mode they are cloned (the caller's buffers are never updated in "
@@ -324,8 +368,9 @@ def saved_bytes_section(cfg: Config) -> Section:
     return sec
 
 
-def _vmap_group(sec: Section, label: str, k: int, case: S.Case, students: list, cfg: Config,
-                kind: str, limit: float | None) -> None:
+def _vmap_group(
+    sec: Section, label: str, k: int, case: S.Case, students: list, cfg: Config, kind: str, limit: float | None
+) -> None:
     """Rows for K students of ``case`` trained in one step: two loops and one vmap."""
     t, x, y = case.teacher, case.x, case.y
     fn = fd.distill(t, students[0], case.mapping(t, students[0]), mutable=True)
@@ -338,8 +383,10 @@ def _vmap_group(sec: Section, label: str, k: int, case: S.Case, students: list, 
     grad = torch.func.grad(loss, has_aux=True)
     params, buffers = torch.func.stack_module_state(students)
     stacked = [{n: v.detach() for n, v in params.items()}, {n: v.clone() for n, v in buffers.items()}]
-    each = [[{n: v.detach() for n, v in st.named_parameters()}, {n: v.clone() for n, v in st.named_buffers()}]
-            for st in students]
+    each = [
+        [{n: v.detach() for n, v in st.named_parameters()}, {n: v.clone() for n, v in st.named_buffers()}]
+        for st in students
+    ]
     vgrad = torch.func.vmap(grad, in_dims=(0, 0, None, None))
 
     def hand_loop() -> None:
@@ -370,8 +417,11 @@ def _vmap_group(sec: Section, label: str, k: int, case: S.Case, students: list, 
         b = ratio(times, name, "funcdistill loop")
         row = dict(students=label, K=k, style=name, vs_handwritten_loop=_fmt(a), vs_funcdistill_loop=_fmt(b))
         if name == "funcdistill vmap":
-            row.update(target=f"<= {limit:.2f} x loop" if limit else "", met=_met(b["median"], limit),
-                       note=f"max |grad(vmap) - grad(loop)| = {diff:.1e}")
+            row.update(
+                target=f"<= {limit:.2f} x loop" if limit else "",
+                met=_met(b["median"], limit),
+                note=f"max |grad(vmap) - grad(loop)| = {diff:.1e}",
+            )
         sec.add(**row)
 
 
@@ -435,12 +485,21 @@ def compile_section(cfg: Config) -> Section:
     t_state = {n: v.detach() for n, v in fd.state(t).items()}
     explained = costs.graph_breaks(step, params, t_state, x, y)
     sec.add(what="graphs", value=explained["graphs"], target="1", met="yes" if explained["graphs"] == 1 else "no")
-    sec.add(what="graph breaks", value=explained["graph_breaks"], target="0",
-            met="yes" if explained["graph_breaks"] == 0 else "no", note="; ".join(explained["reasons"])[:300])
+    sec.add(
+        what="graph breaks",
+        value=explained["graph_breaks"],
+        target="0",
+        met="yes" if explained["graph_breaks"] == 0 else "no",
+        note="; ".join(explained["reasons"])[:300],
+    )
     truncated = _truncated_step_breaks(case)
-    sec.add(what="graph breaks, truncated teacher (after its checking call)", value=truncated["graph_breaks"],
-            target="0", met="yes" if truncated["graph_breaks"] == 0 else "no",
-            note="; ".join(truncated["reasons"])[:300])
+    sec.add(
+        what="graph breaks, truncated teacher (after its checking call)",
+        value=truncated["graph_breaks"],
+        target="0",
+        met="yes" if truncated["graph_breaks"] == 0 else "no",
+        note="; ".join(truncated["reasons"])[:300],
+    )
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     import torch._inductor.config as inductor_config
@@ -452,11 +511,14 @@ def compile_section(cfg: Config) -> Section:
     except Exception as exc:  # noqa: BLE001 - reported in the table
         sec.add(what="compile", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
         return sec
-    sec.add(what="compile time (s)", value=round(time.perf_counter() - start, 1),
-            note="first call, compile caches disabled")
+    sec.add(
+        what="compile time (s)", value=round(time.perf_counter() - start, 1), note="first call, compile caches disabled"
+    )
     g_e, v_e = step(params, t_state, x, y)
     diff = max(float((g_c[n] - g_e[n]).abs().max()) for n in g_e)
-    sec.add(what="max |grad compiled - grad eager|", value=f"{diff:.1e}", note=f"loss {float(v_c):.6f} vs {float(v_e):.6f}")
+    sec.add(
+        what="max |grad compiled - grad eager|", value=f"{diff:.1e}", note=f"loss {float(v_c):.6f} vs {float(v_e):.6f}"
+    )
     styles = {
         FLOOR: S.floor_loss(case).step,
         "funcdistill grad step, eager": lambda: step(params, t_state, x, y),
@@ -467,7 +529,9 @@ def compile_section(cfg: Config) -> Section:
     for name in list(styles)[1:]:
         r = ratio(times, name, FLOOR)
         lim = 1.0 if name.endswith("compiled") else None
-        sec.add(what=f"{name} / eager floor", value=_fmt(r), target="<= 1.00" if lim else "", met=_met(r["median"], lim))
+        sec.add(
+            what=f"{name} / eager floor", value=_fmt(r), target="<= 1.00" if lim else "", met=_met(r["median"], lim)
+        )
     torch._dynamo.reset()
     return sec
 

@@ -33,8 +33,18 @@ import funcdistill as fd
 from funcdistill.losses import CosineLoss, hint_adapter, kd_loss
 
 __all__ = [
-    "History", "LayerCosine", "Models", "build_mapping", "build_models", "hidden_state",
-    "logits_kd", "main", "objective", "pair_losses", "random_batch", "train",
+    "History",
+    "LayerCosine",
+    "Models",
+    "build_mapping",
+    "build_models",
+    "hidden_state",
+    "logits_kd",
+    "main",
+    "objective",
+    "pair_losses",
+    "random_batch",
+    "train",
 ]
 
 
@@ -132,9 +142,7 @@ def build_mapping(models: Models, *, temperature: float = 2.0) -> fd.Mapping:
         (('', ''), ('bert.encoder.layer.1', 'bert.encoder.layer.0'), ('bert.encoder.layer.3', 'bert.encoder.layer.1'))
     """
     teacher, student = models.teacher, models.student
-    mapping = fd.Mapping(teacher, student).add(
-        "", "", payload=functools.partial(logits_kd, temperature=temperature)
-    )
+    mapping = fd.Mapping(teacher, student).add("", "", payload=functools.partial(logits_kd, temperature=temperature))
     for k in range(student.config.num_hidden_layers):
         adapter = hint_adapter(models.student_hidden, models.teacher_hidden, ndim=3)
         mapping = mapping.add(
@@ -157,7 +165,9 @@ def objective(
     return sum(loss(t, s) for t, s, loss in pairs)
 
 
-def random_batch(models: Models, *, batch: int = 8, length: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    models: Models, *, batch: int = 8, length: int = 16, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids and an attention mask with some padding at the end."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, models.vocab_size, (batch, length), generator=g)
@@ -215,7 +225,12 @@ def main(argv: list[str] | None = None) -> History:
     fn = fd.distill(models.teacher, models.student, mapping)
     input_ids, attention_mask = random_batch(models)
     with torch.no_grad():
-        pairs = fn(fd.state(models.teacher), fd.state(models.student, mapping), input_ids=input_ids, attention_mask=attention_mask)
+        pairs = fn(
+            fd.state(models.teacher),
+            fd.state(models.student, mapping),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+        )
     whole = pairs[0].teacher
     leaves, _ = torch.utils._pytree.tree_flatten(whole)
     print(f"pair 0: '' -> {type(whole).__name__} {list(whole.keys())}, a pytree with {len(leaves)} leaf")
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> History:
         print(f"pair {i} ({kind}): {b:.4f} -> {a:.4f}")
     print(f"total: {history.losses[0]:.4f} -> {sum(after):.4f} after {len(history.losses)} steps")
     return history
+
 
 if __name__ == "__main__":
     main()

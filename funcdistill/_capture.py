@@ -91,8 +91,21 @@ class _Shadow:
     """One instrumented copy of a model, and the plan to run it on a given state."""
 
     __slots__ = (
-        "module", "sink", "stop", "counts", "lives", "shadows", "modes", "own", "own_list", "meta",
-        "tables", "attrs", "aliases", "state_keys", "state_ids",
+        "module",
+        "sink",
+        "stop",
+        "counts",
+        "lives",
+        "shadows",
+        "modes",
+        "own",
+        "own_list",
+        "meta",
+        "tables",
+        "attrs",
+        "aliases",
+        "state_keys",
+        "state_ids",
     )
 
     def __init__(self, model: nn.Module, points: tuple[str, ...], role: str):
@@ -191,7 +204,6 @@ class _Shadow:
                     table[attr] = self.own[k]
 
 
-
 def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
     """A GraphModule like ``module`` (a shadow of one) with an identity tap after each named node."""
     from torch.fx import Graph, GraphModule
@@ -221,8 +233,14 @@ class Capture:
     """
 
     def __init__(
-        self, model: nn.Module, points: tuple[str, ...], role: str, *,
-        truncate: bool = False, clone_buffers: bool = True, dtype: torch.dtype | None = None,
+        self,
+        model: nn.Module,
+        points: tuple[str, ...],
+        role: str,
+        *,
+        truncate: bool = False,
+        clone_buffers: bool = True,
+        dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.role = role
@@ -248,7 +266,13 @@ class Capture:
         return self._main.module
 
     def run(
-        self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False, report: bool = False,
+        self,
+        given: Any,
+        args: tuple,
+        kwargs: dict,
+        *,
+        buffers: bool = False,
+        report: bool = False,
     ) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor] | None, bool]:
         """Run the model on the ``given`` state.
 
@@ -324,9 +348,7 @@ class Capture:
             if counts is None:
                 verdict = _dryrun.FULL
             else:
-                verdict = next(
-                    (self._repeat_message(p, n) for p, n in counts.items() if n > 1), _dryrun.TRUNCATE
-                )
+                verdict = next((self._repeat_message(p, n) for p, n in counts.items() if n > 1), _dryrun.TRUNCATE)
             if len(self._verdicts) >= _MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[sig] = verdict
@@ -371,9 +393,7 @@ class Capture:
 
     def _reraise(self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict) -> None:
         """Raise a clearer error than ``error`` when the inputs' dtype differs from the model's."""
-        state_dtype = next(
-            (t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None
-        )
+        state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None)
         input_dtype = next(
             (x.dtype for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()),
             None,

@@ -120,13 +120,22 @@ def distill(
         ['0.bias', '0.weight']
     """
     return DistillFn(
-        teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=mutable,
-        truncate=truncate, teacher_dtype=teacher_dtype,
+        teacher,
+        student,
+        mapping,
+        nograd_teacher=nograd_teacher,
+        mutable=mutable,
+        truncate=truncate,
+        teacher_dtype=teacher_dtype,
     )
 
 
 def distill_inplace(
-    teacher: nn.Module, student: nn.Module, mapping: Mapping | None, *, nograd_teacher: bool = True,
+    teacher: nn.Module,
+    student: nn.Module,
+    mapping: Mapping | None,
+    *,
+    nograd_teacher: bool = True,
     truncate: bool = True,
 ) -> DistillFn:
     """A distill function whose training-mode modules update the buffers they run with, in place.
@@ -137,8 +146,14 @@ def distill_inplace(
     Such a function is not pure, which is why :func:`distill` does not offer it.
     """
     return DistillFn(
-        teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=False,
-        truncate=truncate, teacher_dtype=None, inplace_buffers=True,
+        teacher,
+        student,
+        mapping,
+        nograd_teacher=nograd_teacher,
+        mutable=False,
+        truncate=truncate,
+        teacher_dtype=None,
+        inplace_buffers=True,
     )
 
 
@@ -146,8 +161,17 @@ class DistillFn(Frozen):
     """The pure function made by :func:`distill`; see there."""
 
     __slots__ = (
-        "mapping", "nograd_teacher", "mutable", "truncate", "teacher_dtype", "_inplace", "_teacher",
-        "_student", "_payload_keys", "_bound", "_plan",
+        "mapping",
+        "nograd_teacher",
+        "mutable",
+        "truncate",
+        "teacher_dtype",
+        "_inplace",
+        "_teacher",
+        "_student",
+        "_payload_keys",
+        "_bound",
+        "_plan",
     )
     _immutable_name = "a distill function"
     _immutable_hint = " Call distill() again for other settings."
@@ -164,7 +188,15 @@ class DistillFn(Frozen):
     _plan: tuple[tuple[str, str, Any], ...]
 
     def __init__(
-        self, teacher, student, mapping, *, nograd_teacher, mutable, truncate, teacher_dtype,
+        self,
+        teacher,
+        student,
+        mapping,
+        *,
+        nograd_teacher,
+        mutable,
+        truncate,
+        teacher_dtype,
         inplace_buffers=False,
     ):
         _check_models(teacher, student)
@@ -178,8 +210,14 @@ class DistillFn(Frozen):
         if mutable is not None and not isinstance(mutable, bool):
             raise TypeError(f"mutable must be True, False or None, got {mutable!r}.")
         clone = not inplace_buffers
-        t = Capture(teacher, tuple(t for t, _ in mapping.names) or ("",), "teacher",
-                    truncate=truncate, clone_buffers=clone, dtype=teacher_dtype)
+        t = Capture(
+            teacher,
+            tuple(t for t, _ in mapping.names) or ("",),
+            "teacher",
+            truncate=truncate,
+            clone_buffers=clone,
+            dtype=teacher_dtype,
+        )
         s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone)
         t.spec.other, s.spec.other = s.spec, t.spec
         bound = {
@@ -188,20 +226,37 @@ class DistillFn(Frozen):
             if state(payload)
         }
         init(
-            self, mapping=mapping, nograd_teacher=bool(nograd_teacher), mutable=mutable,
-            truncate=bool(truncate), teacher_dtype=teacher_dtype, _inplace=bool(inplace_buffers),
-            _teacher=t, _student=s, _bound=bound,
+            self,
+            mapping=mapping,
+            nograd_teacher=bool(nograd_teacher),
+            mutable=mutable,
+            truncate=bool(truncate),
+            teacher_dtype=teacher_dtype,
+            _inplace=bool(inplace_buffers),
+            _teacher=t,
+            _student=s,
+            _bound=bound,
             _plan=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
             _payload_keys=_payload_keys(bound, s),
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # the shadows, plans and verdicts are derived: a copy rebuilds them from the (copied) models
-        return (_rebuild, (
-            self._teacher.model, self._student.model, self.mapping,
-            {"nograd_teacher": self.nograd_teacher, "mutable": self.mutable, "truncate": self.truncate,
-             "teacher_dtype": self.teacher_dtype, "inplace_buffers": self._inplace},
-        ))
+        return (
+            _rebuild,
+            (
+                self._teacher.model,
+                self._student.model,
+                self.mapping,
+                {
+                    "nograd_teacher": self.nograd_teacher,
+                    "mutable": self.mutable,
+                    "truncate": self.truncate,
+                    "teacher_dtype": self.teacher_dtype,
+                    "inplace_buffers": self._inplace,
+                },
+            ),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -211,8 +266,11 @@ class DistillFn(Frozen):
         )
 
     def __call__(
-        self, teacher_state: AbcMapping[str, torch.Tensor], student_state: AbcMapping[str, torch.Tensor],
-        *args: Any, **kwargs: Any,
+        self,
+        teacher_state: AbcMapping[str, torch.Tensor],
+        student_state: AbcMapping[str, torch.Tensor],
+        *args: Any,
+        **kwargs: Any,
     ):
         _check_inputs(args, kwargs)
         payload_state: dict[str, Any] = {}
@@ -232,10 +290,12 @@ class DistillFn(Frozen):
         if self.teacher_dtype is None and not self._bound:
             pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
         else:
-            pairs = tuple([
-                Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
-                for i, (t, s, p) in enumerate(self._plan)
-            ])
+            pairs = tuple(
+                [
+                    Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
+                    for i, (t, s, p) in enumerate(self._plan)
+                ]
+            )
         if not keep:
             return pairs
         return pairs, Buffers(t_buffers or {}, s_buffers or {})
@@ -257,10 +317,7 @@ class DistillFn(Frozen):
     def _teacher_value(self, teacher_out: Any, student_out: Any) -> Any:
         if self.teacher_dtype is None:
             return teacher_out
-        dtypes = [
-            x.dtype for x in tree_leaves(student_out)
-            if isinstance(x, torch.Tensor) and x.is_floating_point()
-        ]
+        dtypes = [x.dtype for x in tree_leaves(student_out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
         return cast_floating(teacher_out, dtypes[0] if dtypes else torch.get_default_dtype())
 
     def _payload(self, i: int, payload: Any, payload_state: dict) -> Any:

@@ -101,7 +101,8 @@ def count_calls(
     try:  # outside any transform and dispatch mode of the call (a FLOP counter sees nothing)
         with _disable_current_modes(), torch._C._DisableFuncTorch(), torch.no_grad(), FakeTensorMode():
             fake_state = {
-                name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype, device) in state_specs.items()
+                name: torch.empty(shape, dtype=dtype, device=device)
+                for name, (shape, dtype, device) in state_specs.items()
             }
             args, kwargs = _decode(sig[0]), _decode(sig[1])
             return run(fake_state, args, kwargs)

@@ -68,10 +68,7 @@ class Mapping(Frozen):
     def __init__(self, teacher: nn.Module | None = None, student: nn.Module | None = None):
         for role, model in (("teacher", teacher), ("student", student)):
             if model is not None and not isinstance(model, nn.Module):
-                raise TypeError(
-                    f"Mapping({role}=...) must be an nn.Module or None, "
-                    f"got {type(model).__name__}."
-                )
+                raise TypeError(f"Mapping({role}=...) must be an nn.Module or None, got {type(model).__name__}.")
         if teacher is not None and teacher is student:
             raise ValueError(
                 "the same model was passed as teacher and student; distill from a "

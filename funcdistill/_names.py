@@ -52,9 +52,7 @@ def describe(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def unknown_name_message(
-    name: str, role: Role, model: nn.Module, other: nn.Module | None
-) -> str:
+def unknown_name_message(name: str, role: Role, model: nn.Module, other: nn.Module | None) -> str:
     """Say that ``name`` is not a point of ``model`` and how to fix it."""
     valid = point_names(model)
     msg = f"{role} {describe(model)} has no module or node named {name!r}."
@@ -74,9 +72,7 @@ def unknown_name_message(
     return msg
 
 
-def resolve(
-    point: Any, role: Role, model: nn.Module | None, other: nn.Module | None
-) -> str:
+def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | None) -> str:
     """Turn a name or a module reference into a validated point name.
 
     Args:
@@ -104,10 +100,7 @@ def resolve(
         found = _qualified_name(model, point)
         if found is not None:
             return found
-        msg = (
-            f"the {role} module {type(point).__name__} is not a submodule of the "
-            f"{role} {describe(model)}."
-        )
+        msg = f"the {role} module {type(point).__name__} is not a submodule of the {role} {describe(model)}."
         if other is not None and _qualified_name(other, point) is not None:
             msg += (
                 f" It belongs to the {'student' if role == 'teacher' else 'teacher'}:"
@@ -116,10 +109,7 @@ def resolve(
         else:
             msg += " Pass a module of that model, or its qualified name as a string."
         raise ValueError(msg)
-    raise TypeError(
-        f"a {role} point must be a module name (str) or an nn.Module, "
-        f"got {type(point).__name__}."
-    )
+    raise TypeError(f"a {role} point must be a module name (str) or an nn.Module, got {type(point).__name__}.")
 
 
 def _name_set(model: nn.Module) -> set[str]:

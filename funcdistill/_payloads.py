@@ -46,10 +46,12 @@ def split(student_state: AbcMapping[str, Any], keys: frozenset[str]) -> tuple[di
 def own_entries(index: int, payload_state: dict[str, Any]) -> dict[str, Any]:
     """The entries of payload ``index``, by the payload module's own names."""
     prefix = f"{PREFIX}.{index}."
-    return {k[len(prefix):]: v for k, v in payload_state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in payload_state.items() if k.startswith(prefix)}
 
 
-def missing_under_grad(student_state: AbcMapping[str, Any], payload_state: dict[str, Any], indices: list[int]) -> list[int]:
+def missing_under_grad(
+    student_state: AbcMapping[str, Any], payload_state: dict[str, Any], indices: list[int]
+) -> list[int]:
     """Payloads whose parameters a ``torch.func.grad`` call over the student state would freeze.
 
     When the student state holds tensors that ``torch.func.grad`` differentiates

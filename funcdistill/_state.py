@@ -175,13 +175,32 @@ class StateSpec:
     """
 
     __slots__ = (
-        "role", "model", "dtype", "clone_buffers", "live", "canonical", "tied", "buffer_owners",
-        "buffer_names", "stat_buffers", "ignored", "other", "_names", "_tables", "_attrs", "_buffer_modules",
+        "role",
+        "model",
+        "dtype",
+        "clone_buffers",
+        "live",
+        "canonical",
+        "tied",
+        "buffer_owners",
+        "buffer_names",
+        "stat_buffers",
+        "ignored",
+        "other",
+        "_names",
+        "_tables",
+        "_attrs",
+        "_buffer_modules",
     )
 
     def __init__(
-        self, role: str, model: nn.Module, run_module: nn.Module, *,
-        clone_buffers: bool = True, dtype: torch.dtype | None = None,
+        self,
+        role: str,
+        model: nn.Module,
+        run_module: nn.Module,
+        *,
+        clone_buffers: bool = True,
+        dtype: torch.dtype | None = None,
     ):
         self.role = role
         self.model = model
@@ -192,8 +211,10 @@ class StateSpec:
         self.live: dict[str, tuple[nn.Module, dict, str]] = {}
         groups: dict[int, list[str]] = {}
         is_buffer: dict[str, bool] = {}
-        for kind, items in (("_parameters", run_module.named_parameters(remove_duplicate=False)),
-                            ("_buffers", run_module.named_buffers(remove_duplicate=False))):
+        for kind, items in (
+            ("_parameters", run_module.named_parameters(remove_duplicate=False)),
+            ("_buffers", run_module.named_buffers(remove_duplicate=False)),
+        ):
             for name, t in items:
                 prefix, _, attr = name.rpartition(".")
                 owner = model.get_submodule(prefix)
@@ -236,7 +257,12 @@ class StateSpec:
             )
         own = held.own
         swaps: dict[str, torch.Tensor] = {}
-        if given and not torch.compiler.is_compiling() and list(map(id, given.values())) == held.state_ids and list(given) == held.state_keys:
+        if (
+            given
+            and not torch.compiler.is_compiling()
+            and list(map(id, given.values())) == held.state_ids
+            and list(given) == held.state_keys
+        ):
             pass  # funcdistill.state(model) itself: the runner holds every one of these tensors
         elif given:
             try:
@@ -382,10 +408,14 @@ class StateSpec:
             + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
             + "."
         )
-        return msg + self._swapped_hint(given) + (
-            f" Pass funcdistill.state({self.role}), or tensors with the model's shapes, dtypes and devices"
-            + (" (or teacher_dtype)" if self.dtype is not None else "")
-            + "; to change the model's dtype or device, convert the model (model.to(...))."
+        return (
+            msg
+            + self._swapped_hint(given)
+            + (
+                f" Pass funcdistill.state({self.role}), or tensors with the model's shapes, dtypes and devices"
+                + (" (or teacher_dtype)" if self.dtype is not None else "")
+                + "; to change the model's dtype or device, convert the model (model.to(...))."
+            )
         )
 
     def _unexpected_message(self, unexpected: list[str], given: AbcMapping) -> str:
@@ -400,10 +430,13 @@ class StateSpec:
         if close:
             msg += f" Did you mean {close[0]!r}?"
         hint = self._swapped_hint(given)
-        return msg + (hint or (
-            f" Pass funcdistill.state({self.role}); if these are the other model's "
-            "names, teacher_state and student_state look swapped."
-        ))
+        return msg + (
+            hint
+            or (
+                f" Pass funcdistill.state({self.role}); if these are the other model's "
+                "names, teacher_state and student_state look swapped."
+            )
+        )
 
     def _swapped_hint(self, given: AbcMapping) -> str:
         other = self.other

@@ -42,12 +42,14 @@ def cases(draw):
 
 def functional_step(teacher, student, mapping, x, nograd_teacher):
     """Pairs, loss, gradients and buffers from the pure function, on copies of the state."""
+
     def leaves(model, extra=None):
         return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in fd.state(model, extra).items()}
 
     t_state, s_state = leaves(teacher), leaves(student, mapping)
-    fn = fd.distill(teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=True,
-                    truncate=not teacher.training)  # as the shim does
+    fn = fd.distill(
+        teacher, student, mapping, nograd_teacher=nograd_teacher, mutable=True, truncate=not teacher.training
+    )  # as the shim does
     pairs, buffers = fn(t_state, s_state, x)
     loss = loss_of(pairs)
     wrt = {("student", k): v for k, v in s_state.items() if v.requires_grad}
@@ -77,8 +79,7 @@ def test_shim_equals_functional_core(case):
     f_pairs, f_loss, f_grads, f_buffers = functional_step(teacher, student, mapping, x, nograd_teacher)
 
     compat_mapping = Mapping.from_functional(mapping)
-    with distill(teacher=teacher, student=student, mapping=compat_mapping,
-                 nograd_teacher=nograd_teacher) as model:
+    with distill(teacher=teacher, student=student, mapping=compat_mapping, nograd_teacher=nograd_teacher) as model:
         pairs = model(x)
         loss = loss_of(pairs)
         loss.backward()
@@ -98,8 +99,10 @@ def test_shim_equals_functional_core(case):
         else:
             torch.testing.assert_close(got[key], want, msg=str(key))
 
-    live = {**{("teacher", k): b for k, b in teacher.named_buffers()},
-            **{("student", k): b for k, b in student.named_buffers()}}
+    live = {
+        **{("teacher", k): b for k, b in teacher.named_buffers()},
+        **{("student", k): b for k, b in student.named_buffers()},
+    }
     for role, updated in (("teacher", f_buffers.teacher), ("student", f_buffers.student)):
         for name, want in updated.items():
             torch.testing.assert_close(live[(role, name)], want, msg=f"{role} {name}")

@@ -73,8 +73,15 @@ EXAMPLE_GRAPH_LOOP = """\
 >>>     loss.backward()
 >>>     optimizer.step()
 """
-EXAMPLES = [IMPORTS, EXAMPLE_MAPPING, EXAMPLE_LOOP, EXAMPLE_PAYLOAD, EXAMPLE_GRAPH,
-            EXAMPLE_GRAPH_OPTIMIZER, EXAMPLE_GRAPH_LOOP]
+EXAMPLES = [
+    IMPORTS,
+    EXAMPLE_MAPPING,
+    EXAMPLE_LOOP,
+    EXAMPLE_PAYLOAD,
+    EXAMPLE_GRAPH,
+    EXAMPLE_GRAPH_OPTIMIZER,
+    EXAMPLE_GRAPH_LOOP,
+]
 
 
 def run(source: str, namespace: dict) -> None:
@@ -86,8 +93,7 @@ def unprompt(source: str) -> str:
 
 
 def namespace(teacher: nn.Module, student: nn.Module) -> dict:
-    ns = {"torch": torch, "nn": nn, "teacher": teacher, "student": student,
-          "RAdam": torch.optim.RAdam}
+    ns = {"torch": torch, "nn": nn, "teacher": teacher, "student": student, "RAdam": torch.optim.RAdam}
     run(IMPORTS.replace("enot.distillation", "funcdistill.compat"), ns)
     assert ns["distill"] is distill and ns["Mapping"] is Mapping
     return ns
@@ -135,7 +141,9 @@ def test_reference_mapping_and_training_loop():
     teacher_before, student_before = tensors(teacher), tensors(student)
     run(EXAMPLE_MAPPING, ns)
     assert ns["mapping"].names == (
-        ("features.3", "features.3"), ("features.5.conv", "features.5.conv"), ("features.7", "features.7")
+        ("features.3", "features.3"),
+        ("features.5.conv", "features.5.conv"),
+        ("features.7", "features.7"),
     )
     run(EXAMPLE_LOOP, ns)
     output, loss = ns["output"], ns["loss"]
@@ -183,8 +191,9 @@ def test_reference_graph_module_example():
     # features_5_conv_0_2 is a ReLU6 output
     assert output[2][1].min() >= 0 and output[2][1].max() <= 6
     assert isinstance(ns["optimizer"], torch.optim.RAdam)
-    check_trained(teacher, student, teacher_before, student_before,
-                  [*(f"features.{i}" for i in range(18)), "features.18.0"])
+    check_trained(
+        teacher, student, teacher_before, student_before, [*(f"features.{i}" for i in range(18)), "features.18.0"]
+    )
 
 
 # ---------------------------------------------------------------- Mapping
@@ -223,7 +232,10 @@ def test_mapping_from_functional_rejects_other_types():
 def test_mapping_unknown_name_suggests_close_names():
     teacher, student = pair(0)
     m = Mapping(teacher, student)
-    with pytest.raises(ValueError, match=r"student TinyMobileNet has no module or node named 'features.5.cnv'.*Did you mean 'features.5.conv'"):
+    with pytest.raises(
+        ValueError,
+        match=r"student TinyMobileNet has no module or node named 'features.5.cnv'.*Did you mean 'features.5.conv'",
+    ):
         m.add("features.5.conv", "features.5.cnv")
     assert len(m) == 0
 
@@ -231,7 +243,10 @@ def test_mapping_unknown_name_suggests_close_names():
 def test_mapping_module_of_the_other_model_says_swapped():
     teacher, student = small_pair()
     m = Mapping(teacher, student)
-    with pytest.raises(ValueError, match=r"not a submodule of the teacher .*It belongs to the student: teacher and student look swapped"):
+    with pytest.raises(
+        ValueError,
+        match=r"not a submodule of the teacher .*It belongs to the student: teacher and student look swapped",
+    ):
         m.add(student[0], teacher[0])
 
 
@@ -241,8 +256,14 @@ def test_core_distill_asks_for_to_functional():
     m.add("", "")
     with pytest.raises(TypeError, match=r"convert it with \.to_functional\(\)"):
         funcdistill.distill(teacher, student, m)
-    assert len(funcdistill.distill(teacher, student, m.to_functional())(
-        funcdistill.state(teacher), funcdistill.state(student), torch.randn(2, 3))) == 1
+    assert (
+        len(
+            funcdistill.distill(teacher, student, m.to_functional())(
+                funcdistill.state(teacher), funcdistill.state(student), torch.randn(2, 3)
+            )
+        )
+        == 1
+    )
 
 
 # ---------------------------------------------------------------- distill: the model
@@ -319,8 +340,12 @@ def test_training_matches_plain_pytorch_with_hooks():
     feats: dict = {}
     handles = [
         mod.register_forward_hook(lambda _m, _i, o, key=key: feats.__setitem__(key, o))
-        for key, mod in [("t3", teacher.features[3]), ("t18", teacher.features[18]),
-                         ("s3", plain.features[3]), ("s18", plain.features[18])]
+        for key, mod in [
+            ("t3", teacher.features[3]),
+            ("t18", teacher.features[18]),
+            ("s3", plain.features[3]),
+            ("s18", plain.features[18]),
+        ]
     ]
     opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     for x in inputs:
@@ -328,8 +353,9 @@ def test_training_matches_plain_pytorch_with_hooks():
         with torch.no_grad():
             teacher(x)
         plain(x)
-        (nn.functional.mse_loss(feats["t3"], feats["s3"])
-         + nn.functional.mse_loss(feats["t18"], feats["s18"])).backward()
+        (
+            nn.functional.mse_loss(feats["t3"], feats["s3"]) + nn.functional.mse_loss(feats["t18"], feats["s18"])
+        ).backward()
         opt.step()
     for h in handles:
         h.remove()
@@ -463,9 +489,21 @@ def test_keyword_arguments_in_any_order():
 def snapshot(model: nn.Module) -> dict:
     return {
         "modes": {n: m.training for n, m in model.named_modules()},
-        "hooks": {n: tuple(map(len, (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                                     m._backward_pre_hooks, m._state_dict_hooks)))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: tuple(
+                map(
+                    len,
+                    (
+                        m._forward_hooks,
+                        m._forward_pre_hooks,
+                        m._backward_hooks,
+                        m._backward_pre_hooks,
+                        m._state_dict_hooks,
+                    ),
+                )
+            )
+            for n, m in model.named_modules()
+        },
         "params": {n: (id(p), p.requires_grad) for n, p in model.named_parameters()},
         "buffers": {n: id(b) for n, b in model.named_buffers()},
         "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
@@ -488,8 +526,9 @@ def test_exit_on_exception_leaves_models_as_they_were():
     assert equal(tensors(teacher), t_vals)
     after = tensors(student)
     changed = {k for k in after if not torch.equal(after[k], s_vals[k])}
-    assert changed and all(k.rsplit(".", 1)[1] in {"running_mean", "running_var", "num_batches_tracked"}
-                           for k in changed)
+    assert changed and all(
+        k.rsplit(".", 1)[1] in {"running_mean", "running_var", "num_batches_tracked"} for k in changed
+    )
     assert not any(k.startswith("features.2.") for k in changed)  # eval-mode BN untouched
     with pytest.raises(RuntimeError, match=r"used after its distill context exited"):
         model(torch.randn(2, 3, 32, 32))
@@ -521,7 +560,10 @@ def test_swapped_models_are_named_as_such():
     teacher, student = small_pair()
     m = Mapping(teacher, student)
     m.add("1", "1")
-    with pytest.raises(ValueError, match=r"teacher and student are swapped: the mapping was built as Mapping\(teacher=Sequential, student=Sequential\), but distill\(\) got .* the same two models the other way round.*pass them by keyword"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher and student are swapped: the mapping was built as Mapping\(teacher=Sequential, student=Sequential\), but distill\(\) got .* the same two models the other way round.*pass them by keyword",
+    ):
         distill(student, teacher, m)
 
 
@@ -529,7 +571,9 @@ def test_mapping_teacher_given_as_student():
     teacher, student = small_pair()
     other, _ = small_pair(1)
     m = Mapping(teacher, student)
-    with pytest.raises(ValueError, match=r"the mapping's teacher Sequential is the model passed to distill\(\) as student"):
+    with pytest.raises(
+        ValueError, match=r"the mapping's teacher Sequential is the model passed to distill\(\) as student"
+    ):
         distill(other, teacher, m)
 
 
@@ -540,7 +584,10 @@ def test_mapping_for_other_models_says_which(role):
     m = Mapping(teacher, student)
     m.add("", "")
     given = {"teacher": (other_teacher, student), "student": (teacher, other_student)}[role]
-    with pytest.raises(ValueError, match=rf"the mapping was built for another {role} \(Sequential at 0x[0-9a-f]+\) than the {role} passed to distill\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the mapping was built for another {role} \(Sequential at 0x[0-9a-f]+\) than the {role} passed to distill\(\)",
+    ):
         distill(*given, mapping=m)
 
 
@@ -548,7 +595,9 @@ def test_unknown_names_in_a_mapping_without_models():
     teacher, student = pair(0)
     m = Mapping(None, None)
     m.add("features.7", "features.77")
-    with pytest.raises(ValueError, match=r"student TinyMobileNet has no module or node named 'features.77'. Did you mean 'features.7'"):
+    with pytest.raises(
+        ValueError, match=r"student TinyMobileNet has no module or node named 'features.77'. Did you mean 'features.7'"
+    ):
         distill(teacher, student, m)
 
 
@@ -562,7 +611,10 @@ def test_nested_contexts_over_the_same_model_are_refused():
     teacher, student = small_pair()
     teacher2, _ = small_pair(1)
     with distill(teacher, student) as model:
-        with pytest.raises(RuntimeError, match=r"the student Sequential is already the student of an active distill context; distill contexts cannot be nested"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"the student Sequential is already the student of an active distill context; distill contexts cannot be nested",
+        ):
             with distill(teacher2, student):
                 pass
         with pytest.raises(RuntimeError, match=r"the teacher Sequential is already the teacher of an active"):
@@ -598,7 +650,10 @@ def test_failed_enter_releases_the_models():
     [
         ({"teacher": "resnet"}, r"distill\(teacher=\.\.\.\) must be an nn.Module, got str"),
         ({"student": None}, r"distill\(student=\.\.\.\) must be an nn.Module, got NoneType"),
-        ({"mapping": [("1", "1")]}, r"distill\(mapping=\.\.\.\) must be a funcdistill.compat.Mapping, a funcdistill.Mapping or None, got list"),
+        (
+            {"mapping": [("1", "1")]},
+            r"distill\(mapping=\.\.\.\) must be a funcdistill.compat.Mapping, a funcdistill.Mapping or None, got list",
+        ),
         ({"nograd_teacher": "yes"}, r"distill\(nograd_teacher=\.\.\.\) must be a bool, got str"),
     ],
 )

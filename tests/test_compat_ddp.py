@@ -83,9 +83,7 @@ def run_variant(rank: int, wrap_mapping: bool) -> None:
         mapping = Mapping(teacher, student)
         mapping.add(teacher[1], student[1])
     mapping.add("", "")
-    expected_first = mean_local_grads(
-        teacher, student, funcdistill.Mapping().add("1", "1").add("", "")
-    )
+    expected_first = mean_local_grads(teacher, student, funcdistill.Mapping().add("1", "1").add("", ""))
 
     feats: dict = {}
     for key, mod in [("t1", teacher[1]), ("s1", plain[1])]:
@@ -137,11 +135,17 @@ def check_errors() -> None:
     ddp = DDP(traced)
     node_mapping = Mapping(teacher, traced)
     node_mapping.add("1", "_1")  # an FX node of the traced model, not a module
-    with pytest.raises(ValueError, match=r"the student point '_1' is an FX node of the model inside the DistributedDataParallel wrapper; nodes can be captured only on an unwrapped GraphModule"):
+    with pytest.raises(
+        ValueError,
+        match=r"the student point '_1' is an FX node of the model inside the DistributedDataParallel wrapper; nodes can be captured only on an unwrapped GraphModule",
+    ):
         distill(teacher, ddp, node_mapping)
     wrapper_mapping = Mapping(teacher, ddp)
     wrapper_mapping.add("1", "module.1")
-    with pytest.raises(ValueError, match=r"built for the DistributedDataParallel wrapper of the student, but distill\(\) got the model inside it.*no gradient all-reduce"):
+    with pytest.raises(
+        ValueError,
+        match=r"built for the DistributedDataParallel wrapper of the student, but distill\(\) got the model inside it.*no gradient all-reduce",
+    ):
         distill(teacher, traced, wrapper_mapping)
     with pytest.raises(ValueError, match=r"the same model was passed as teacher and student"):
         distill(traced, ddp)

@@ -113,7 +113,10 @@ def test_sweep_table_has_a_row_per_temperature(tmp_path):
     plot = tmp_path / "sweep.png"
     result, _ = run(tiny(sweep=True, temperatures=(1, 8), plot=plot))
     assert [r.name for r in result.rows] == [
-        "teacher", "student alone", "student + KD (T=1)", "student + KD (T=8)",
+        "teacher",
+        "student alone",
+        "student + KD (T=1)",
+        "student + KD (T=8)",
     ]
     assert all(0.0 <= r.accuracy <= 1.0 for r in result.rows)
     assert len({r.params for r in result.rows[1:]}) == 1
@@ -184,8 +187,9 @@ def test_help_explains_every_setting():
 
 
 def test_cli_runs_the_demo_in_process(tmp_path, capsys):
-    status = main(["demo", "--epochs", "2", "--teacher-epochs", "1", "--quiet",
-                   "--plot", str(tmp_path / "p.png"), "--seed", "1"])
+    status = main(
+        ["demo", "--epochs", "2", "--teacher-epochs", "1", "--quiet", "--plot", str(tmp_path / "p.png"), "--seed", "1"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "student + KD (T=4)" in out and "test accuracy" in out
@@ -193,8 +197,9 @@ def test_cli_runs_the_demo_in_process(tmp_path, capsys):
 
 
 def test_cli_sweep_options_reach_the_demo(capsys):
-    status = main(["demo", "--sweep", "--temperatures", "3,6", "--epochs", "1",
-                   "--teacher-epochs", "1", "--quiet", "--no-plot"])
+    status = main(
+        ["demo", "--sweep", "--temperatures", "3,6", "--epochs", "1", "--teacher-epochs", "1", "--quiet", "--no-plot"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "student + KD (T=3)" in out and "student + KD (T=6)" in out
@@ -243,7 +248,10 @@ def test_missing_extra_says_what_to_install(monkeypatch, capsys):
 def test_module_help_and_lazy_imports_in_a_fresh_interpreter():
     help_ = subprocess.run(
         [sys.executable, "-m", "funcdistill", "demo", "--help"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert help_.returncode == 0, help_.stderr
     for option in ("--seed", "--epochs", "--temperature", "--sweep", "--plot", "--no-plot", "--quiet"):
@@ -254,9 +262,7 @@ def test_module_help_and_lazy_imports_in_a_fresh_interpreter():
         "print(sorted(m for m in ('sklearn', 'matplotlib', 'funcdistill._demo.train') "
         "if m in sys.modules))"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert loaded.stdout.strip() == "[]"
     # the probe names a real module, so a rename cannot make it pass vacuously
     assert importlib.util.find_spec("funcdistill._demo.train") is not None

@@ -30,10 +30,7 @@ def assert_same_state(model, snap):
 
 
 def no_hooks_anywhere(model):
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-        for m in model.modules()
-    )
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
 def reference_features(model, names, x):
@@ -50,11 +47,19 @@ def reference_features(model, names, x):
 
 def test_pairs_come_in_mapping_order_with_payloads(models):
     t, s = models
-    m = Mapping(t, s).add("features.2", "features.1", payload="deep").add("features.0", "features.0", payload="stem").add("", "", payload=None)
+    m = (
+        Mapping(t, s)
+        .add("features.2", "features.1", payload="deep")
+        .add("features.0", "features.0", payload="stem")
+        .add("", "", payload=None)
+    )
     x = image()
     pairs = distill(t, s, m)(state(t), state(s), x)
     assert [p.payload for p in pairs] == ["deep", "stem", None]
-    ref_t, ref_s = reference_features(t, ["features.2", "features.0"], x), reference_features(s, ["features.1", "features.0"], x)
+    ref_t, ref_s = (
+        reference_features(t, ["features.2", "features.0"], x),
+        reference_features(s, ["features.1", "features.0"], x),
+    )
     torch.testing.assert_close(pairs[0].teacher, ref_t["features.2"])
     torch.testing.assert_close(pairs[0].student, ref_s["features.1"])
     torch.testing.assert_close(pairs[1].teacher, ref_t["features.0"])
@@ -291,9 +296,7 @@ def test_threads_get_their_own_pairs(models):
     fn = distill(t, s, Mapping(t, s).add("features.1", "features.0"))
     states = [{k: v + i for k, v in state(s).items()} for i in range(4)]
     xs = [image() for _ in range(4)]
-    expected = [
-        reference_features(_loaded(s, states[i]), ["features.0"], xs[i])["features.0"] for i in range(4)
-    ]
+    expected = [reference_features(_loaded(s, states[i]), ["features.0"], xs[i])["features.0"] for i in range(4)]
     errors = []
 
     def work(i):
@@ -478,7 +481,10 @@ def test_names_from_the_other_model_say_swapped():
 def test_mapping_for_other_models(models):
     t, s = models
     other = Net()
-    with pytest.raises(ValueError, match=r"the mapping was built for another student \(Net at 0x[0-9a-f]+\) than the one passed to distill"):
+    with pytest.raises(
+        ValueError,
+        match=r"the mapping was built for another student \(Net at 0x[0-9a-f]+\) than the one passed to distill",
+    ):
         distill(t, other, Mapping(t, s).add("", ""))
     with pytest.raises(ValueError, match="got the other way round: teacher and student look swapped"):
         distill(s, t, Mapping(t, s).add("", ""))
@@ -499,7 +505,9 @@ def test_bad_arguments(models):
 def test_module_that_never_ran():
     t, s = Branchy(), Branchy()
     fn = distill(t, s, Mapping(t, s).add("split", "unused"))
-    with pytest.raises(RuntimeError, match=r"student module\(s\) 'unused' never ran during the forward pass of the student Branchy"):
+    with pytest.raises(
+        RuntimeError, match=r"student module\(s\) 'unused' never ran during the forward pass of the student Branchy"
+    ):
         fn(state(t), state(s), torch.randn(2, 4))
 
 
@@ -530,11 +538,16 @@ def test_none_entries_in_outputs_are_allowed():
 def test_bad_states(models):
     t, s = models
     fn = distill(t, s)
-    with pytest.raises(TypeError, match=r"teacher_state must be a dict of name -> tensor \(funcdistill.state\(teacher\)\), got list"):
+    with pytest.raises(
+        TypeError, match=r"teacher_state must be a dict of name -> tensor \(funcdistill.state\(teacher\)\), got list"
+    ):
         fn([], state(s), image())
     wide = Net(width=4, depth=3)
     fn = distill(wide, s)
-    with pytest.raises(ValueError, match=r"student_state has 12 key\(s\) that are not parameters or buffers of the student Net: 'features.2.bn.bias'.*teacher_state and student_state look swapped"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state has 12 key\(s\) that are not parameters or buffers of the student Net: 'features.2.bn.bias'.*teacher_state and student_state look swapped",
+    ):
         fn(state(s), state(wide), image())
 
 
@@ -565,7 +578,10 @@ def test_distill_fn_is_immutable_and_has_a_repr(models):
 def test_one_shot_iterator_inputs_are_refused(models):
     t, s = models
     fn = distill(t, s)
-    with pytest.raises(TypeError, match=r"positional input 0 is a one-shot generator: the teacher would use it up and the student would get an empty one\. Pass a list or tuple instead"):
+    with pytest.raises(
+        TypeError,
+        match=r"positional input 0 is a one-shot generator: the teacher would use it up and the student would get an empty one\. Pass a list or tuple instead",
+    ):
         fn(state(t), state(s), (x for x in [image()]))
     with pytest.raises(TypeError, match=r"keyword input 'x' is a one-shot list_iterator"):
         fn(state(t), state(s), x=iter([image()]))
@@ -582,7 +598,10 @@ def test_an_adapter_left_out_of_a_differentiated_student_state_is_an_error():
         (p,) = fn(state(t), ss, x)
         return p.payload(p.teacher, p.student)
 
-    with pytest.raises(ValueError, match=r"student_state is being differentiated \(torch.func.grad\) but has no entries for the adapter payload\(s\) of pair\(s\) \[0\] \(Hint\).*Pass funcdistill.state\(student, mapping\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state is being differentiated \(torch.func.grad\) but has no entries for the adapter payload\(s\) of pair\(s\) \[0\] \(Hint\).*Pass funcdistill.state\(student, mapping\)",
+    ):
         grad(loss)(state(s, buffers=False))
     assert set(grad(loss)(state(s, m, buffers=False))) >= {"payloads.0.adapter.weight"}
 
@@ -591,7 +610,10 @@ def test_dropped_batchnorm_updates_warn_until_mutable_is_chosen(models):
     t, s = models
     t.eval(), s.train()
     x = image()
-    with pytest.warns(UserWarning, match=r"the student has modules in training mode that update buffers .*distill\(\.\.\., mutable=True\).*student.load_state_dict\(buffers.student, strict=False\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"the student has modules in training mode that update buffers .*distill\(\.\.\., mutable=True\).*student.load_state_dict\(buffers.student, strict=False\)",
+    ):
         distill(t, s)(state(t), state(s), x)
     import warnings
 
@@ -652,4 +674,7 @@ def test_distill_functions_pickle_deepcopy_and_torch_save():
         for a, b in zip(got, expected):
             torch.testing.assert_close(a.teacher, b.teacher)
             torch.testing.assert_close(a.student, b.student)
-        torch.testing.assert_close(got[0].payload(got[0].teacher, got[0].student), expected[0].payload(expected[0].teacher, expected[0].student))
+        torch.testing.assert_close(
+            got[0].payload(got[0].teacher, got[0].student),
+            expected[0].payload(expected[0].teacher, expected[0].student),
+        )

@@ -123,9 +123,13 @@ def _pages() -> list:
     params = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         compiles = path.is_file() and any("torch.compile(" in b.source for b in runnable_blocks(path))
-        params.append(pytest.param(
-            path, id=str(path.relative_to(ROOT)), marks=[pytest.mark.compile] if compiles else [],
-        ))
+        params.append(
+            pytest.param(
+                path,
+                id=str(path.relative_to(ROOT)),
+                marks=[pytest.mark.compile] if compiles else [],
+            )
+        )
     return params
 
 
@@ -156,7 +160,7 @@ def test_extraction_rule() -> None:
         ">>> a\n"
         "```\n"
         "!!! note\n"
-        "    ```py title=\"x.py\"\n"
+        '    ```py title="x.py"\n'
         "    if a:\n"
         "        b = 2\n"
         "    ```\n"
@@ -188,7 +192,9 @@ def test_blocks_share_one_namespace_per_page(tmp_path: Path) -> None:
 def test_failure_names_file_and_block_line(tmp_path: Path) -> None:
     page = tmp_path / "broken.md"
     page.write_text("# Broken\n\n```python\nok = 1\n```\n\ntext\n\n```python\nok += 1\nraise ValueError('boom')\n```\n")
-    with pytest.raises(AssertionError, match=r"broken\.md: the python block at line 10 failed with ValueError: boom") as info:
+    with pytest.raises(
+        AssertionError, match=r"broken\.md: the python block at line 10 failed with ValueError: boom"
+    ) as info:
         run_page(page)
     # the traceback points at the Markdown line of the failing statement
     assert f'File "{page}", line 11' in str(info.value)
@@ -233,7 +239,11 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     site = tmp_path / "site"
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     api = (site / "api" / "index.html").read_text(encoding="utf-8")

@@ -10,9 +10,7 @@ import pytest
 import funcdistill
 
 # every module, those of the subpackages (funcdistill.losses._logit, ...) included
-MODULES = sorted(
-    ["funcdistill"] + [m.name for m in pkgutil.walk_packages(funcdistill.__path__, prefix="funcdistill.")]
-)
+MODULES = sorted(["funcdistill"] + [m.name for m in pkgutil.walk_packages(funcdistill.__path__, prefix="funcdistill.")])
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -34,9 +32,16 @@ def test_every_source_file_is_walked():
 def test_examples_exist_where_the_style_promises_them():
     finder = doctest.DocTestFinder()
     for name in (
-        "funcdistill._mapping", "funcdistill._distill", "funcdistill._state", "funcdistill.losses",
-        "funcdistill.losses._logit", "funcdistill.losses._feature", "funcdistill.losses._relational",
-        "funcdistill.compat", "funcdistill.compat._distill", "funcdistill.compat._mapping",
+        "funcdistill._mapping",
+        "funcdistill._distill",
+        "funcdistill._state",
+        "funcdistill.losses",
+        "funcdistill.losses._logit",
+        "funcdistill.losses._feature",
+        "funcdistill.losses._relational",
+        "funcdistill.compat",
+        "funcdistill.compat._distill",
+        "funcdistill.compat._mapping",
     ):
         examples = sum(len(t.examples) for t in finder.find(importlib.import_module(name)))
         assert examples > 0, name

@@ -21,7 +21,9 @@ def _seed():
 
 
 def close(a, b, tol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol
+    )
 
 
 # ---------------------------------------------------------------- KD (Hinton 2015)
@@ -102,7 +104,10 @@ def test_kd_errors():
         L.kd_loss(x, x, temperature=torch.ones(3))
     with pytest.raises(TypeError, match=r"student_logits must be a tensor, got tuple \(a module that returns a tuple"):
         L.kd_loss(x, (x,))
-    with pytest.raises(TypeError, match=r"teacher_logits must be a tensor, got dict \(a model output object: pass the field you mean, e.g. output.logits\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"teacher_logits must be a tensor, got dict \(a model output object: pass the field you mean, e.g. output.logits\)",
+    ):
         L.kd_loss({"logits": x}, x)
     with pytest.raises(ValueError, match="KDLoss: temperature must be a positive finite number, got -1"):
         L.KDLoss(temperature=-1.0)
@@ -115,6 +120,7 @@ def _dkd_reference(t, s, y, alpha, beta, T):
     """Per-sample DKD written from the paper's definitions, in plain Python floats."""
     out = []
     for row_t, row_s, g in zip(t.tolist(), s.tolist(), y.tolist()):
+
         def softmax(row):
             e = [math.exp(v / T) for v in row]
             return [v / sum(e) for v in e]
@@ -254,7 +260,9 @@ def test_fitnets_adapter_trains_through_functional_api():
 
 
 def test_fitnets_and_adapter_errors():
-    with pytest.raises(ValueError, match=r"mse_loss: teacher and student shapes differ.*hint_adapter\(student_width, teacher_width\)"):
+    with pytest.raises(
+        ValueError, match=r"mse_loss: teacher and student shapes differ.*hint_adapter\(student_width, teacher_width\)"
+    ):
         L.FitNetsLoss()(torch.randn(2, 8, 3, 3), torch.randn(2, 4, 3, 3))
     with pytest.raises(TypeError, match=r"FitNetsLoss: adapter must be an nn\.Module or None .*got function"):
         L.FitNetsLoss(lambda x: x)
@@ -346,7 +354,9 @@ def test_rkd_matches_loop_reference():
     expected = _rkd_reference(t.tolist(), s.tolist(), 25.0, 50.0)
     torch.testing.assert_close(L.rkd_loss(t, s), torch.tensor(expected, dtype=torch.float64))
     only_d = _rkd_reference(t.tolist(), s.tolist(), 1.0, 0.0)
-    torch.testing.assert_close(L.rkd_loss(t, s, distance_weight=1.0, angle_weight=0.0), torch.tensor(only_d, dtype=torch.float64))
+    torch.testing.assert_close(
+        L.rkd_loss(t, s, distance_weight=1.0, angle_weight=0.0), torch.tensor(only_d, dtype=torch.float64)
+    )
     per_sample = L.rkd_loss(t, s, reduction="none")
     assert per_sample.shape == (5,)
     torch.testing.assert_close(per_sample.mean(), L.rkd_loss(t, s))
@@ -367,7 +377,9 @@ def test_rkd_invariances_and_finite_gradients():
 
 
 def test_rkd_errors():
-    with pytest.raises(ValueError, match=r"rkd_loss: teacher must be a batch of at least 2 embeddings .*got shape \(1, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"rkd_loss: teacher must be a batch of at least 2 embeddings .*got shape \(1, 4\)"
+    ):
         L.rkd_loss(torch.randn(1, 4), torch.randn(1, 4))
     with pytest.raises(ValueError, match="batch sizes differ: 4 vs 3"):
         L.rkd_loss(torch.randn(4, 2), torch.randn(3, 2))
@@ -512,12 +524,29 @@ def test_losses_as_payloads_in_a_functional_step():
 
 def test_public_names():
     assert sorted(L.__all__) == sorted(
-        ["AttentionTransferLoss", "CosineLoss", "DKDLoss", "FitNetsLoss", "KDLoss", "RKDLoss",
-         "attention_transfer_loss", "cosine_loss", "dkd_loss", "hint_adapter", "kd_loss", "mse_loss", "rkd_loss"]
+        [
+            "AttentionTransferLoss",
+            "CosineLoss",
+            "DKDLoss",
+            "FitNetsLoss",
+            "KDLoss",
+            "RKDLoss",
+            "attention_transfer_loss",
+            "cosine_loss",
+            "dkd_loss",
+            "hint_adapter",
+            "kd_loss",
+            "mse_loss",
+            "rkd_loss",
+        ]
     )
     papers = {
-        "kd_loss": "Hinton", "dkd_loss": "Zhao", "FitNetsLoss": "Romero",
-        "attention_transfer_loss": "Zagoruyko", "rkd_loss": "Park", "cosine_loss": "DistilBERT",
+        "kd_loss": "Hinton",
+        "dkd_loss": "Zhao",
+        "FitNetsLoss": "Romero",
+        "attention_transfer_loss": "Zagoruyko",
+        "rkd_loss": "Park",
+        "cosine_loss": "DistilBERT",
     }
     for name, author in papers.items():
         assert author in getattr(L, name).__doc__, name

@@ -87,13 +87,18 @@ def test_pickle_and_deepcopy_round_trip():
 
 def test_unknown_name_suggests_close_names(models):
     t, s = models
-    with pytest.raises(ValueError, match=r"teacher Net has no module or node named 'features\.1\.cnv'\. Did you mean 'features\.1\.conv'"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher Net has no module or node named 'features\.1\.cnv'\. Did you mean 'features\.1\.conv'",
+    ):
         Mapping(t, s).add("features.1.cnv", "head")
 
 
 def test_unknown_name_lists_valid_names_when_nothing_is_close():
     t, s = mlp((4, 3)), mlp((4, 3))
-    with pytest.raises(ValueError, match=r"student Sequential has no module or node named 'zzz'\. Valid names: '', '0'"):
+    with pytest.raises(
+        ValueError, match=r"student Sequential has no module or node named 'zzz'\. Valid names: '', '0'"
+    ):
         Mapping(t, s).add("0", "zzz")
 
 

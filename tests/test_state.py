@@ -62,7 +62,10 @@ def test_a_broadcastable_entry_of_another_shape_is_refused(models):
     t, s = models
     fn = distill(t, s)
     bad = {**state(s), "head.bias": torch.zeros(1)}
-    with pytest.raises(ValueError, match=r"student_state does not fit the student Net: 'head.bias' has shape \(1,\), the model's has \(3,\).*Pass funcdistill.state\(student\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state does not fit the student Net: 'head.bias' has shape \(1,\), the model's has \(3,\).*Pass funcdistill.state\(student\)",
+    ):
         fn(state(t), bad, image())
 
 
@@ -86,19 +89,30 @@ def test_every_bad_entry_is_named_in_one_message(models):
 def test_the_other_models_state_is_recognised(models):
     t, s = Net(width=8, depth=1), Net(width=4, depth=1)  # same names, other widths
     fn = distill(t, s)
-    with pytest.raises(ValueError, match=r"student_state does not fit the student Net: .*This looks like the teacher's state \(its names and shapes are the teacher's\): teacher_state and student_state look swapped\. Pass funcdistill.state\(student\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state does not fit the student Net: .*This looks like the teacher's state \(its names and shapes are the teacher's\): teacher_state and student_state look swapped\. Pass funcdistill.state\(student\)",
+    ):
         fn(state(t), state(t), image())
-    with pytest.raises(ValueError, match=r"teacher_state does not fit the teacher Net: .*This looks like the student's state"):
+    with pytest.raises(
+        ValueError, match=r"teacher_state does not fit the teacher Net: .*This looks like the student's state"
+    ):
         fn(state(s), state(s), image())
     t, s = models  # the teacher is deeper: its extra names are reported, with the same hint
-    with pytest.raises(ValueError, match=r"student_state has 6 key\(s\) that are not parameters or buffers of the student Net: .*This looks like the teacher's state"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state has 6 key\(s\) that are not parameters or buffers of the student Net: .*This looks like the teacher's state",
+    ):
         distill(t, s)(state(t), state(t), image())
 
 
 def test_non_string_keys_and_non_tensor_values(models):
     t, s = models
     fn = distill(t, s)
-    with pytest.raises(TypeError, match=r"student_state has 1 key\(s\) that are not strings: 0 \(int\)\. Keys are qualified names such as 'features.0.weight'"):
+    with pytest.raises(
+        TypeError,
+        match=r"student_state has 1 key\(s\) that are not strings: 0 \(int\)\. Keys are qualified names such as 'features.0.weight'",
+    ):
         fn(state(t), {**state(s), 0: torch.zeros(1)}, image())
     with pytest.raises(ValueError, match=r"'head.bias' is a list, not a tensor"):
         fn(state(t), {**state(s), "head.bias": [0.0, 0.0, 0.0]}, image())
@@ -113,7 +127,10 @@ def test_a_meta_model_entry_left_out_is_an_error():
     real = {k: torch.randn(v.shape) for k, v in state(s).items()}
     (p,) = fn(state(t), real, torch.randn(2, 4))  # a meta skeleton with real state works
     assert p.student.device.type == "cpu"
-    with pytest.raises(ValueError, match=r"student entry '2.bias' is on the meta device .* pass real tensors for the model's meta entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"student entry '2.bias' is on the meta device .* pass real tensors for the model's meta entries",
+    ):
         fn(state(t), {k: v for k, v in real.items() if k != "2.bias"}, torch.randn(2, 4))
 
 
@@ -121,7 +138,10 @@ def test_a_teacher_of_another_dtype_points_to_teacher_dtype():
     torch.manual_seed(0)
     t, s = mlp((4, 8, 3)).double().eval(), mlp((4, 8, 3))
     fn = distill(t, s)
-    with pytest.raises(TypeError, match=r"the teacher Sequential failed on inputs of dtype torch.float32 while its state is torch.float64 .*pass distill\(\.\.\., teacher_dtype=torch.float32\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"the teacher Sequential failed on inputs of dtype torch.float32 while its state is torch.float64 .*pass distill\(\.\.\., teacher_dtype=torch.float32\)",
+    ):
         fn(state(t), state(s), torch.randn(2, 4))
     (p,) = distill(t, s, teacher_dtype=torch.float32)(state(t), state(s), torch.randn(2, 4))
     assert p.teacher.dtype == torch.float32
@@ -140,14 +160,19 @@ def test_tied_names_given_different_tensors_are_refused():
 
     t, s = Tied(), Tied()
     fn = distill(t, s)
-    with pytest.raises(ValueError, match=r"'b.weight' is tied to 'a.weight' in the model, but the state gives them different tensors"):
+    with pytest.raises(
+        ValueError, match=r"'b.weight' is tied to 'a.weight' in the model, but the state gives them different tensors"
+    ):
         fn(state(t), {"a.weight": torch.eye(3), "b.weight": torch.eye(3) * 2}, torch.ones(1, 3))
 
 
 def test_an_unknown_key_suggests_the_closest_name(models):
     t, s = models
     fn = distill(t, s)
-    with pytest.raises(ValueError, match=r"student_state has 1 key\(s\) that are not parameters or buffers of the student Net: 'head.weigth'\. Did you mean 'head.weight'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_state has 1 key\(s\) that are not parameters or buffers of the student Net: 'head.weigth'\. Did you mean 'head.weight'\?",
+    ):
         fn(state(t), {"head.weigth": torch.zeros(3, 4)}, image())
 
 

@@ -85,7 +85,12 @@ def test_adapters_train_with_the_student(models, mapping, batch):
     ids, mask = batch
     grads = grad(lambda p: ex.objective(fn, ts, p, ids, mask))(params)
     assert grads.keys() == params.keys()
-    for key in ("payloads.1.adapter.weight", "payloads.2.adapter.bias", "bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
+    for key in (
+        "payloads.1.adapter.weight",
+        "payloads.2.adapter.bias",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "classifier.weight",
+    ):
         assert grads[key].abs().sum() > 0, key
     # the same gradients as loss.backward() on the live modules
     models.student.zero_grad()
@@ -128,7 +133,9 @@ def test_an_eval_bert_teacher_is_truncated_from_its_first_call():
     from transformers import BertConfig, BertModel
 
     def config(layers):
-        return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64)
+        return BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64
+        )
 
     torch.manual_seed(0)
     t, s = BertModel(config(4)).eval(), BertModel(config(2)).eval()

@@ -66,7 +66,10 @@ def test_a_point_that_runs_twice_is_caught_before_truncating():
         fn(state(t), state(s), torch.randn(2, 4))  # a training-mode teacher runs in full
     t.eval()
     for _ in range(3):  # the second call happens after the stop: the dry run sees it, every time
-        with pytest.raises(RuntimeError, match=r"teacher module 'lin' runs 2 times in one forward pass of the teacher Shared \(seen by the shape-only dry run"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"teacher module 'lin' runs 2 times in one forward pass of the teacher Shared \(seen by the shape-only dry run",
+        ):
             fn(state(t), state(s), torch.randn(2, 4))
 
 
@@ -213,7 +216,7 @@ def test_truncation_keeps_gradients_exact(models):
     cut = distill(t, s, m)
 
     def loss(fn):
-        return lambda p: ((lambda pr: (pr.teacher.mean(1) - pr.student.mean(1)).pow(2).mean())(fn(state(t), p, x)[0]))
+        return lambda p: (lambda pr: (pr.teacher.mean(1) - pr.student.mean(1)).pow(2).mean())(fn(state(t), p, x)[0])
 
     params = state(s, buffers=False)
     g_ref, g_cut = grad(loss(ref))(params), grad(loss(cut))(params)
@@ -252,7 +255,9 @@ def test_bf16_teacher_pairs_reach_the_loss_in_the_students_dtype(models):
 
 
 def test_teacher_dtype_must_be_floating(models):
-    with pytest.raises(TypeError, match=r"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8"):
+    with pytest.raises(
+        TypeError, match=r"teacher_dtype must be a floating torch.dtype such as torch.bfloat16, got torch.int8"
+    ):
         distill(*models, teacher_dtype=torch.int8)
 
 

@@ -15,6 +15,8 @@ def test_package_type_checks_with_mypy():
     with tempfile.TemporaryDirectory() as cache:
         out = subprocess.run(
             [sys.executable, "-m", "mypy", "funcdistill", "--ignore-missing-imports", "--cache-dir", cache],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
     assert out.returncode == 0, out.stdout + out.stderr

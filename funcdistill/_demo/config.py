@@ -71,9 +71,7 @@ class DemoConfig:
         _positive("lr", self.lr)
         _number("alpha", self.alpha)
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(
-                f"alpha must be between 0 and 1 (the weight of the KD loss), got {self.alpha!r}."
-            )
+            raise ValueError(f"alpha must be between 0 and 1 (the weight of the KD loss), got {self.alpha!r}.")
         for name in ("sweep", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {type(getattr(self, name)).__name__}.")
@@ -130,7 +128,6 @@ def _plot_path(plot: object) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(
-            f"plot: the folder {str(parent)!r} of {str(path)!r} does not exist; create it or "
-            "choose another path."
+            f"plot: the folder {str(parent)!r} of {str(path)!r} does not exist; create it or choose another path."
         )
     return path

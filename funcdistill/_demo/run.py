@@ -117,8 +117,12 @@ def _run(config: DemoConfig, out: TextIO) -> DemoResult:
     teacher_curve = curves.setdefault("teacher", [])
     with _Bar(config.teacher_epochs, "teacher", config.quiet) as bar:
         teacher_params = train.train_teacher(
-            teacher, data, epochs=config.teacher_epochs, batch_size=config.batch_size,
-            seed=config.seed, on_epoch=bar.recorder([teacher_curve], ["acc"]),
+            teacher,
+            data,
+            epochs=config.teacher_epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            on_epoch=bar.recorder([teacher_curve], ["acc"]),
         )
 
     if config.sweep:
@@ -136,10 +140,18 @@ def _run(config: DemoConfig, out: TextIO) -> DemoResult:
     student_curves = [curves.setdefault(name, []) for name in names]
     with _Bar(config.epochs, desc, config.quiet) as bar:
         train.train_students(
-            teacher, student, teacher_params, data,
-            temperatures=temperatures, kd_weights=kd_weights, epochs=config.epochs,
-            batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-            vectorize=config.sweep, on_epoch=bar.recorder(student_curves, labels),
+            teacher,
+            student,
+            teacher_params,
+            data,
+            temperatures=temperatures,
+            kd_weights=kd_weights,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+            vectorize=config.sweep,
+            on_epoch=bar.recorder(student_curves, labels),
         )
 
     rows = (Row("teacher", n_teacher, teacher_curve[-1]),) + tuple(

@@ -83,9 +83,7 @@ def _check_built_for(mt, ms, teacher: nn.Module, student: nn.Module) -> None:
             "take the student first, so pass them by keyword: "
             "distill(teacher=..., student=..., mapping=...)."
         )
-    for role, other, built, given in (
-        ("teacher", "student", mt, teacher), ("student", "teacher", ms, student)
-    ):
+    for role, other, built, given in (("teacher", "student", mt, teacher), ("student", "teacher", ms, student)):
         if built is None or built is given or unwrap(given) is built:
             continue
         if unwrap(built) is given:

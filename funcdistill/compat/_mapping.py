@@ -63,9 +63,7 @@ class Mapping:
             [1.0]
         """
         if not isinstance(mapping, FunctionalMapping):
-            raise TypeError(
-                f"Mapping.from_functional() takes a funcdistill.Mapping, got {type(mapping).__name__}."
-            )
+            raise TypeError(f"Mapping.from_functional() takes a funcdistill.Mapping, got {type(mapping).__name__}.")
         new = object.__new__(cls)
         new._functional = mapping
         return new

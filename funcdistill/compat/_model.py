@@ -134,8 +134,11 @@ class DistillationModel(nn.Module):
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = distill_inplace(
-                self._teacher, self._student, self._mapping,
-                nograd_teacher=self._nograd_teacher, truncate=not train_teacher,
+                self._teacher,
+                self._student,
+                self._mapping,
+                nograd_teacher=self._nograd_teacher,
+                truncate=not train_teacher,
             )
         return fn
 

@@ -21,9 +21,7 @@ REDUCTIONS_BATCHMEAN = ("none", "mean", "sum", "batchmean")
 def check_reduction(loss: str, reduction: Any, valid: tuple[str, ...] = REDUCTIONS) -> str:
     """Return ``reduction`` if it is one of ``valid``; otherwise raise a ValueError."""
     if not isinstance(reduction, str) or reduction not in valid:
-        raise ValueError(
-            f"{loss}: reduction must be one of {', '.join(map(repr, valid))}, got {reduction!r}."
-        )
+        raise ValueError(f"{loss}: reduction must be one of {', '.join(map(repr, valid))}, got {reduction!r}.")
     return reduction
 
 

@@ -131,9 +131,7 @@ def attention_transfer_loss(
     check_positive(name, "p", p)
     for role, x in (("teacher", teacher), ("student", student)):
         if x.dim() < 3:
-            raise ValueError(
-                f"{name}: {role} must be a feature map (..., C, H, W), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"{name}: {role} must be a feature map (..., C, H, W), got shape {tuple(x.shape)}.")
     if teacher.shape[:-3] != student.shape[:-3] or teacher.shape[-2:] != student.shape[-2:]:
         raise ValueError(
             f"{name}: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must "
@@ -193,8 +191,7 @@ def hint_adapter(student_channels: int, teacher_channels: int, *, ndim: int = 4)
 def _check_adapter(loss: str, adapter: object) -> None:
     if adapter is not None and not isinstance(adapter, nn.Module):
         raise TypeError(
-            f"{loss}: adapter must be an nn.Module or None (e.g. hint_adapter(...)), "
-            f"got {type(adapter).__name__}."
+            f"{loss}: adapter must be an nn.Module or None (e.g. hint_adapter(...)), got {type(adapter).__name__}."
         )
 
 

@@ -136,9 +136,7 @@ def dkd_loss(
     check_tensors(name, teacher_logits=teacher_logits, student_logits=student_logits, target=target)
     check_same_shape(name, teacher_logits, student_logits)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(
-            f"dkd_loss: target must hold integer class indices (e.g. torch.long), got {target.dtype}."
-        )
+        raise TypeError(f"dkd_loss: target must hold integer class indices (e.g. torch.long), got {target.dtype}.")
     if target.shape != teacher_logits.shape[:-1]:
         raise ValueError(
             f"dkd_loss: target has shape {tuple(target.shape)} but the logits "
@@ -254,7 +252,4 @@ class DKDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}"
-        )
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"

@@ -71,9 +71,7 @@ def rkd_loss(
                 f"got shape {tuple(x.shape)}; RKD compares samples within a batch."
             )
     if teacher.shape[0] != student.shape[0]:
-        raise ValueError(
-            f"{name}: teacher and student batch sizes differ: {teacher.shape[0]} vs {student.shape[0]}."
-        )
+        raise ValueError(f"{name}: teacher and student batch sizes differ: {teacher.shape[0]} vs {student.shape[0]}.")
     t = teacher.flatten(1)
     s = student.flatten(1)
     t_diff, s_diff = _differences(t), _differences(s)
