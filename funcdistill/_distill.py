@@ -136,7 +136,6 @@ def distill_inplace(
     mapping: Mapping | None,
     *,
     nograd_teacher: bool = True,
-    truncate: bool = True,
 ) -> DistillFn:
     """A distill function whose training-mode modules update the buffers they run with, in place.
 
@@ -151,7 +150,7 @@ def distill_inplace(
         mapping,
         nograd_teacher=nograd_teacher,
         mutable=False,
-        truncate=truncate,
+        truncate=True,
         teacher_dtype=None,
         inplace_buffers=True,
     )

@@ -123,22 +123,16 @@ class DistillationModel(nn.Module):
 
     def _function(self) -> DistillFn:
         # A distill function works on a snapshot of each model's Python attributes,
-        # so keep one per value of the live flags it must follow:
-        # * DDP's `no_sync()` flips `require_backward_grad_sync` on the live wrapper;
-        # * a teacher in eval mode is truncated after its deepest mapped point (its
-        #   later layers compute nothing the pairs need); one in training mode runs
-        #   in full, so that all its BatchNorm statistics update as in plain PyTorch.
-        train_teacher = self._teacher.training
+        # so keep one per value of the live flag it must follow: DDP's `no_sync()`
+        # flips `require_backward_grad_sync` on the live wrapper. (The core itself
+        # truncates an eval-mode teacher and runs one in training mode in full, so
+        # that all its BatchNorm statistics update as in plain PyTorch.)
         ddp = self._ddp_student
-        key = (None if ddp is None else ddp.require_backward_grad_sync, train_teacher)
+        key = None if ddp is None else ddp.require_backward_grad_sync
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = distill_inplace(
-                self._teacher,
-                self._student,
-                self._mapping,
-                nograd_teacher=self._nograd_teacher,
-                truncate=not train_teacher,
+                self._teacher, self._student, self._mapping, nograd_teacher=self._nograd_teacher
             )
         return fn
 
