@@ -94,3 +94,16 @@ class Tag(nn.Module):
 
 def image(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 1, 6, 6)
+
+
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight tensor (tied under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))

@@ -9,7 +9,7 @@ from torch.func import grad, grad_and_value, jacrev, stack_module_state, vmap
 import funcdistill as fd
 from funcdistill import Mapping, distill, state
 from funcdistill._distill import distill_inplace
-from tests.models import Branchy, Labelled, Net, Shared, image, mlp
+from tests.models import Branchy, Labelled, Net, Shared, Tied, image, mlp
 
 
 @pytest.fixture
@@ -274,16 +274,6 @@ def test_missing_state_entries_come_from_the_live_model(models):
 
 
 def test_tied_weights():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3, bias=False)
-            self.b = nn.Linear(3, 3, bias=False)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
     t, s = Tied(), Tied()
     w = torch.eye(3) * 2
     (p,) = distill(t, s)(state(t), {"a.weight": w}, torch.ones(1, 3))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from funcdistill import Mapping, distill, state
-from tests.models import Net, image, mlp
+from tests.models import Net, Tied, image, mlp
 
 
 def reference_state(model, buffers=True):
@@ -148,16 +148,6 @@ def test_a_teacher_of_another_dtype_points_to_teacher_dtype():
 
 
 def test_tied_names_given_different_tensors_are_refused():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3, bias=False)
-            self.b = nn.Linear(3, 3, bias=False)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
     t, s = Tied(), Tied()
     fn = distill(t, s)
     with pytest.raises(
