@@ -6,7 +6,7 @@ import difflib
 import weakref
 from collections.abc import Mapping as AbcMapping
 from itertools import repeat
-from operator import attrgetter, eq, getitem, is_
+from operator import attrgetter, getitem, is_
 from typing import Any
 
 import torch
@@ -55,11 +55,13 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
             out.update(module.named_buffers())
     else:
         plan = _PLANS.get(module)
-        if plan is None or not plan.valid():
+        try:
+            if plan is None or not plan.valid():
+                raise KeyError
+            out = plan.read(buffers)
+        except KeyError:  # a new model, or its tree or names changed: a new plan
             plan = _PLANS[module] = _Plan(module)
-        out = plan.parameters()
-        if buffers:
-            out.update(plan.buffers())
+            out = plan.read(buffers)
     if mapping is not None:
         for i, payload in _payloads.stateful_modules(mapping.payload()):
             for name, t in state(payload, buffers=buffers).items():
@@ -77,13 +79,15 @@ class _Plan:
 
     :func:`state` reads the tensors through the plan (C-level ``map`` over the
     live ``_parameters``/``_buffers`` dicts) instead of walking the module tree.
-    The plan is used only while :meth:`valid` says the tree has the same
-    submodules and the same parameter, buffer and submodule names as when it
-    was made, so :func:`state` returns what ``named_parameters()`` and
+    The plan is used only while the tree has the same submodules and the same
+    parameter, buffer and submodule names as when it was made: :meth:`valid`
+    checks the submodules and the size of every name table, and :meth:`read`
+    finds every name it expects (a ``KeyError`` otherwise), so the names are
+    the same sets. :func:`state` thus returns what ``named_parameters()`` and
     ``named_buffers()`` would, whatever happened to the model in between.
     """
 
-    __slots__ = ("_child_tables", "_child_keys", "_children", "_tables", "_keysets", "_params", "_buffers")
+    __slots__ = ("_child_tables", "_child_keys", "_children", "_tables", "_sizes", "_params", "_buffers")
 
     def __init__(self, root: nn.Module):
         modules = _modules(root)
@@ -91,31 +95,30 @@ class _Plan:
         self._child_keys: list[str] = []
         self._children: list[nn.Module | None] = []
         self._tables: list[dict] = []
-        self._keysets: list[frozenset] = []
         for _, m in modules:
             for k, child in m._modules.items():
                 self._child_tables.append(m._modules)
                 self._child_keys.append(k)
                 self._children.append(child)
-            for table in (m._modules, m._parameters, m._buffers):
-                self._tables.append(table)
-                self._keysets.append(frozenset(table))
+            self._tables += (m._modules, m._parameters, m._buffers)
+        self._sizes = list(map(len, self._tables))
         self._params = _entries(modules, "_parameters")
         self._buffers = _entries(modules, "_buffers")
 
     def valid(self) -> bool:
+        """Same submodules under the same names, and name tables of the same sizes."""
         try:
-            return all(map(is_, map(getitem, self._child_tables, self._child_keys), self._children)) and all(
-                map(eq, map(dict.keys, self._tables), self._keysets)
-            )
+            same_children = all(map(is_, map(getitem, self._child_tables, self._child_keys), self._children))
         except KeyError:
             return False
+        return same_children and list(map(len, self._tables)) == self._sizes
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        return _read(*self._params)
-
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return _read(*self._buffers)
+    def read(self, buffers: bool) -> dict[str, torch.Tensor]:
+        """The live tensors by name (raises ``KeyError`` when a name it expects is gone)."""
+        out = _read(*self._params)
+        if buffers:
+            out.update(_read(*self._buffers))
+        return out
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
