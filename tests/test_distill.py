@@ -490,6 +490,8 @@ def test_bad_arguments(models):
         distill(t, s, [("", "")])
     with pytest.raises(ValueError, match="the mapping is empty"):
         distill(t, s, Mapping())
+    with pytest.raises(TypeError, match=r"mutable must be True, False or None, got 'yes'"):
+        distill(t, s, mutable="yes")
 
 
 def test_module_that_never_ran():
