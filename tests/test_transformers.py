@@ -154,3 +154,18 @@ def test_an_eval_bert_teacher_is_truncated_from_its_first_call():
     assert calls[0] == calls[1] == calls[2] < 0.6 * full  # two of four layers, from the first call on
     ref = fd.distill(t, s, m, truncate=False)(fd.state(t), fd.state(s), **inputs)
     torch.testing.assert_close(fn(fd.state(t), fd.state(s), **inputs)[0].teacher, ref[0].teacher)
+
+
+def test_a_training_bert_student_with_fixed_buffers_does_not_warn():
+    import warnings
+
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    t, s = BertModel(config).eval(), BertModel(config).train()  # position_ids / token_type_ids are never written
+    ids = torch.randint(0, 100, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd.distill(t, s)(fd.state(t), fd.state(s), input_ids=ids)
