@@ -48,6 +48,10 @@ from funcdistill._state import StateSpec, state
 __all__: list[str] = []
 
 WHOLE = ""
+_REPEAT_FIX = (
+    "Map a module that runs once (for example one of the calls' parent modules), give each call "
+    "its own module, or trace the model with torch.fx and map the node of the call you mean."
+)
 _MAX_VERDICTS = 1024
 
 
@@ -162,9 +166,7 @@ class _Shadow:
             if point in sink:
                 raise RuntimeError(
                     f"{role} module {point!r} ran more than once in one forward pass, so "
-                    "its output is ambiguous. Map a module that runs once (for example one "
-                    "of the calls' parent modules), give each call its own module, or trace "
-                    "the model with torch.fx and map the node of the call you mean."
+                    f"its output is ambiguous. {_REPEAT_FIX}"
                 )
             sink[point] = output
             stop = self.stop
@@ -369,7 +371,7 @@ class Capture:
     def _fake_specs(self, sig: tuple) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
         """Shape, dtype and device of each state entry, as the checked call will run it."""
         spec, dtype = self.spec, self.dtype
-        fallback = next((leaf[3] for leaf in _tensor_leaves(sig)), torch.device("cpu"))
+        fallback = next((device for _, device in _dryrun.tensor_specs(sig)), torch.device("cpu"))
         out = {}
         for name in spec._names:
             t = spec.live_tensor(name)
@@ -383,10 +385,7 @@ class Capture:
         return (
             f"{self.role} module {point!r} runs {n} times in one forward pass of the "
             f"{self.role} {_names.describe(self.model)} (seen by the shape-only dry run that "
-            "checks a truncated teacher for these input shapes), so its output is ambiguous. "
-            "Map a module that runs once (for example one of the calls' parent modules), give "
-            "each call its own module, or trace the model with torch.fx and map the node of the "
-            "call you mean."
+            f"checks a truncated teacher for these input shapes), so its output is ambiguous. {_REPEAT_FIX}"
         )
 
     # --- errors -----------------------------------------------------------------------
@@ -444,16 +443,6 @@ def constant_under_compile(fn: Any) -> Any:
     """
     fn._dynamo_marked_constant = True
     return fn
-
-
-def _tensor_leaves(sig: Any):
-    """The ``(tag, shape, dtype, device)`` tensor entries of a signature."""
-    if isinstance(sig, tuple):
-        if sig and sig[0] == _dryrun._TENSOR:
-            yield sig
-        else:
-            for item in sig:
-                yield from _tensor_leaves(item)
 
 
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:

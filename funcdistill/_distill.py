@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from collections.abc import Mapping as AbcMapping
@@ -276,12 +277,7 @@ class DistillFn(Frozen):
         if self._payload_keys and isinstance(student_state, AbcMapping):
             payload_state, student_state = self._split(student_state)
         keep, report = bool(self.mutable), self.mutable is None
-        if self.nograd_teacher:
-            with torch.no_grad():
-                _, t_out, t_buffers, t_dropped = self._teacher.run(
-                    teacher_state, args, kwargs, buffers=keep, report=report
-                )
-        else:
+        with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
             _, t_out, t_buffers, t_dropped = self._teacher.run(teacher_state, args, kwargs, buffers=keep, report=report)
         _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:

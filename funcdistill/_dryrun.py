@@ -17,7 +17,7 @@ so it adds nothing to the compiled graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -67,6 +67,16 @@ def _encode(x: Any) -> Any:
     if isinstance(x, _PLAIN):
         return ("value", x)
     raise _Unencodable
+
+
+def tensor_specs(sig: Any) -> Iterator[tuple[tuple[int, ...], torch.device]]:
+    """``(shape, device)`` of each tensor in a signature, in order."""
+    if isinstance(sig, tuple) and sig:
+        if sig[0] == _TENSOR:
+            yield sig[1], sig[3]
+        else:
+            for item in sig:
+                yield from tensor_specs(item)
 
 
 def _decode(x: Any) -> Any:
