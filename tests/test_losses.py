@@ -420,14 +420,45 @@ def _cases():
         "rkd_loss": (L.rkd_loss, (torch.randn(4, 6), torch.randn(4, 3)), {}),
         "cosine_loss": (L.cosine_loss, (torch.randn(4, 5), torch.randn(4, 5)), {}),
         "mse_loss": (L.mse_loss, (torch.randn(4, 5), torch.randn(4, 5)), {}),
+        "pkt_loss": (L.pkt_loss, (torch.randn(4, 6), torch.randn(4, 3)), {}),
+        "sp_loss": (L.sp_loss, (torch.randn(4, 6, 2, 2), torch.randn(4, 3, 3, 3)), {}),
+        "crd_loss": (_crd_case(), (torch.randn(4, 6), torch.randn(4, 6)), {}),
+        "dist_loss": (L.dist_loss, (torch.randn(4, 5), torch.randn(4, 5)), {"temperature": 2.0}),
+        "standardized_kd": (_standardized(L.kd_loss), (torch.randn(4, 5), torch.randn(4, 5)), {"temperature": 2.0}),
+        "standardized_dkd": (
+            _standardized(functools.partial(L.dkd_loss, target=y)),
+            (torch.randn(4, 5), torch.randn(4, 5)),
+            {"temperature": 2.0},
+        ),
     }
 
 
+def _crd_case():
+    """crd_loss on a fixed state and fixed indices, returning the loss only."""
+    state = L.crd_init(10, 6, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([0, 3, 4, 9])
+    negatives = L.crd_negatives(index, 10, 5, generator=torch.Generator().manual_seed(1))
+
+    def crd(t, s, **kwargs):
+        return L.crd_loss(t, s, state, index, negatives, **kwargs)[0]
+
+    return crd
+
+
+def _standardized(loss):
+    def standardized(t, s, **kwargs):
+        return loss(L.standardize_logits(t), L.standardize_logits(s), **kwargs)
+
+    return standardized
+
+
 CASES = list(_cases())
-KL_LOSSES = {"kd_loss", "dkd_loss"}
+KL_LOSSES = {"kd_loss", "dkd_loss", "standardized_kd", "standardized_dkd"}
+LOSS_NAMES = {"standardized_kd": "kd_loss", "standardized_dkd": "dkd_loss"}
+REDUCED = [name for name in CASES if name != "dist_loss"]  # DIST's intra-class term has no per-sample value
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", REDUCED)
 @pytest.mark.parametrize("bad", ["avg", None, "batchmean"])
 def test_bad_reduction_names_valid_values(name, bad):
     fn, args, kwargs = _cases()[name]
@@ -435,11 +466,13 @@ def test_bad_reduction_names_valid_values(name, bad):
         fn(*args, reduction=bad, **kwargs)  # valid for the KL losses
         return
     valid = "'none', 'mean', 'sum'" + (", 'batchmean'" if name in KL_LOSSES else "")
-    with pytest.raises(ValueError, match=rf"{name}: reduction must be one of {valid}, got {bad!r}"):
+    with pytest.raises(
+        ValueError, match=rf"{LOSS_NAMES.get(name, name)}: reduction must be one of {valid}, got {bad!r}"
+    ):
         fn(*args, reduction=bad, **kwargs)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", REDUCED)
 def test_reductions_agree(name):
     fn, args, kwargs = _cases()[name]
     none = fn(*args, reduction="none", **kwargs)
@@ -481,6 +514,31 @@ def test_compiled_losses_fullgraph_match_eager():
     close(compiled(t, s, T), total(t, s, T))
 
 
+@pytest.mark.compile
+def test_compiled_new_losses_fullgraph_match_eager():
+    # PKT, SP, DIST, standardized KD and DKD, and CRD with its state, in one graph
+    t, s = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 2, 1, 3])
+    index = torch.tensor([1, 6, 2, 7])
+    negatives = L.crd_negatives(index, 8, 3, generator=torch.Generator().manual_seed(0))
+    crd_state = L.crd_init(8, 5, generator=torch.Generator().manual_seed(1))
+
+    def total(t, s, T, crd_state):
+        zt, zs = L.standardize_logits(t), L.standardize_logits(s)
+        crd, new_state = L.crd_loss(t, s, crd_state, index, negatives, temperature=T / 10)
+        relational = L.pkt_loss(t, s) + L.sp_loss(t, s) + L.dist_loss(t, s, temperature=T)
+        return relational + L.kd_loss(zt, zs, temperature=T) + L.dkd_loss(zt, zs, y, temperature=T) + crd, new_state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(total, fullgraph=True)
+    T = torch.tensor(2.0)
+    got, got_state = compiled(t, s, T, crd_state)
+    expected, expected_state = total(t, s, T, crd_state)
+    close(got, expected)
+    for a, b in zip(got_state, expected_state):
+        close(a, b)
+
+
 def test_module_forms_match_functions():
     t, s = torch.randn(4, 5), torch.randn(4, 5)
     y = torch.tensor([0, 2, 1, 3])
@@ -488,6 +546,13 @@ def test_module_forms_match_functions():
     close(L.DKDLoss(0.5, 2.0, 3.0)(t, s, y), L.dkd_loss(t, s, y, alpha=0.5, beta=2.0, temperature=3.0))
     close(L.RKDLoss(1.0, 2.0)(t, s), L.rkd_loss(t, s, distance_weight=1.0, angle_weight=2.0))
     close(L.CosineLoss(reduction="sum")(t, s), L.cosine_loss(t, s, reduction="sum"))
+    close(L.PKTLoss(1e-5, reduction="sum")(t, s), L.pkt_loss(t, s, eps=1e-5, reduction="sum"))
+    close(L.SPLoss(reduction="none")(t, s), L.sp_loss(t, s, reduction="none"))
+    close(L.DISTLoss(0.5, 2.0, 3.0)(t, s), L.dist_loss(t, s, beta=0.5, gamma=2.0, temperature=3.0))
+    z = L.standardize_logits
+    close(L.LogitStandardization(L.KDLoss(temperature=2.0))(t, s), L.kd_loss(z(t), z(s), temperature=2.0))
+    close(L.LogitStandardization(L.DKDLoss(beta=2.0))(t, s, y), L.dkd_loss(z(t), z(s), y, beta=2.0))
+    close(L.LogitStandardization(L.kd_loss, eps=1e-3)(t, s), L.kd_loss(z(t, eps=1e-3), z(s, eps=1e-3)))
     assert "temperature=3.0" in repr(L.KDLoss(temperature=3.0))
     with pytest.raises(ValueError, match="CosineLoss: reduction must be one of 'none', 'mean', 'sum', got 'batchmean'"):
         L.CosineLoss(reduction="batchmean")
@@ -538,6 +603,20 @@ def test_public_names():
             "kd_loss",
             "mse_loss",
             "rkd_loss",
+            "CRDLoss",
+            "CRDState",
+            "DISTLoss",
+            "LogitStandardization",
+            "PKTLoss",
+            "SPLoss",
+            "crd_head",
+            "crd_init",
+            "crd_loss",
+            "crd_negatives",
+            "dist_loss",
+            "pkt_loss",
+            "sp_loss",
+            "standardize_logits",
         ]
     )
     papers = {
@@ -547,6 +626,11 @@ def test_public_names():
         "attention_transfer_loss": "Zagoruyko",
         "rkd_loss": "Park",
         "cosine_loss": "DistilBERT",
+        "pkt_loss": "Passalis",
+        "sp_loss": "Tung",
+        "crd_loss": "Tian",
+        "dist_loss": "Huang",
+        "standardize_logits": "Sun",
     }
     for name, author in papers.items():
         assert author in getattr(L, name).__doc__, name

@@ -1,4 +1,4 @@
-"""Losses between logits: Hinton's KD and decoupled KD (DKD)."""
+"""Losses between logits: Hinton's KD, decoupled KD (DKD), DIST, and logit standardization."""
 
 from __future__ import annotations
 
@@ -19,7 +19,16 @@ from funcdistill.losses._checks import (
     reduce,
 )
 
-__all__ = ["DKDLoss", "KDLoss", "dkd_loss", "kd_loss"]
+__all__ = [
+    "DISTLoss",
+    "DKDLoss",
+    "KDLoss",
+    "LogitStandardization",
+    "dist_loss",
+    "dkd_loss",
+    "kd_loss",
+    "standardize_logits",
+]
 
 Temperature = float | torch.Tensor
 
@@ -180,6 +189,132 @@ def _non_target_kl_terms(t: torch.Tensor, s: torch.Tensor, is_target: torch.Tens
     return kl_terms(log_t, log_s)
 
 
+def dist_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    *,
+    beta: float | torch.Tensor = 1.0,
+    gamma: float | torch.Tensor = 1.0,
+    temperature: Temperature = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    r"""DIST, inter- and intra-class relations, of Huang, You, Wang, Qian & Xu (2022).
+
+    "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022,
+    arXiv:2205.10536. Instead of matching probabilities exactly (KL), the
+    student matches their *relations* with the Pearson correlation
+    :math:`\rho`, on :math:`Y = \mathrm{softmax}(z / \tau)` of shape ``(N, C)``:
+
+    * inter-class: :math:`1 - \frac{1}{N} \sum_i \rho(Y^s_{i,:}, Y^t_{i,:})`, each
+      sample's ranking of the classes;
+    * intra-class: :math:`1 - \frac{1}{C} \sum_j \rho(Y^s_{:,j}, Y^t_{:,j})`, each
+      class's ranking of the samples of the batch;
+
+    and the loss is :math:`\tau^2 (\beta \cdot \text{inter} + \gamma \cdot \text{intra})`.
+    The intra-class term is a statistic of the whole batch, so there is no
+    per-sample value and no ``reduction``. The defaults are those of the
+    authors' code and torchdistill's ``DISTLoss`` (whose value this equals);
+    ``eps`` guards the correlation of a constant row or column, as there.
+
+    Args:
+        teacher_logits: the teacher's logits ``(N, C)``, ``N >= 2``, ``C >= 2``.
+        student_logits: the student's logits, same shape.
+        beta: weight of the inter-class term (number >= 0 or 0-d tensor).
+        gamma: weight of the intra-class term (number >= 0 or 0-d tensor).
+        temperature: ``tau > 0``, a number or a 0-d tensor.
+        eps: lower bound of the norms in the correlation (a positive number).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: the shapes differ or are not ``(N, C)`` with ``N, C >= 2``,
+            or a value is out of range.
+
+    Example:
+        >>> import torch
+        >>> t = torch.randn(4, 10)
+        >>> abs(round(float(dist_loss(t, t)), 6))
+        0.0
+        >>> float(dist_loss(t, torch.randn(4, 10), temperature=4.0)) > 0
+        True
+    """
+    name = "dist_loss"
+    check_tensors(name, teacher_logits=teacher_logits, student_logits=student_logits)
+    check_same_shape(name, teacher_logits, student_logits)
+    if teacher_logits.dim() != 2 or min(teacher_logits.shape) < 2:
+        raise ValueError(
+            f"{name}: needs logits (N, C) with at least 2 samples and 2 classes (the correlations run "
+            f"along both dimensions), got shape {tuple(teacher_logits.shape)}; for token logits "
+            "(N, L, C) pass logits.flatten(0, 1)."
+        )
+    check_weight(name, "beta", beta)
+    check_weight(name, "gamma", gamma)
+    check_positive(name, "temperature", temperature, allow_tensor=True)
+    check_positive(name, "eps", eps)
+    y_t = F.softmax(teacher_logits / temperature, dim=-1)
+    y_s = F.softmax(student_logits / temperature, dim=-1)
+    inter = 1.0 - _pearson_rows(y_t, y_s, eps).mean()
+    intra = 1.0 - _pearson_rows(y_t.T, y_s.T, eps).mean()
+    return (beta * inter + gamma * intra) * (temperature * temperature)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return F.cosine_similarity(a, b, dim=-1, eps=eps)
+
+
+def standardize_logits(logits: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
+    r"""Logit standardization of Sun, Ren, Li, Wang & Cao (2024): the Z-score of each row.
+
+    "Logit Standardization in Knowledge Distillation", CVPR 2024,
+    arXiv:2403.01427: :math:`(z - \bar z) / (\sigma(z) + \epsilon)` along the
+    last dimension, so that the student matches the *shape* of the teacher's
+    logits rather than their range. It is a transform, not a loss: apply it to
+    both sides of a logit loss, e.g.
+    ``kd_loss(standardize_logits(t), standardize_logits(s), temperature=2.0)``
+    or ``dkd_loss(standardize_logits(t), standardize_logits(s), labels)``
+    (:class:`LogitStandardization` does it for a loss module). The temperature
+    of the loss is then the paper's base temperature.
+
+    Conventions of the authors' code (and torchdistill's ``LogitStdKDLoss``):
+    :math:`\sigma` is the standard deviation with Bessel's correction
+    (``torch.std``), and ``eps = 1e-7``. Unlike ``torch.std``, whose gradient
+    is NaN for a constant row, this one stays finite there (the row maps to
+    zeros). ``kd_loss`` of standardized logits equals ``T**2`` times
+    torchdistill's ``LogitStdKDLoss`` without labels, which leaves out the
+    ``T**2``.
+
+    Args:
+        logits: logits ``(..., C)``, ``C >= 2``.
+        eps: added to the standard deviation (a positive number).
+
+    Raises:
+        TypeError: ``logits`` is not a tensor or ``eps`` not a number.
+        ValueError: fewer than 2 classes, or ``eps`` not positive.
+
+    Example:
+        >>> import torch
+        >>> z = standardize_logits(torch.tensor([[1.0, 2.0, 3.0], [10.0, 30.0, 50.0]]))
+        >>> torch.allclose(z[0], z[1]), torch.allclose(z[0], torch.tensor([-1.0, 0.0, 1.0]))
+        (True, True)
+    """
+    name = "standardize_logits"
+    check_tensors(name, logits=logits)
+    check_positive(name, "eps", eps)
+    if logits.dim() == 0 or logits.shape[-1] < 2:
+        raise ValueError(
+            f"{name}: needs logits (..., C) with at least 2 classes in the last dimension, "
+            f"got shape {tuple(logits.shape)}."
+        )
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    variance = centred.pow(2).sum(dim=-1, keepdim=True) / (logits.shape[-1] - 1)
+    positive = variance > 0
+    # sqrt only where positive: the gradient of sqrt at 0 is infinite (torch.std's is NaN there)
+    std = torch.where(positive, torch.where(positive, variance, 1.0).sqrt(), 0.0)
+    return centred / (std + eps)
+
+
 class KDLoss(nn.Module):
     """:func:`kd_loss` as a module, for use as a mapping payload.
 
@@ -253,3 +388,98 @@ class DKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class DISTLoss(nn.Module):
+    """:func:`dist_loss` as a module, for use as a mapping payload.
+
+    Args:
+        beta: weight of the inter-class term.
+        gamma: weight of the intra-class term.
+        temperature: softening temperature ``tau > 0``.
+        eps: lower bound of the norms in the correlation.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(4, 5)
+        >>> abs(round(float(DISTLoss(temperature=4.0)(x, x)), 6))
+        0.0
+    """
+
+    def __init__(
+        self,
+        beta: float | torch.Tensor = 1.0,
+        gamma: float | torch.Tensor = 1.0,
+        temperature: Temperature = 1.0,
+        *,
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        check_weight("DISTLoss", "beta", beta)
+        check_weight("DISTLoss", "gamma", gamma)
+        check_positive("DISTLoss", "temperature", temperature, allow_tensor=True)
+        check_positive("DISTLoss", "eps", eps)
+        self.beta = beta
+        self.gamma = gamma
+        self.temperature = temperature
+        self.eps = eps
+
+    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        return dist_loss(
+            teacher_logits,
+            student_logits,
+            beta=self.beta,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, eps={self.eps}"
+
+
+class LogitStandardization(nn.Module):
+    """A logit loss on standardized logits (Sun et al. 2024), for use as a mapping payload.
+
+    ``LogitStandardization(loss)(t, s, *args)`` is
+    ``loss(standardize_logits(t), standardize_logits(s), *args)``: it composes
+    with :class:`KDLoss`, :class:`DKDLoss` (pass the labels as the third
+    argument) or any loss that takes ``(teacher_logits, student_logits, ...)``.
+    See :func:`standardize_logits`.
+
+    Args:
+        loss: the logit loss, a module or a function.
+        eps: added to the standard deviation.
+
+    Raises:
+        TypeError: ``loss`` is not callable.
+
+    Example:
+        >>> import torch
+        >>> loss = LogitStandardization(KDLoss(temperature=2.0))
+        >>> t = torch.randn(3, 5)
+        >>> abs(round(float(loss(t, 4 * t + 1)), 6))  # same logits up to scale and shift
+        0.0
+    """
+
+    def __init__(self, loss: Any, *, eps: float = 1e-7):
+        super().__init__()
+        if not callable(loss):
+            raise TypeError(
+                "LogitStandardization: loss must be a logit loss (a module or function such as "
+                f"KDLoss(temperature=2.0) or kd_loss), got {type(loss).__name__}."
+            )
+        check_positive("LogitStandardization", "eps", eps)
+        self.loss = loss
+        self.eps = eps
+
+    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.loss(
+            standardize_logits(teacher_logits, eps=self.eps),
+            standardize_logits(student_logits, eps=self.eps),
+            *args,
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"

@@ -64,14 +64,7 @@ def rkd_loss(
     check_tensors(name, teacher=teacher, student=student)
     check_weight(name, "distance_weight", distance_weight)
     check_weight(name, "angle_weight", angle_weight)
-    for role, x in (("teacher", teacher), ("student", student)):
-        if x.dim() < 2 or x.shape[0] < 2:
-            raise ValueError(
-                f"{name}: {role} must be a batch of at least 2 embeddings (N, ...), "
-                f"got shape {tuple(x.shape)}; RKD compares samples within a batch."
-            )
-    if teacher.shape[0] != student.shape[0]:
-        raise ValueError(f"{name}: teacher and student batch sizes differ: {teacher.shape[0]} vs {student.shape[0]}.")
+    check_batches(name, teacher, student, minimum=2, method="RKD")
     t = teacher.flatten(1)
     s = student.flatten(1)
     t_diff, s_diff = _differences(t), _differences(s)
@@ -79,6 +72,18 @@ def rkd_loss(
     angle = F.smooth_l1_loss(_angles(s_diff), _angles(t_diff), reduction="none")
     per_sample = distance_weight * distance.mean(-1) + angle_weight * angle.flatten(1).mean(-1)
     return reduce(per_sample, reduction)
+
+
+def check_batches(loss: str, teacher: torch.Tensor, student: torch.Tensor, *, minimum: int, method: str) -> None:
+    """Check two batches ``(N, ...)`` of the same size ``N >= minimum`` (their widths may differ)."""
+    for role, x in (("teacher", teacher), ("student", student)):
+        if x.dim() < 2 or x.shape[0] < minimum:
+            raise ValueError(
+                f"{loss}: {role} must be a batch of at least {minimum} embeddings (N, ...), "
+                f"got shape {tuple(x.shape)}; {method} compares samples within a batch."
+            )
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{loss}: teacher and student batch sizes differ: {teacher.shape[0]} vs {student.shape[0]}.")
 
 
 def _differences(x: torch.Tensor) -> torch.Tensor:
