@@ -21,6 +21,13 @@ The losses and their papers:
 - `rkd_loss` / `RKDLoss`: Park et al. 2019 (relational: distance + angle).
 - `cosine_loss` / `CosineLoss`: the hidden-state loss of DistilBERT (Sanh et al. 2019).
 - `mse_loss`: plain feature matching (or `torch.nn.MSELoss`, which is symmetric).
+- `pkt_loss` / `PKTLoss`: Passalis & Tefas 2018 (probabilistic knowledge transfer: cosine-kernel KL).
+- `sp_loss` / `SPLoss`: Tung & Mori 2019 (similarity-preserving: batch Gram matrices).
+- `crd_loss` / `CRDLoss` with `crd_init`, `crd_head`, `crd_negatives`: Tian et al. 2020
+  (contrastive; its memory banks are an explicit `CRDState`, returned updated).
+- `dist_loss` / `DISTLoss`: Huang et al. 2022 (DIST: inter- and intra-class Pearson correlation).
+- `standardize_logits` / `LogitStandardization`: Sun et al. 2024 (logit standardization, a
+  transform for `kd_loss` and `dkd_loss`).
 
 Example:
     >>> import torch
@@ -42,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+from funcdistill.losses._contrastive import CRDLoss, CRDState, crd_head, crd_init, crd_loss, crd_negatives
 from funcdistill.losses._feature import (
     AttentionTransferLoss,
     CosineLoss,
@@ -51,21 +59,45 @@ from funcdistill.losses._feature import (
     hint_adapter,
     mse_loss,
 )
-from funcdistill.losses._logit import DKDLoss, KDLoss, dkd_loss, kd_loss
+from funcdistill.losses._logit import (
+    DISTLoss,
+    DKDLoss,
+    KDLoss,
+    LogitStandardization,
+    dist_loss,
+    dkd_loss,
+    kd_loss,
+    standardize_logits,
+)
 from funcdistill.losses._relational import RKDLoss, rkd_loss
+from funcdistill.losses._similarity import PKTLoss, SPLoss, pkt_loss, sp_loss
 
 __all__ = [
     "AttentionTransferLoss",
+    "CRDLoss",
+    "CRDState",
     "CosineLoss",
+    "DISTLoss",
     "DKDLoss",
     "FitNetsLoss",
     "KDLoss",
+    "LogitStandardization",
+    "PKTLoss",
     "RKDLoss",
+    "SPLoss",
     "attention_transfer_loss",
     "cosine_loss",
+    "crd_head",
+    "crd_init",
+    "crd_loss",
+    "crd_negatives",
+    "dist_loss",
     "dkd_loss",
     "hint_adapter",
     "kd_loss",
     "mse_loss",
+    "pkt_loss",
     "rkd_loss",
+    "sp_loss",
+    "standardize_logits",
 ]
