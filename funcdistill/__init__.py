@@ -5,6 +5,8 @@
 - :func:`distill`: builds a pure function
   ``fn(teacher_state, student_state, *inputs)`` that returns one
   :class:`Pair` ``(teacher_output, student_output, payload)`` per mapping pair.
+- :class:`Point`: a point that reads one call of a module that runs several
+  times, all its calls, or a module's input.
 - :func:`state`: a model's parameters and buffers as a ``{name: tensor}`` dict.
 
 Losses are in :mod:`funcdistill.losses`; the drop-in for the context-manager
@@ -12,15 +14,16 @@ API is :mod:`funcdistill.compat`.
 
 >>> import funcdistill
 >>> sorted(funcdistill.__all__)
-['BoundPayload', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'distill', 'state']
+['BoundPayload', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'Point', 'distill', 'state']
 """
 
 from funcdistill import _pytree as _pytree  # registers Mapping as a pytree
 from funcdistill._distill import Buffers, DistillFn, distill
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
+from funcdistill._point import Point
 from funcdistill._state import state
 
-__all__ = ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "distill", "state"]
+__all__ = ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "Point", "distill", "state"]
 
 __version__ = "0.1.0"

@@ -41,22 +41,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funcdistill import _dryrun, _names
+from funcdistill import _dryrun, _names, _sharded, _taps
+from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves, tree_map
 from funcdistill._state import StateSpec, state
 
 __all__: list[str] = []
 
 WHOLE = ""
-_REPEAT_FIX = (
-    "Map a module that runs once (for example one of the calls' parent modules), give each call "
-    "its own module, or trace the model with torch.fx and map the node of the call you mean."
-)
 _MAX_VERDICTS = 1024
-
-
-class _Stop(BaseException):
-    """Raised by the last tap of a truncated model to stop its forward early."""
+_Stop = _taps.Stop
+_DRY_NOTE = " (Seen by the shape-only dry run that checks a truncated teacher for these input shapes.)"
 
 
 class _NodeTap(nn.Module):
@@ -110,15 +105,17 @@ class _Shadow:
         "aliases",
         "state_keys",
         "state_ids",
+        "units",
     )
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...], role: str):
-        self.sink: dict[str, Any] | None = None
-        self.stop: frozenset[str] | None = None
-        self.counts: dict[str, int] | None = None  # set during a dry run
+    def __init__(self, model: nn.Module, points: tuple[str | Point, ...]):
+        self.sink: dict[Any, Any] | None = None  # the values the taps keep, during a call
+        self.stop: frozenset[Any] | None = None
+        self.counts: dict[Any, int] | None = None  # calls per point, during a call or a dry run
         module = shallow_clone(model)
+        self.units = _sharded.units(module, model)  # FSDP2 units: gathered per unit on the call's state
         live = _names.module_names(model)
-        nodes = [p for p in points if p and p not in live]
+        nodes = list(dict.fromkeys(n for n in map(_taps.name_of, points) if n and n not in live))
         if nodes:
             module = _with_node_taps(module, nodes)
         by_name = _names.module_names(module)
@@ -126,7 +123,7 @@ class _Shadow:
             by_name[node] = module.get_submodule(f"_funcdistill_tap_{i}")
         for point in points:
             if point != WHOLE:
-                by_name[point].register_forward_hook(self._hook(point, role, len(points)))
+                _taps.register(self, by_name[_taps.name_of(point)], point, len(points))
         self.module = module
         pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
         self.shadows = [m for m, _ in pairs]
@@ -154,26 +151,6 @@ class _Shadow:
         self.state_keys = list(held)
         self.state_ids = list(map(id, held.values()))
         return self
-
-    def _hook(self, point: str, role: str, n_points: int):
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            sink = self.sink
-            if sink is None:
-                counts = self.counts
-                if counts is not None:  # a dry run
-                    counts[point] = counts.get(point, 0) + 1
-                return  # a forward outside a distill call (e.g. checkpoint recompute)
-            if point in sink:
-                raise RuntimeError(
-                    f"{role} module {point!r} ran more than once in one forward pass, so "
-                    f"its output is ambiguous. {_REPEAT_FIX}"
-                )
-            sink[point] = output
-            stop = self.stop
-            if stop is not None and len(sink) >= n_points and stop.issubset(sink):
-                raise _Stop
-
-        return record
 
     def sync_modes(self) -> bool:
         """Copy the live models' training flags; return whether any module is training."""
@@ -225,7 +202,8 @@ class Capture:
 
     Args:
         model: the live model (never modified).
-        points: point names to capture (``''`` is the final output).
+        points: the points to capture: names (``''`` is the final output) and
+            :class:`~funcdistill.Point` values, resolved.
         role: ``"teacher"`` or ``"student"``, for messages.
         truncate: stop the forward once every point has been recorded, when
             every module is in eval mode and the dry run allows it.
@@ -237,7 +215,7 @@ class Capture:
     def __init__(
         self,
         model: nn.Module,
-        points: tuple[str, ...],
+        points: tuple[str | Point, ...],
         role: str,
         *,
         truncate: bool = False,
@@ -249,8 +227,10 @@ class Capture:
         self.dtype = dtype
         self.points = tuple(dict.fromkeys(points))
         self.whole = WHOLE in self.points
-        self.stop_at = frozenset(self.points) if truncate and not self.whole else None
-        self._args = (model, self.points, role)
+        whole = self.whole or _taps.needs_whole_forward(self.points)
+        self.stop_at = frozenset(self.points) if truncate and not whole else None
+        self._args = (model, self.points)
+        _sharded.check(model, role)
         main = _Shadow(*self._args)
         self.spec = StateSpec(role, model, main.module, clone_buffers=clone_buffers, dtype=dtype)
         self._main = main.bind(self.spec)
@@ -304,8 +284,7 @@ class Capture:
                 stop = self.stop_at
             elif verdict != _dryrun.FULL:
                 raise RuntimeError(verdict)
-        shadow.sink = {}
-        shadow.stop = stop
+        shadow.sink, shadow.counts, shadow.stop = {}, {}, stop
         try:
             try:
                 output = shadow.forward(swaps, args, kwargs)
@@ -314,12 +293,15 @@ class Capture:
             except Exception as error:
                 self._reraise(error, swaps, shadow, args, kwargs)
                 raise
-            captured = shadow.sink
+            captured, counts = shadow.sink, shadow.counts
         finally:
-            shadow.sink = None
+            shadow.sink = shadow.counts = None
+            if shadow.units is not None:
+                shadow.units.release()
+        _taps.finish(captured, self.points)
         if self.whole:
             captured[WHOLE] = output
-        self._check(captured)
+        self._check(captured, counts)
         used = self.spec.buffers(swaps, shadow.own) if buffers else None
         updated = report and bool(cloned) and not compiling and self.spec.updated(swaps, cloned)
         return output, captured, used, updated
@@ -350,7 +332,8 @@ class Capture:
             if counts is None:
                 verdict = _dryrun.FULL
             else:
-                verdict = next((self._repeat_message(p, n) for p, n in counts.items() if n > 1), _dryrun.TRUNCATE)
+                problems = self._problems(counts)
+                verdict = _DRY_NOTE.join(problems) + _DRY_NOTE if problems else _dryrun.TRUNCATE
             if len(self._verdicts) >= _MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[sig] = verdict
@@ -381,17 +364,17 @@ class Capture:
             out[name] = (t.shape, t_dtype, fallback if t.is_meta else t.device)
         return out
 
-    def _repeat_message(self, point: str, n: int) -> str:
-        return (
-            f"{self.role} module {point!r} runs {n} times in one forward pass of the "
-            f"{self.role} {_names.describe(self.model)} (seen by the shape-only dry run that "
-            f"checks a truncated teacher for these input shapes), so its output is ambiguous. {_REPEAT_FIX}"
-        )
+    def _problems(self, counts: dict[Any, int]) -> list[str]:
+        """What the call counts say is wrong (a module run several times with no call selected, ...)."""
+        found = (_taps.count_problem(p, counts.get(p, 0), self.role, self.model) for p in self.points)
+        return [p for p in found if p is not None]
 
     # --- errors -----------------------------------------------------------------------
 
     def _reraise(self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict) -> None:
         """Raise a clearer error than ``error`` when the inputs' dtype differs from the model's."""
+        if shadow.units is not None:
+            _sharded.reraise(error, self.role)
         state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None)
         input_dtype = next(
             (x.dtype for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()),
@@ -411,25 +394,28 @@ class Capture:
             f"{str(error).splitlines()[0] if str(error) else ''}); {fix}."
         ) from error
 
-    def _check(self, captured: dict[str, Any]) -> None:
-        if len(captured) != len(self.points):
-            missing = [p for p in self.points if p not in captured]
-            raise RuntimeError(
-                f"{self.role} module(s) {', '.join(map(repr, missing))} never ran during "
-                f"the forward pass of the {self.role} {_names.describe(self.model)}, so "
-                "there is nothing to distill. Map modules that the forward calls for this "
-                "input."
-            )
+    def _check(self, captured: dict[Any, Any], counts: dict[Any, int]) -> None:
+        if len(captured) != len(self.points) or not all(n == 1 for n in counts.values()):
+            problems = self._problems(counts)
+            missing = [p for p in self.points if p not in captured and not counts.get(p)]
+            if missing:
+                problems.append(
+                    f"{self.role} module(s) {', '.join(map(repr, missing))} never ran during "
+                    f"the forward pass of the {self.role} {_names.describe(self.model)}, so "
+                    "there is nothing to distill. Map modules that the forward calls for this "
+                    "input."
+                )
+            if problems:
+                raise RuntimeError("\n".join(problems))
         for point, value in captured.items():
             if isinstance(value, torch.Tensor):
                 continue
             for leaf in tree_leaves(value):
                 if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
-                        f"the output of {self.role} module {point!r} contains a "
-                        f"{type(leaf).__name__}, not only tensors; map a module whose "
-                        "output is a tensor or a tuple/list/dict of tensors (None "
-                        "entries are allowed)."
+                        f"the {_taps.what(point)[4:]} of {self.role} module {_taps.name_of(point)!r} contains "
+                        f"a {type(leaf).__name__}, not only tensors; map a point whose value is a tensor or a "
+                        f"tuple/list/dict of tensors (None entries are allowed){_taps.arg_hint(point)}."
                     )
 
 

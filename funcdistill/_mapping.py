@@ -11,6 +11,7 @@ from torch import nn
 
 from funcdistill import _names
 from funcdistill._frozen import Frozen, init
+from funcdistill._point import Point
 
 __all__ = ["Mapping", "Pair"]
 
@@ -36,7 +37,10 @@ class Mapping(Frozen):
     A point is a qualified submodule name (``'features.5.conv'``), ``''`` for the
     whole model (its final output), a node name when the model is a
     :class:`torch.fx.GraphModule`, or a module reference (resolved to its name at
-    :meth:`add` time, which needs the models).
+    :meth:`add` time, which needs the models): the output of a module that runs
+    once. A :class:`~funcdistill.Point` reads one call of a module that runs
+    several times, all its calls, or its input (``Point(name, io="input",
+    call=k)``); the mapping keeps a plain point as its name.
 
     A Mapping is a pytree whose leaves are the payloads (the names are static
     metadata): ``optree.tree_map(f, mapping, namespace="funcdistill")`` and
@@ -62,7 +66,7 @@ class Mapping(Frozen):
     _immutable_hint = " Use add() or replace(), which return a new Mapping."
     _teacher: nn.Module | None
     _student: nn.Module | None
-    _names: tuple[tuple[str, str], ...]
+    _names: tuple[tuple[str | Point, str | Point], ...]
     _payloads: tuple[Any, ...]
 
     def __init__(self, teacher: nn.Module | None = None, student: nn.Module | None = None):
@@ -93,23 +97,25 @@ class Mapping(Frozen):
         return self._student
 
     @property
-    def names(self) -> tuple[tuple[str, str], ...]:
-        """The ``(teacher_name, student_name)`` pairs, in order."""
+    def names(self) -> tuple[tuple[str | Point, str | Point], ...]:
+        """The ``(teacher_point, student_point)`` pairs, in order: names, or Points for the others."""
         return self._names
 
     def add(self, teacher_module: Any, student_module: Any, payload: Any = None) -> Mapping:
         """Return a new Mapping with one more pair; the original is unchanged.
 
         Args:
-            teacher_module: a teacher point: name, ``''`` or module reference.
-            student_module: a student point: name, ``''`` or module reference.
+            teacher_module: a teacher point: name, ``''``, module reference or
+                :class:`~funcdistill.Point`.
+            student_module: a student point, likewise.
             payload: anything returned with the pair (a loss, a weight, an adapter).
 
         Raises:
-            TypeError: a point is neither a string nor a module.
+            TypeError: a point is neither a string, a module nor a Point.
             ValueError: a point does not belong to its model (the message
                 suggests close names, and says when teacher and student look
-                swapped).
+                swapped), or a Point reads what its module does not have (the
+                input of an FX node, a ``forward`` parameter it does not take).
         """
         t = _names.resolve(teacher_module, "teacher", self._teacher, self._student)
         s = _names.resolve(student_module, "student", self._student, self._teacher)

@@ -11,9 +11,12 @@ A *point* of a model is where a mapping pair reads an output:
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 from torch import nn
+
+from funcdistill._point import Point, canonical
 
 __all__: list[str] = []
 
@@ -72,11 +75,15 @@ def unknown_name_message(name: str, role: Role, model: nn.Module, other: nn.Modu
     return msg
 
 
-def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | None) -> str:
-    """Turn a name or a module reference into a validated point name.
+def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | None) -> str | Point:
+    """Turn a name, a module reference or a :class:`Point` into a validated point.
+
+    A plain point comes back as its name (a string); a :class:`Point` with another
+    ``io``, ``call`` or ``arg`` as a Point whose name is resolved.
 
     Args:
-        point: a qualified name, an FX node name, ``''``, or a submodule of ``model``.
+        point: a qualified name, an FX node name, ``''``, a submodule of ``model``, or a
+            :class:`Point` of one of these.
         role: ``"teacher"`` or ``"student"``, for messages.
         model: the model the point belongs to, or ``None`` when unknown yet
             (then only names are accepted and they are checked later).
@@ -86,6 +93,11 @@ def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | 
         TypeError: ``point`` is neither a string nor an ``nn.Module``.
         ValueError: the name or module does not belong to ``model``.
     """
+    if isinstance(point, Point):
+        resolved = point.with_name(str(resolve(point.name, role, model, other)))
+        if model is not None:
+            _check_point(resolved, role, model)
+        return canonical(resolved)
     if isinstance(point, str):
         if model is not None and point not in _name_set(model):
             raise ValueError(unknown_name_message(point, role, model, other))
@@ -109,7 +121,31 @@ def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | 
         else:
             msg += " Pass a module of that model, or its qualified name as a string."
         raise ValueError(msg)
-    raise TypeError(f"a {role} point must be a module name (str) or an nn.Module, got {type(point).__name__}.")
+    raise TypeError(
+        f"a {role} point must be a module name (str), an nn.Module or a funcdistill.Point, got {type(point).__name__}."
+    )
+
+
+def _check_point(point: Point, role: Role, model: nn.Module) -> None:
+    """Check what a :class:`Point` reads against the module it names."""
+    name = str(point.name)
+    module = module_names(model).get(name)
+    if module is None:  # an FX node: it has one value, computed once
+        if point.io == "input":
+            raise ValueError(
+                f"{point!r}: {name!r} is a node of the {role} {describe(model)}'s graph, not a module, "
+                "so it has no input to read; map the node that computes that input instead."
+            )
+        return
+    if isinstance(point.arg, str):
+        params = forward_parameters(module)
+        if params is not None and point.arg not in params:
+            close = difflib.get_close_matches(point.arg, params, n=1, cutoff=0.5)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"{point!r}: the forward of the {role}'s {type(module).__name__} at {name!r} has no "
+                f"parameter {point.arg!r}. {hint}Its parameters: {', '.join(map(repr, params))}."
+            )
 
 
 def _name_set(model: nn.Module) -> set[str]:
@@ -121,3 +157,14 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str | None:
         if m is module:
             return name
     return None
+
+
+def forward_parameters(module: nn.Module) -> list[str] | None:
+    """The parameter names of ``module.forward``, or ``None`` when it takes ``**kwargs`` or has no signature."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]

@@ -506,7 +506,11 @@ def test_module_that_never_ran():
 def test_module_that_ran_twice():
     t, s = Shared(), Shared()
     fn = distill(t, s, Mapping(t, s).add("lin", "out"))
-    with pytest.raises(RuntimeError, match="teacher module 'lin' ran more than once in one forward pass"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"teacher module 'lin' runs 2 times in one forward pass of the teacher Shared, so its output is "
+        r"ambiguous\. Select one call with funcdistill\.Point\('lin', call=k\)",
+    ):
         fn(state(t), state(s), torch.randn(2, 4))
 
 

@@ -130,7 +130,9 @@ def test_names_without_models_are_accepted_unchecked():
 
 
 def test_bad_point_type_is_a_type_error(models):
-    with pytest.raises(TypeError, match=r"a teacher point must be a module name \(str\) or an nn.Module, got int"):
+    with pytest.raises(
+        TypeError, match=r"a teacher point must be a module name \(str\), an nn.Module or a funcdistill.Point, got int"
+    ):
         Mapping(*models).add(3, "head")
 
 

@@ -1,0 +1,175 @@
+"""Taps: the hooks that read a point's value during a forward, call by call.
+
+One tap per mapped point, registered once on a shadow module
+(:mod:`funcdistill._capture`): a forward hook for a module's output, a
+forward pre-hook (with keyword arguments) for its input, so a truncated model
+can stop *before* a module whose input is the last thing it needs.
+
+During a call every tap counts the calls of its module and keeps the value
+its :class:`~funcdistill.Point` selects: the only call (``call=None``), the
+``k``-th, or all of them (``call="all"`` and negative indices, resolved when
+the forward ends). The counts then say what went wrong, if anything: a
+module that ran several times with no call selected, a call index that never
+happened. The shape-only dry run (:mod:`funcdistill._dryrun`) counts with
+the same taps, so a truncated teacher reports these before it runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from funcdistill import _names
+from funcdistill._point import ALL, Point
+
+__all__: list[str] = []
+
+_SELECT_FIX = (
+    "Select one call with funcdistill.Point({name!r}, call=k) (k counts from 0; negative from the end), "
+    "all calls with call='all', or map a module that runs once."
+)
+
+
+def name_of(point: str | Point) -> str:
+    """The module or node name of a point (resolved points only)."""
+    return point if isinstance(point, str) else str(point.name)
+
+
+def select(point: str | Point) -> int | str | None:
+    """How a tap keeps values: ``None`` (first call), ``k`` (the k-th call) or ``ALL`` (every call)."""
+    if isinstance(point, str) or point.call is None:
+        return None
+    return ALL if point.whole_forward else point.call
+
+
+def needs_whole_forward(points: tuple[str | Point, ...]) -> bool:
+    """Whether some point is known only when the forward has ended."""
+    return any(isinstance(p, Point) and p.whole_forward for p in points)
+
+
+def register(owner: Any, module: nn.Module, point: str | Point, n_points: int) -> None:
+    """Register ``point``'s tap on ``module``; it writes to ``owner.sink``/``owner.counts``.
+
+    ``owner`` is a shadow with ``sink`` (values, or ``None`` outside a call),
+    ``counts`` (calls per point, or ``None``) and ``stop`` (points after which
+    to raise ``stop_signal``, or ``None``).
+    """
+    keep = select(point)
+    if isinstance(point, Point) and point.io == "input":
+        read = _input_reader(point, module)
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: _seen(owner, point, keep, n_points, read(args, kwargs)), with_kwargs=True
+        )
+    else:
+        module.register_forward_hook(lambda m, args, output: _seen(owner, point, keep, n_points, output))
+
+
+class Stop(BaseException):
+    """Raised by the tap of a truncated model's last needed point to stop its forward early.
+
+    A ``BaseException``, so ``except Exception`` in model code does not swallow it.
+    """
+
+
+def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int, value: Any) -> None:
+    counts = owner.counts
+    if counts is None:
+        return  # a forward outside a distill call (e.g. a checkpoint recompute)
+    n = counts.get(point, 0)
+    counts[point] = n + 1
+    sink = owner.sink
+    if sink is None:
+        return  # the dry run only counts
+    if keep == ALL:
+        sink.setdefault(point, []).append(value)
+        return
+    if n != (keep or 0):
+        return
+    sink[point] = value
+    stop = owner.stop
+    if stop is not None and len(sink) >= n_points and stop.issubset(sink):
+        raise Stop
+
+
+def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], Any]:
+    """What ``io="input"`` reads from a call's ``(args, kwargs)``."""
+    arg = point.arg
+    if arg is None:
+        return lambda args, kwargs: args[0] if len(args) == 1 else tuple(args)
+    if isinstance(arg, int):
+        return lambda args, kwargs: args[arg] if arg < len(args) else _missing(point, module, len(args))
+    position = _positions(module).get(arg)
+
+    def read(args: tuple, kwargs: dict) -> Any:
+        if arg in kwargs:
+            return kwargs[arg]
+        if position is not None and position < len(args):
+            return args[position]
+        return _missing(point, module, len(args), sorted(kwargs))
+
+    return read
+
+
+def _positions(module: nn.Module) -> dict[str, int]:
+    """The position of each parameter of ``module.forward`` that can be passed positionally."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: i for i, p in enumerate(q for q in params if q.kind in kinds)}
+
+
+def _missing(point: Point, module: nn.Module, n_args: int, keywords: list[str] | None = None) -> Any:
+    got = f"{n_args} positional argument(s)" + (f" and keyword(s) {keywords}" if keywords else "")
+    raise RuntimeError(
+        f"{point!r}: the {type(module).__name__} at {name_of(point)!r} was called with {got}, "
+        f"without argument {point.arg!r}; map an argument that the forward passes."
+    )
+
+
+def finish(sink: dict[Any, Any], points: tuple[str | Point, ...]) -> None:
+    """Turn the per-call lists of ``call="all"`` and negative points into their values, in place."""
+    for point in points:
+        keep = select(point)
+        if keep != ALL or point not in sink:
+            continue
+        calls, call = sink[point], point.call if isinstance(point, Point) else None
+        if call == ALL:
+            sink[point] = tuple(calls)
+        elif isinstance(call, int) and len(calls) >= -call:
+            sink[point] = calls[call]
+        else:  # fewer calls than the negative index needs: count_problem says so
+            del sink[point]
+
+
+def count_problem(point: str | Point, n: int, role: str, model: nn.Module) -> str | None:
+    """What is wrong with a point whose module ran ``n`` times, or ``None``."""
+    call = point.call if isinstance(point, Point) else None
+    where = f"{role} module {name_of(point)!r}"
+    forward = f"in one forward pass of the {role} {_names.describe(model)}"
+    if call is None and n > 1:
+        return f"{where} runs {n} times {forward}, so {what(point)} is ambiguous. " + _SELECT_FIX.format(
+            name=name_of(point)
+        )
+    if isinstance(call, int) and n > 0 and not (-n <= call < n):
+        return (
+            f"{where} runs {n} times {forward}, so {point!r} selects a call that never happens; "
+            f"valid calls are 0..{n - 1} (or -{n}..-1 from the end)."
+        )
+    return None
+
+
+def what(point: str | Point) -> str:
+    """``"its output"`` or ``"its input"``, for messages."""
+    return "its input" if isinstance(point, Point) and point.io == "input" else "its output"
+
+
+def arg_hint(point: str | Point) -> str:
+    """How to narrow an input point to one argument, for messages about its value."""
+    if isinstance(point, Point) and point.io == "input" and point.arg is None:
+        return f", or read one argument: Point({name_of(point)!r}, io='input', arg=...)"
+    return ""
