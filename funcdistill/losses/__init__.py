@@ -28,6 +28,11 @@ The losses and their papers:
 - `dist_loss` / `DISTLoss`: Huang et al. 2022 (DIST: inter- and intra-class Pearson correlation).
 - `standardize_logits` / `LogitStandardization`: Sun et al. 2024 (logit standardization, a
   transform for `kd_loss` and `dkd_loss`).
+- `generalized_jsd_loss` / `GeneralizedJSDLoss`: Agarwal et al. 2024 (GKD's generalized JSD over tokens).
+- `skew_kl_loss` / `SkewKLLoss`: Ko et al. 2024 (DistiLLM's skew KL and skew reverse KL over tokens).
+- `topk_kl_loss`: forward KL on a teacher's stored top-k log-probabilities (offline logits).
+- `fused_linear_jsd_loss`, `fused_linear_topk_kl_loss`: the same from hidden states and head
+  weights, chunk by chunk over tokens, never holding the full logits.
 
 Example:
     >>> import torch
@@ -50,6 +55,13 @@ Example:
 from __future__ import annotations
 
 from funcdistill.losses._contrastive import CRDLoss, CRDState, crd_head, crd_init, crd_loss, crd_negatives
+from funcdistill.losses._divergence import (
+    GeneralizedJSDLoss,
+    SkewKLLoss,
+    generalized_jsd_loss,
+    skew_kl_loss,
+    topk_kl_loss,
+)
 from funcdistill.losses._feature import (
     AttentionTransferLoss,
     CosineLoss,
@@ -59,6 +71,7 @@ from funcdistill.losses._feature import (
     hint_adapter,
     mse_loss,
 )
+from funcdistill.losses._fused import fused_linear_jsd_loss, fused_linear_topk_kl_loss
 from funcdistill.losses._logit import (
     DISTLoss,
     DKDLoss,
@@ -80,11 +93,13 @@ __all__ = [
     "DISTLoss",
     "DKDLoss",
     "FitNetsLoss",
+    "GeneralizedJSDLoss",
     "KDLoss",
     "LogitStandardization",
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
+    "SkewKLLoss",
     "attention_transfer_loss",
     "cosine_loss",
     "crd_head",
@@ -93,11 +108,16 @@ __all__ = [
     "crd_negatives",
     "dist_loss",
     "dkd_loss",
+    "fused_linear_jsd_loss",
+    "fused_linear_topk_kl_loss",
+    "generalized_jsd_loss",
     "hint_adapter",
     "kd_loss",
     "mse_loss",
     "pkt_loss",
     "rkd_loss",
+    "skew_kl_loss",
     "sp_loss",
     "standardize_logits",
+    "topk_kl_loss",
 ]

@@ -1,0 +1,388 @@
+r"""Fused linear + divergence losses: the heads are applied chunk by chunk, the full logits never exist.
+
+At 4,096 tokens and a 32,000-class vocabulary one fp32 logits tensor is
+500 MiB, and a loss over two models' logits holds several such tensors at
+once (logits, softmaxes, their gradient). The losses here take the models'
+last hidden states and head weights instead, and process ``chunk_size``
+tokens at a time: a chunk's logits are computed, its loss and its gradients
+(for the student's hidden states, head weight and bias) are taken at once,
+and the logits are dropped before the next chunk. Only the accumulated
+gradients are saved for the backward pass, which just scales them. Peak
+memory then grows with ``chunk_size * V`` instead of ``tokens * V``.
+
+How the gradient is carried: a :class:`torch.autograd.Function` whose
+forward takes each chunk's gradient with :func:`torch.func.grad_and_value`
+(``torch.utils.checkpoint`` cannot be used: it relies on saved-tensor hooks,
+which :func:`torch.func.grad` does not support). So these losses work
+
+* in a ``loss.backward()`` loop and under :func:`torch.func.grad` /
+  :func:`torch.func.grad_and_value`;
+* under :func:`torch.func.vmap` (the Function's vmap rule is generated, so a
+  vmapped call is the chunked loss of each batch element; ``vmap`` of
+  ``grad`` and ``grad`` of ``vmap`` work too);
+* under ``torch.compile(fullgraph=True)``, without a graph break.
+
+Limits, each an error or a documented choice rather than a wrong result:
+
+* **First-order gradients only.** A second derivative (``jacrev`` of ``grad``,
+  ``create_graph=True``) raises instead of returning zeros.
+* **The teacher side is a constant**, as a teacher in :func:`funcdistill.distill`
+  is: no gradient reaches the teacher's hidden states, head weight or bias, nor
+  tensor hyper-parameters (``beta``, ``temperature``).
+* ``reduction="none"`` is refused: per-token losses would need the logits
+  again in the backward pass to give the head weight its gradient.
+* The gradients are computed in the forward pass whenever a student tensor
+  requires a gradient; under ``torch.no_grad()`` only the value is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from funcdistill.losses._checks import check_positive, check_reduction, check_tensors
+from funcdistill.losses._divergence import check_topk, jsd_rows, log_probs, topk_rows
+from funcdistill.losses._tokens import (
+    IGNORE_INDEX,
+    check_fraction,
+    check_leading,
+    check_vocab,
+    counted_tokens,
+    token_weights,
+)
+
+__all__ = ["fused_linear_jsd_loss", "fused_linear_topk_kl_loss"]
+
+Number = float | torch.Tensor
+FUSED_REDUCTIONS = ("mean", "sum")
+
+# rows(row_chunks, constants, student_logits) -> per-token losses of the chunk
+RowLoss = Callable[[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor], torch.Tensor]
+
+
+class _Plan(NamedTuple):
+    """What the chunked Function computes (Python values only, hashable for torch.compile)."""
+
+    rows: RowLoss
+    chunk_size: int
+    sliced: int  # how many of the teacher-side tensors are split by token (the others are constants)
+    has_bias: bool
+
+
+def _chunk_loss(
+    plan: _Plan,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: torch.Tensor,
+    rows: tuple[torch.Tensor, ...],
+    constants: tuple[Any, ...],
+) -> torch.Tensor:
+    """The weighted loss of one chunk of tokens: ``sum(weights * per_token_loss)``."""
+    logits = F.linear(hidden, weight, bias)
+    per_token = plan.rows(rows, constants, logits)
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    return (torch.where(weights != 0, per_token, zero) * weights).sum()
+
+
+def _chunks(plan: _Plan, n: int, weights: torch.Tensor, teacher: tuple[Any, ...]):
+    """Per chunk: ``(start, stop, weights[start:stop], the sliced teacher tensors)``, plus the constants."""
+    constants = teacher[plan.sliced :]
+    for start in range(0, n, plan.chunk_size):
+        stop = min(start + plan.chunk_size, n)
+        yield start, stop, weights[start:stop], tuple(t[start:stop] for t in teacher[: plan.sliced]), constants
+
+
+def _chunked_value(plan, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
+    """The loss alone, chunk by chunk (nothing needs a gradient)."""
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start, stop, w, rows, constants in _chunks(plan, hidden.shape[0], weights, teacher):
+        total = total + _chunk_loss(plan, hidden[start:stop], weight, bias, w, rows, constants)
+    return total.to(hidden.dtype)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Loss and student gradients in one chunked forward; the backward scales the saved gradients."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(plan, hidden, weight, bias, weights, *teacher):  # type: ignore[override]
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=acc)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        grad_hidden = []
+        argnums = (0, 1, 2) if plan.has_bias else (0, 1)
+        for start, stop, w, rows, constants in _chunks(plan, hidden.shape[0], weights, teacher):
+            loss = functools.partial(_chunk_loss, plan, weights=w, rows=rows, constants=constants)
+            grads, value = torch.func.grad_and_value(loss, argnums=argnums)(hidden[start:stop], weight, bias)
+            total = total + value
+            grad_hidden.append(grads[0])
+            grad_weight = grad_weight + grads[1]
+            if grad_bias is not None:
+                grad_bias = grad_bias + grads[2]
+        outputs = (total.to(hidden.dtype), torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden))
+        outputs += (grad_weight.to(weight.dtype),)
+        return outputs if grad_bias is None else (*outputs, grad_bias.to(bias.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:])
+        ctx.n_teacher = len(inputs) - 5
+        # unused outputs then get None as gradient: a gradient for a saved gradient means a second derivative
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grad_saved):  # type: ignore[override]
+        if any(g is not None for g in grad_saved) and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fused losses give first-order gradients only (their backward pass scales gradients computed "
+                "in the forward pass); for second derivatives use generalized_jsd_loss or topk_kl_loss on the logits."
+            )
+        grads = [None if grad_loss is None else grad_loss * g for g in ctx.saved_tensors]
+        if len(grads) == 2:
+            grads.append(None)  # no bias
+        return (None, *grads, None) + (None,) * ctx.n_teacher
+
+
+def _chunked_loss(
+    plan: _Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights: torch.Tensor, *teacher
+) -> torch.Tensor:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        return _chunked_value(plan, hidden, weight, bias, weights, *teacher)
+    return _ChunkedLoss.apply(plan, hidden, weight, bias, weights, *teacher)[0]
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _check_head(loss: str, side: str, hidden: Any, weight: Any, bias: Any) -> None:
+    """``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None."""
+    check_tensors(loss, **{f"{side}_hidden": hidden, f"{side}_weight": weight})
+    if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{loss}: {side}_weight must have shape (vocabulary, hidden) = (V, {hidden.shape[-1] if hidden.dim() else '?'})"
+            f" to match {side}_hidden {tuple(hidden.shape)}, got {tuple(weight.shape)} (pass the lm_head weight, "
+            "as nn.Linear stores it)."
+        )
+    if bias is not None:
+        check_tensors(loss, **{f"{side}_bias": bias})
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"{loss}: {side}_bias must have shape {tuple(weight.shape[:1])} to match {side}_weight, "
+                f"got {tuple(bias.shape)}."
+            )
+
+
+def _check_chunk_size(loss: str, chunk_size: Any) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{loss}: chunk_size must be a positive int (tokens per chunk), got {type(chunk_size).__name__}."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{loss}: chunk_size must be a positive int (tokens per chunk), got {chunk_size}.")
+
+
+def _check_reduction(loss: str, reduction: Any) -> str:
+    if reduction == "none":
+        raise ValueError(
+            f"{loss}: reduction='none' is not supported: per-token losses would need the logits again in the "
+            "backward pass. Use 'mean' or 'sum' (with a mask to select tokens), or the unfused loss on the logits."
+        )
+    return check_reduction(loss, reduction, FUSED_REDUCTIONS)
+
+
+# ---------------------------------------------------------------- the losses
+
+
+def _jsd_rows(
+    beta: Number | None, temperature: Number | None, rows: tuple, constants: tuple, logits: torch.Tensor
+) -> torch.Tensor:
+    (teacher_hidden,) = rows
+    teacher_weight, teacher_bias, *tensor_params = constants
+    params = iter(tensor_params)
+    beta = next(params) if beta is None else beta
+    temperature = next(params) if temperature is None else temperature
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    return jsd_rows(log_probs(teacher_logits, temperature), log_probs(logits, temperature), beta)
+
+
+def fused_linear_jsd_loss(
+    teacher_hidden: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    beta: Number = 0.5,
+    temperature: Number = 1.0,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    teacher_bias: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Generalized JSD of two linear heads' logits, computed ``chunk_size`` tokens at a time.
+
+    Equal in value and in gradients (for the student's hidden states, head
+    weight and bias) to::
+
+        generalized_jsd_loss(teacher_hidden @ teacher_weight.T + teacher_bias,
+                             student_hidden @ student_weight.T + student_bias, ...)
+
+    without ever holding more than one chunk's logits (see the module
+    documentation for how, and for the limits: first-order gradients, teacher
+    side constant, no ``reduction="none"``). The conventions (``beta`` 0 / 1,
+    ``temperature``, ``mask`` / ``labels``, ``vocab_size``) are those of
+    :func:`~funcdistill.losses.generalized_jsd_loss`; ``vocab_size`` keeps
+    the first rows of both weights.
+
+    Feed it the hidden states before the heads (for a ``transformers`` causal
+    LM, the output of ``model.norm``) and the ``lm_head`` weights from the
+    models' states.
+
+    Args:
+        teacher_hidden: the teacher's last hidden states, ``(..., H_T)``.
+        student_hidden: the student's, ``(..., H_S)``, same leading shape.
+        teacher_weight: the teacher's head weight, ``(V, H_T)``.
+        student_weight: the student's head weight, ``(V, H_S)``.
+        beta: mixture weight in [0, 1] (0: forward KL, 1: reverse KL).
+        temperature: ``T > 0``, dividing both logits.
+        mask: bool tensor of the leading shape, ``True`` where the token counts.
+        labels: token ids; tokens equal to ``ignore_index`` do not count.
+        ignore_index: the label of tokens that do not count (default ``-100``).
+        chunk_size: tokens per chunk; the last chunk may be smaller.
+        teacher_bias: the teacher's head bias ``(V,)``, if it has one.
+        student_bias: the student's head bias ``(V,)``, if it has one.
+        vocab_size: compare only the first ``vocab_size`` classes.
+        reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: shapes do not fit, a value is out of range, or ``reduction="none"``.
+        RuntimeError: a second derivative is asked for.
+
+    Example:
+        >>> import torch
+        >>> from funcdistill.losses import generalized_jsd_loss
+        >>> ht, hs = torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+        >>> wt, ws = torch.randn(11, 8), torch.randn(11, 4)
+        >>> fused = fused_linear_jsd_loss(ht, hs, wt, ws, chunk_size=3)
+        >>> torch.allclose(fused, generalized_jsd_loss(ht @ wt.T, hs @ ws.T), atol=1e-6)
+        True
+    """
+    name = "fused_linear_jsd_loss"
+    reduction = _check_reduction(name, reduction)
+    _check_head(name, "teacher", teacher_hidden, teacher_weight, teacher_bias)
+    _check_head(name, "student", student_hidden, student_weight, student_bias)
+    check_leading(name, teacher_hidden, student_hidden, "hidden states")
+    classes = check_vocab(name, teacher_weight.shape[0], student_weight.shape[0], vocab_size)
+    check_fraction(name, "beta", beta)
+    check_positive(name, "temperature", temperature, allow_tensor=True)
+    _check_chunk_size(name, chunk_size)
+    leading = student_hidden.shape[:-1]
+    counted = counted_tokens(name, leading, mask, labels, ignore_index)
+    weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
+    tensor_params = tuple(p for p in (beta, temperature) if isinstance(p, torch.Tensor))
+    rows = functools.partial(
+        _jsd_rows,
+        None if isinstance(beta, torch.Tensor) else beta,
+        None if isinstance(temperature, torch.Tensor) else temperature,
+    )
+    plan = _Plan(rows, chunk_size, 1, student_bias is not None)
+    return _chunked_loss(
+        plan,
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight[:classes],
+        None if student_bias is None else student_bias[:classes],
+        weights,
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight.detach()[:classes],
+        None if teacher_bias is None else teacher_bias.detach()[:classes],
+        *(p.detach() for p in tensor_params),
+    )
+
+
+def _topk_rows(renormalize: bool, rows: tuple, constants: tuple, logits: torch.Tensor) -> torch.Tensor:
+    topk_logprobs, topk_indices = rows
+    return topk_rows(topk_logprobs, topk_indices, log_probs(logits, 1), renormalize)
+
+
+def fused_linear_topk_kl_loss(
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    renormalize: bool = False,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    student_bias: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Top-k forward KL from stored teacher outputs, with the student's head applied chunk by chunk.
+
+    Equal in value and gradients to
+    ``topk_kl_loss(teacher_topk_logprobs, teacher_topk_indices, student_hidden @ student_weight.T + student_bias, ...)``
+    (see :func:`~funcdistill.losses.topk_kl_loss` for the conventions), while
+    only one chunk of the student's logits exists at a time.
+
+    Args:
+        teacher_topk_logprobs: the teacher's stored log-probabilities, ``(..., k)``.
+        teacher_topk_indices: their class indices, ``(..., k)``, integer, in ``[0, V)``.
+        student_hidden: the student's last hidden states, ``(..., H)``, same leading shape.
+        student_weight: the student's head weight, ``(V, H)``.
+        renormalize: renormalize the teacher's ``k`` probabilities to sum to 1.
+        mask: bool tensor of the leading shape, ``True`` where the token counts.
+        labels: token ids; tokens equal to ``ignore_index`` do not count.
+        ignore_index: the label of tokens that do not count (default ``-100``).
+        chunk_size: tokens per chunk.
+        student_bias: the student's head bias ``(V,)``, if it has one.
+        reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: shapes do not fit, or ``reduction="none"``.
+        RuntimeError: a second derivative is asked for.
+
+    Example:
+        >>> import torch
+        >>> from funcdistill.losses import topk_kl_loss
+        >>> logprobs, indices = torch.randn(6, 11).log_softmax(-1).topk(4)
+        >>> hs, ws = torch.randn(6, 3), torch.randn(11, 3)
+        >>> fused = fused_linear_topk_kl_loss(logprobs, indices, hs, ws, chunk_size=4)
+        >>> torch.allclose(fused, topk_kl_loss(logprobs, indices, hs @ ws.T), atol=1e-6)
+        True
+    """
+    name = "fused_linear_topk_kl_loss"
+    reduction = _check_reduction(name, reduction)
+    _check_head(name, "student", student_hidden, student_weight, student_bias)
+    leading = student_hidden.shape[:-1]
+    check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"{name}: renormalize must be True or False, got {type(renormalize).__name__}.")
+    _check_chunk_size(name, chunk_size)
+    counted = counted_tokens(name, leading, mask, labels, ignore_index)
+    weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
+    k = teacher_topk_logprobs.shape[-1]
+    plan = _Plan(functools.partial(_topk_rows, renormalize), chunk_size, 2, student_bias is not None)
+    return _chunked_loss(
+        plan,
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        student_bias,
+        weights,
+        teacher_topk_logprobs.detach().reshape(-1, k),
+        teacher_topk_indices.reshape(-1, k),
+    )
