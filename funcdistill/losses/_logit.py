@@ -279,9 +279,8 @@ def standardize_logits(logits: torch.Tensor, *, eps: float = 1e-7) -> torch.Tens
 
     Conventions of the authors' code (and torchdistill's ``LogitStdKDLoss``):
     :math:`\sigma` is the standard deviation with Bessel's correction
-    (``torch.std``), and ``eps = 1e-7``. Unlike ``torch.std``, whose gradient
-    is NaN for a constant row, this one stays finite there (the row maps to
-    zeros). ``kd_loss`` of standardized logits equals ``T**2`` times
+    (``torch.std``), and ``eps = 1e-7``; a constant row maps to zeros.
+    ``kd_loss`` of standardized logits equals ``T**2`` times
     torchdistill's ``LogitStdKDLoss`` without labels, which leaves out the
     ``T**2``.
 
@@ -308,11 +307,7 @@ def standardize_logits(logits: torch.Tensor, *, eps: float = 1e-7) -> torch.Tens
             f"got shape {tuple(logits.shape)}."
         )
     centred = logits - logits.mean(dim=-1, keepdim=True)
-    variance = centred.pow(2).sum(dim=-1, keepdim=True) / (logits.shape[-1] - 1)
-    positive = variance > 0
-    # sqrt only where positive: the gradient of sqrt at 0 is infinite (torch.std's is NaN there)
-    std = torch.where(positive, torch.where(positive, variance, 1.0).sqrt(), 0.0)
-    return centred / (std + eps)
+    return centred / (logits.std(dim=-1, keepdim=True) + eps)
 
 
 class KDLoss(nn.Module):
