@@ -81,11 +81,12 @@ def sp_loss(teacher: torch.Tensor, student: torch.Tensor, *, reduction: str = "m
     :math:`\frac{1}{N^2} \| G_t - G_s \|_F^2`. Widths (channels and spatial
     sizes) may differ, only the batch size must agree.
 
-    ``reduction="mean"`` (the default) is the paper's loss (and torchdistill's
-    ``SPKDLoss`` with ``reduction="batchmean"``); ``"sum"`` drops the
-    :math:`1/N^2` (torchdistill's other reduction); ``"none"`` returns the
-    ``(N, N)`` squared differences. For several layer pairs the paper sums the
-    losses of the pairs.
+    ``reduction="mean"`` (the default) is the paper's loss and that of the
+    authors' RepDistiller code; ``"sum"`` drops the :math:`1/N^2`; ``"none"``
+    returns the ``(N, N)`` squared differences. For several layer pairs the
+    paper sums the losses of the pairs. torchdistill's ``SPKDLoss`` differs:
+    it normalises the rows by their L1 norm (``normalize(G, 1)`` sets
+    ``p=1``), so its values differ from the paper's.
 
     Args:
         teacher: teacher activations ``(N, ...)``.
