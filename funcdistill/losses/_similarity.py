@@ -81,8 +81,8 @@ def sp_loss(teacher: torch.Tensor, student: torch.Tensor, *, reduction: str = "m
     :math:`\frac{1}{N^2} \| G_t - G_s \|_F^2`. Widths (channels and spatial
     sizes) may differ, only the batch size must agree.
 
-    ``reduction="mean"`` (the default) is the paper's loss and that of the
-    authors' RepDistiller code; ``"sum"`` drops the :math:`1/N^2`; ``"none"``
+    ``reduction="mean"`` (the default) is the paper's loss, as in RepDistiller
+    (the code base of the CRD paper, which reimplements SP); ``"sum"`` drops the :math:`1/N^2`; ``"none"``
     returns the ``(N, N)`` squared differences. For several layer pairs the
     paper sums the losses of the pairs. torchdistill's ``SPKDLoss`` differs:
     it normalises the rows by their L1 norm (``normalize(G, 1)`` sets
