@@ -100,7 +100,7 @@ def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], An
     if arg is None:
         return lambda args, kwargs: args[0] if len(args) == 1 else tuple(args)
     if isinstance(arg, int):
-        return lambda args, kwargs: args[arg] if arg < len(args) else _missing(point, module, len(args))
+        return lambda args, kwargs: args[arg] if arg < len(args) else _missing(point, module, len(args), list(kwargs))
     position = _positions(module).get(arg)
 
     def read(args: tuple, kwargs: dict) -> Any:
@@ -108,7 +108,7 @@ def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], An
             return kwargs[arg]
         if position is not None and position < len(args):
             return args[position]
-        return _missing(point, module, len(args), sorted(kwargs))
+        return _missing(point, module, len(args), list(kwargs))
 
     return read
 

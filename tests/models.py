@@ -107,3 +107,29 @@ class Tied(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))
+
+
+class Unrolled(nn.Module):
+    """One ``cell`` applied ``steps`` times (a recurrent/weight-shared block), then a ``head`` with a keyword input."""
+
+    def __init__(self, width: int = 4, steps: int = 3):
+        super().__init__()
+        self.steps = steps
+        self.cell = nn.Linear(width, width)
+        self.head = Scaled(width)
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = torch.tanh(self.cell(x))
+        return self.head(x, scale=x.mean(-1, keepdim=True))
+
+
+class Scaled(nn.Module):
+    """A linear head whose forward takes a keyword input."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(width, 3)
+
+    def forward(self, h, *, scale):
+        return self.lin(h) * scale
