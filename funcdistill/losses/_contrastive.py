@@ -27,15 +27,17 @@ class CRDState(NamedTuple):
             teacher's embeddings are contrasted with these rows.
         teacher_memory: ``(num_samples, D)``, the same for the teacher's
             embeddings; the student's embeddings are contrasted with these rows.
-        student_z: 0-d, the normalising constant ``Z`` of the student's scores;
-            0 until the first call estimates it, then fixed.
-        teacher_z: 0-d, the same for the teacher's scores.
+        student_log_z: 0-d, the logarithm of the normalising constant ``Z`` of
+            the student's scores; ``-inf`` (``Z = 0``) until the first call
+            estimates it, then fixed. (Kept as a logarithm: ``Z`` itself
+            overflows float32 at small temperatures.)
+        teacher_log_z: 0-d, the same for the teacher's scores.
     """
 
     student_memory: torch.Tensor
     teacher_memory: torch.Tensor
-    student_z: torch.Tensor
-    teacher_z: torch.Tensor
+    student_log_z: torch.Tensor
+    teacher_log_z: torch.Tensor
 
 
 def crd_init(
@@ -50,7 +52,7 @@ def crd_init(
 
     As in the authors' code, both memory banks start uniform in
     ``[-a, a]`` with ``a = 1 / sqrt(embed_dim / 3)`` (rows of expected norm 1),
-    and the normalising constants are not yet estimated (0).
+    and the normalising constants are not yet estimated (``log Z = -inf``).
 
     Args:
         num_samples: the size of the training set (each sample has a row).
@@ -67,8 +69,8 @@ def crd_init(
 
     Example:
         >>> state = crd_init(1000, 16, generator=torch.Generator().manual_seed(0))
-        >>> state.student_memory.shape, float(state.student_z)
-        (torch.Size([1000, 16]), 0.0)
+        >>> state.student_memory.shape, float(state.student_log_z)
+        (torch.Size([1000, 16]), -inf)
     """
     _check_size("crd_init", "num_samples", num_samples, minimum=2)
     _check_size("crd_init", "embed_dim", embed_dim, minimum=1)
@@ -78,8 +80,8 @@ def crd_init(
         uniform = torch.rand(num_samples, embed_dim, generator=generator, dtype=dtype, device=device)
         return uniform * (2 * bound) - bound
 
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return CRDState(bank(), bank(), zero, zero.clone())
+    unset = torch.full((), float("-inf"), dtype=dtype, device=device)
+    return CRDState(bank(), bank(), unset, unset.clone())
 
 
 def crd_negatives(
@@ -155,7 +157,7 @@ def crd_loss(
     is the paper's momentum rule at the batch's indices, nothing else changes:
     ``row = normalise(momentum * row + (1 - momentum) * embedding)``, from the
     detached embeddings. ``Z`` is estimated once, at the first call (while the
-    state's ``Z`` is 0), as the mean of :math:`\exp(\cdot / \tau)` over the
+    state's ``log Z`` is ``-inf``), as the mean of :math:`\exp(\cdot / \tau)` over the
     batch's scores times ``M``, and then kept, as in the authors' code.
     Indices within a batch should be distinct (the training set's indices of
     the batch's samples); with repeats, which update wins is undefined.
@@ -198,7 +200,7 @@ def crd_loss(
         >>> negatives = crd_negatives(index, 100, 32, generator=g)
         >>> t, s = torch.randn(4, 16), torch.randn(4, 16)
         >>> loss, state = crd_loss(t, s, state, index, negatives)
-        >>> loss.shape, float(state.student_z) > 0
+        >>> loss.shape, bool(state.student_log_z.isfinite())
         (torch.Size([]), True)
     """
     name = "crd_loss"
@@ -213,15 +215,15 @@ def crd_loss(
     s_scores = _scores(state.teacher_memory, contrast, s, temperature)
     t_scores = _scores(state.student_memory, contrast, t, temperature)
     num_samples = state.student_memory.shape[0]
-    student_z = _estimated_z(state.student_z, s_scores, num_samples)
-    teacher_z = _estimated_z(state.teacher_z, t_scores, num_samples)
+    student_log_z = _estimated_log_z(state.student_log_z, s_scores, num_samples)
+    teacher_log_z = _estimated_log_z(state.teacher_log_z, t_scores, num_samples)
     noise = math.log(negatives.shape[1] / num_samples)
-    per_sample = _nce(s_scores - student_z.log(), noise, eps) + _nce(t_scores - teacher_z.log(), noise, eps)
+    per_sample = _nce(s_scores - student_log_z, noise, eps) + _nce(t_scores - teacher_log_z, noise, eps)
     new_state = CRDState(
         _momentum_update(state.student_memory, index, s, momentum),
         _momentum_update(state.teacher_memory, index, t, momentum),
-        student_z,
-        teacher_z,
+        student_log_z,
+        teacher_log_z,
     )
     return reduce(per_sample, reduction), new_state
 
@@ -232,11 +234,10 @@ def _scores(memory: torch.Tensor, contrast: torch.Tensor, embed: torch.Tensor, t
     return torch.einsum("nkd,nd->nk", rows, embed) / temperature
 
 
-def _estimated_z(z: torch.Tensor, scores: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """``z`` once set (> 0); else ``mean(exp(scores)) * num_samples``, a constant."""
-    log_mean = torch.logsumexp(scores.detach().flatten(), dim=0) - math.log(scores.numel())
-    estimate = (log_mean + math.log(num_samples)).exp()
-    return torch.where(z > 0, z, estimate.to(z.dtype))
+def _estimated_log_z(log_z: torch.Tensor, scores: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """``log_z`` once set (> -inf); else ``log(mean(exp(scores)) * num_samples)``, a constant."""
+    estimate = torch.logsumexp(scores.detach().flatten(), dim=0) + math.log(num_samples / scores.numel())
+    return torch.where(log_z > float("-inf"), log_z, estimate.to(log_z.dtype))
 
 
 def _nce(log_p: torch.Tensor, log_noise: float, eps: float) -> torch.Tensor:
