@@ -8,13 +8,15 @@
 - :class:`Point`: a point that reads one call of a module that runs several
   times, all its calls, or a module's input.
 - :func:`state`: a model's parameters and buffers as a ``{name: tensor}`` dict.
+- :class:`TeacherCache`: teacher outputs computed once and stored, which a
+  distill function takes in place of the teacher state (offline distillation).
 
 Losses are in :mod:`funcdistill.losses`; the drop-in for the context-manager
 API is :mod:`funcdistill.compat`.
 
 >>> import funcdistill
 >>> sorted(funcdistill.__all__)
-['BoundPayload', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'Point', 'distill', 'state']
+['BoundPayload', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'Point', 'TeacherCache', 'distill', 'state']
 """
 
 from funcdistill import _pytree as _pytree  # registers Mapping as a pytree
@@ -23,7 +25,8 @@ from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
 from funcdistill._point import Point
 from funcdistill._state import state
+from funcdistill.cache import TeacherCache
 
-__all__ = ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "Point", "distill", "state"]
+__all__ = ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "Point", "TeacherCache", "distill", "state"]
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
 from funcdistill._pytree import tree_leaves
 from funcdistill._state import state
+from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
 
 __all__ = ["BoundPayload", "Buffers", "DistillFn", "distill"]
 
@@ -277,8 +278,13 @@ class DistillFn(Frozen):
         if self._payload_keys and isinstance(student_state, AbcMapping):
             payload_state, student_state = self._split(student_state)
         keep, report = bool(self.mutable), self.mutable is None
-        with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
-            _, t_out, t_buffers, t_dropped = self._teacher.run(teacher_state, args, kwargs, buffers=keep, report=report)
+        if isinstance(teacher_state, TeacherOutputs):  # a teacher cache stands in for the teacher
+            t_out, t_buffers, t_dropped = teacher_outputs(teacher_state, self), None, False
+        else:
+            with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
+                _, t_out, t_buffers, t_dropped = self._teacher.run(
+                    teacher_state, args, kwargs, buffers=keep, report=report
+                )
         _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:
             _warn_dropped_buffers(t_dropped, s_dropped)

@@ -19,7 +19,7 @@ except ImportError:
 
 from funcdistill._mapping import Mapping
 
-__all__ = ["NAMESPACE", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
+__all__ = ["NAMESPACE", "register_node", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
 
 NAMESPACE = "funcdistill"
 
@@ -79,3 +79,29 @@ torch_pytree.register_pytree_node(
     serialized_type_name="funcdistill.Mapping",
     flatten_with_keys_fn=_torch_flatten_with_keys,
 )
+
+
+def register_node(cls: type, flatten: Any, unflatten: Any, *, name: str) -> None:
+    """Register an immutable value class as a pytree node with optree and with torch.
+
+    ``flatten(value) -> (children, context)`` and ``unflatten(context, children) -> value``;
+    the children are subtrees (both registries recurse into them), the context
+    is static metadata. ``name`` is torch's ``serialized_type_name``.
+    """
+    optree.register_pytree_node(
+        cls,
+        flatten,
+        lambda context, children: unflatten(context, tuple(children)),
+        namespace=NAMESPACE,
+    )
+
+    def torch_flatten(value: Any) -> tuple[list[Any], Any]:
+        children, context = flatten(value)
+        return list(children), context
+
+    torch_pytree.register_pytree_node(
+        cls,
+        torch_flatten,
+        lambda children, context: unflatten(context, tuple(children)),
+        serialized_type_name=name,
+    )

@@ -1,0 +1,419 @@
+"""``TeacherCache``: teacher outputs computed once, read back by sample index in place of the teacher."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping as AbcMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from funcdistill._frozen import Frozen, init
+from funcdistill.cache import _augment, _build, _fingerprint, _layout, _store
+from funcdistill.cache._outputs import BuiltFor, TeacherOutputs
+
+__all__ = ["TeacherCache"]
+
+
+class TeacherCache(Frozen):
+    """Teacher outputs stored per sample, read back to stand in for the teacher (offline distillation).
+
+    :meth:`build` runs the teacher of a distill function once over a dataset
+    and stores its outputs at the mapped teacher points; :meth:`open` opens
+    such a cache; ``cache[indices]`` gives the outputs of those samples as a
+    :class:`~funcdistill.cache.TeacherOutputs`, which the distill function
+    takes **in place of the teacher state**: ``fn(cache[idx], student_state,
+    *inputs)`` returns the pairs ``fn(teacher_state, student_state, *inputs)``
+    would, without running the teacher (see :doc:`/cache`).
+
+    The cache is a folder of memory-mapped `safetensors` shards and a JSON
+    index with each shard's SHA-256; it records what it was built for (the
+    teacher points, the teacher's state layout and weights), and a distill
+    function with another mapping or another teacher is refused.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> import funcdistill as fd
+        >>> t = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> s = nn.Sequential(nn.Linear(4, 3))
+        >>> fn = fd.distill(t, s)
+        >>> data = torch.randn(10, 4)
+        >>> folder = tempfile.mkdtemp()
+        >>> cache = fd.TeacherCache.build(fn, fd.state(t), data, folder, batch_size=4, progress=False)
+        >>> len(cache), cache.points
+        (10, ("''",))
+        >>> idx = torch.tensor([7, 2])
+        >>> ((teacher, student, _),) = fn(cache[idx], fd.state(s), data[idx])
+        >>> torch.allclose(teacher, t(data[idx]))
+        True
+    """
+
+    __slots__ = (
+        "path",
+        "built_for",
+        "augment",
+        "_index",
+        "_entries",
+        "_specs",
+        "_names",
+        "_shards",
+        "_shard_size",
+        "_verify",
+        "_loaded",
+        "_lock",
+    )
+    _immutable_name = "a TeacherCache"
+    _immutable_hint = " Open it again (TeacherCache.open) for other options."
+    path: Path
+    """The cache's folder."""
+    built_for: BuiltFor
+    """What the cache was built for (path, teacher points, teacher state layout)."""
+    augment: Any
+    """The augmentation replayed by :meth:`replay`, or ``None``."""
+    _index: dict[str, Any]
+    _entries: list[dict[str, Any]]
+    _specs: list[Any]
+    _names: list[str]
+    _shards: list[dict[str, Any]]
+    _shard_size: int
+    _verify: bool
+    _loaded: dict[int, dict[str, torch.Tensor]]
+    _lock: threading.Lock
+
+    @classmethod
+    def build(
+        cls,
+        fn: Any,
+        teacher_state: AbcMapping[str, torch.Tensor],
+        dataset: Any,
+        path: str | os.PathLike[str],
+        *,
+        batch_size: int = 64,
+        inputs: int = 1,
+        dtype: torch.dtype | AbcMapping[int, torch.dtype] | None = None,
+        topk: int | AbcMapping[int, int] | None = None,
+        topk_temperature: float = 1.0,
+        augment: _augment.Augment | None = None,
+        draws: int = 1,
+        seed: int = 0,
+        shard_size: int | None = None,
+        progress: bool = True,
+    ) -> TeacherCache:
+        """Run the teacher of ``fn`` once over ``dataset`` and store its outputs at ``path``; return the cache.
+
+        Calling it again with the same arguments resumes a build that stopped
+        (finished shards are kept and their samples not read again), and
+        opens a finished cache without running anything.
+
+        Args:
+            fn: the distill function (:func:`funcdistill.distill`); its teacher
+                must be in eval mode. The student never runs.
+            teacher_state: the teacher state to run with, as for ``fn``.
+            dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``).
+                Each item is the model input (a tensor), or a tuple whose
+                first ``inputs`` entries are the model's positional inputs
+                (``(x, label)``: the label is ignored). Items are batched with
+                :func:`torch.utils.data.default_collate`; every sample must
+                give outputs of the same shape (pad sequences to one length).
+            path: the cache's folder (created if needed).
+            batch_size: samples per teacher call.
+            inputs: how many leading entries of a tuple item are model inputs.
+            dtype: storage dtype of the floating outputs (e.g. ``torch.float16``),
+                for every pair, or ``{pair_index: dtype}``; ``None`` keeps the
+                teacher's. Outputs are read back in the teacher's dtype.
+            topk: for logits pairs, store only the ``k`` largest
+                ``log_softmax`` values and their indices: an int for every
+                pair, or ``{pair_index: k}``. Such a pair's teacher output is
+                then a :class:`~funcdistill.cache.TopK`, for
+                :func:`funcdistill.losses.topk_kl_loss`.
+            topk_temperature: the top-k log-probabilities are
+                ``log_softmax(logits / topk_temperature)``: store them at the
+                temperature you distil at.
+            augment: a pure ``augment(x, generator)`` applied to the first
+                input of each sample before the teacher sees it, ``draws``
+                times per sample with recorded generator seeds; index such a
+                cache with ``cache[indices, draws]`` and get the matching
+                inputs with :meth:`replay`.
+            draws: augmentation draws per sample (needs ``augment``).
+            seed: seed of the augmentation draws.
+            shard_size: samples per shard file; by default about 64 MiB per
+                shard, a whole number of batches.
+            progress: show a progress bar (needs tqdm; rank 0 only).
+
+        Raises:
+            TypeError, ValueError: a bad argument (the message says which and
+                the fix); ``path`` holds a cache or an unfinished build made
+                with other settings (another teacher, mapping, storage or
+                dataset size).
+        """
+        options = _build.Options(
+            fn,
+            teacher_state,
+            dataset,
+            path,
+            batch_size=batch_size,
+            inputs=inputs,
+            dtype=dtype,
+            topk=topk,
+            topk_temperature=topk_temperature,
+            augment=augment,
+            draws=draws,
+            seed=seed,
+            shard_size=shard_size,
+            progress=progress,
+        )
+        _build.build(options)
+        return cls.open(path, augment=augment)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        augment: _augment.Augment | None = None,
+        teacher_state: AbcMapping[str, torch.Tensor] | None = None,
+        verify: bool = True,
+    ) -> TeacherCache:
+        """Open a finished cache.
+
+        Every shard's size is checked now; its SHA-256 is checked the first
+        time it is read (``verify=False`` skips that), so a damaged file is an
+        error naming it, never wrong outputs.
+
+        Args:
+            path: the cache's folder.
+            augment: the augmentation the cache was built with, for :meth:`replay`.
+            teacher_state: when given, checked against the teacher weights the
+                cache was built with (the whole state: ``funcdistill.state(teacher)``).
+            verify: check each shard's checksum on its first read.
+
+        Raises:
+            FileNotFoundError: there is no cache at ``path``.
+            ValueError: the build is unfinished, a file is damaged, truncated or
+                missing, ``augment`` is not the recorded one, or
+                ``teacher_state`` differs from the teacher it was built with.
+        """
+        folder = Path(path)
+        index_path = folder / _store.INDEX
+        if not index_path.exists():
+            if (folder / _store.BUILD).exists():
+                raise ValueError(
+                    f"the teacher cache build in {folder} is unfinished; run TeacherCache.build again with "
+                    "the same arguments to finish it."
+                )
+            raise FileNotFoundError(
+                f"no teacher cache at {folder} (no {_store.INDEX}); build one with TeacherCache.build."
+            )
+        index = _store.read_json(index_path, "index")
+        if index.get("version") != _store.VERSION:
+            raise ValueError(
+                f"{index_path} is version {index.get('version')!r}; this funcdistill reads {_store.VERSION}."
+            )
+        for record in index["shards"]:
+            _store.check_size(folder, record)
+        _check_augment(index, augment, folder)
+        if teacher_state is not None:
+            _check_weights(index, teacher_state, folder)
+        entries = index["entries"]
+        teacher = index["teacher"]
+        built_for = BuiltFor(
+            str(folder),
+            tuple(index["points"]),
+            (teacher["class"], tuple((n, tuple(s), d) for n, s, d in teacher["structure"])),
+        )
+        new = object.__new__(cls)
+        init(
+            new,
+            path=folder,
+            built_for=built_for,
+            augment=augment,
+            _index=index,
+            _entries=entries,
+            _specs=[_layout.load_spec(e) for e in entries],
+            _names=[n for e in entries for n in _layout.tensor_names(e)],
+            _shards=index["shards"],
+            _shard_size=index["shard_size"],
+            _verify=bool(verify),
+            _loaded={},
+            _lock=threading.Lock(),
+        )
+        return new
+
+    # --- what it holds -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._index["samples"])
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        """The teacher points whose outputs it holds (``repr`` of each point)."""
+        return self.built_for.points
+
+    @property
+    def draws(self) -> int:
+        """Recorded augmentation draws per sample; 0 for a cache built without ``augment``."""
+        return int(self._index["draws"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its shard files on disk."""
+        return sum(int(r["bytes"]) for r in self._shards)
+
+    @property
+    def bytes_per_sample(self) -> float:
+        """:attr:`nbytes` per sample (all draws of a sample included)."""
+        return self.nbytes / len(self)
+
+    def __repr__(self) -> str:
+        draws = f", draws={self.draws}" if self.draws else ""
+        return (
+            f"TeacherCache({str(self.path)!r}, samples={len(self)}, points={list(self.points)}{draws}, "
+            f"{self.bytes_per_sample:.0f} bytes/sample)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # DataLoader workers and copies open the folder again
+        return (_reopen, (str(self.path), self.augment, self._verify))
+
+    # --- reading ----------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> TeacherOutputs:
+        """The stored teacher outputs of ``cache[indices]`` or, with augmentation draws, ``cache[indices, draws]``.
+
+        ``indices`` is a 1-D integer tensor, a list, a range or a slice of
+        sample indices; ``draws`` gives each sample's draw (``0 .. K-1``).
+        """
+        indices, draws = self._key(key)
+        read = self._gather(indices, draws, self._names)
+        values = tuple(_layout.from_tensors(e, spec, read) for e, spec in zip(self._entries, self._specs))
+        return TeacherOutputs(values, self.built_for)
+
+    def replay(self, x: torch.Tensor, indices: Any, draws: Any) -> torch.Tensor:
+        """The augmented inputs whose teacher outputs ``cache[indices, draws]`` holds, bit for bit.
+
+        Args:
+            x: the un-augmented first inputs of those samples, batched in the
+                order of ``indices`` (what the dataset gives).
+            indices: their sample indices.
+            draws: the draw of each sample.
+        """
+        if self.augment is None:
+            raise ValueError(
+                "replay needs the augmentation the cache was built with: open it with "
+                "TeacherCache.open(path, augment=...)."
+                if self.draws
+                else "this cache was built without augment=..., so there is nothing to replay."
+            )
+        idx, d = self._key((indices, draws))
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(idx):
+            raise ValueError(
+                f"replay(x, ...) needs one input per index ({len(idx)}) along the first dimension of a tensor, "
+                f"got {list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
+            )
+        seeds = self._gather(idx, d, ["seeds"])["seeds"]
+        return _augment.replay(self.augment, x, seeds)
+
+    def verify(self) -> None:
+        """Check every shard's size and SHA-256 now.
+
+        Raises:
+            ValueError: naming the first damaged, truncated or missing file.
+        """
+        for record in self._shards:
+            _store.load_shard(self.path, record, verify=True)
+
+    def _key(self, key: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        draws = None
+        if isinstance(key, tuple) and len(key) == 2 and not isinstance(key[0], int):
+            key, draws = key
+        indices = _as_indices(key, len(self), "sample indices")
+        if self.draws and draws is None:
+            raise IndexError(
+                f"this cache holds {self.draws} augmentation draws per sample: index it with "
+                "cache[indices, draws] (and get the inputs with cache.replay(x, indices, draws))."
+            )
+        if draws is None:
+            return indices, None
+        if not self.draws:
+            raise IndexError("this cache was built without augmentation: index it with cache[indices] only.")
+        d = _as_indices(draws, self.draws, "draws")
+        if d.shape != indices.shape:
+            raise IndexError(f"give one draw per index: {len(indices)} indices, {len(d)} draws.")
+        return indices, d
+
+    def _gather(self, indices: torch.Tensor, draws: torch.Tensor | None, names: list[str]) -> dict[str, torch.Tensor]:
+        size = self._shard_size
+        shard = indices // size
+        rows = indices - shard * size
+        first, last = (int(shard.min()), int(shard.max())) if len(indices) else (0, 0)
+        if first == last:
+            tensors = self._shard(first)
+            return {n: tensors[n][rows] if draws is None else tensors[n][rows, draws] for n in names}
+        order = torch.argsort(shard, stable=True)
+        bounds = torch.searchsorted(shard[order], torch.arange(first, last + 2)).tolist()
+        pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for s in range(first, last + 1):
+            lo, hi = bounds[s - first], bounds[s - first + 1]
+            if lo == hi:
+                continue
+            pick = order[lo:hi]
+            tensors = self._shard(s)
+            r = rows[pick]
+            for n in names:
+                pieces[n].append(tensors[n][r] if draws is None else tensors[n][r, draws[pick]])
+        back = torch.argsort(order)
+        return {n: torch.cat(p)[back] for n, p in pieces.items()}
+
+    def _shard(self, s: int) -> dict[str, torch.Tensor]:
+        tensors = self._loaded.get(s)
+        if tensors is None:
+            with self._lock:
+                tensors = self._loaded.get(s)
+                if tensors is None:
+                    tensors = self._loaded[s] = _store.load_shard(self.path, self._shards[s], verify=self._verify)
+        return tensors
+
+
+def _reopen(path: str, augment: Any, verify: bool) -> TeacherCache:
+    return TeacherCache.open(path, augment=augment, verify=verify)
+
+
+def _as_indices(key: Any, n: int, what: str) -> torch.Tensor:
+    if isinstance(key, slice):
+        return torch.arange(n)[key]
+    if isinstance(key, (int, bool)) and not isinstance(key, torch.Tensor):
+        raise TypeError(f"{what} must be a list, range or 1-D tensor (cache[[i]] for one sample), got {key!r}.")
+    t = key if isinstance(key, torch.Tensor) else torch.as_tensor(list(key) if isinstance(key, range) else key)
+    if t.dim() != 1 or (t.numel() and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex())):
+        raise TypeError(
+            f"{what} must be a 1-D integer tensor or a list of ints, got {t.dtype} of shape {list(t.shape)}."
+        )
+    t = t.to("cpu", torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise IndexError(f"{what} must be in 0..{n - 1}, got {bad}.")
+    return t
+
+
+def _check_augment(index: dict[str, Any], augment: Any, folder: Path) -> None:
+    recorded = index.get("augment")
+    if augment is None:
+        return
+    if recorded is None:
+        raise ValueError(f"the teacher cache at {folder} was built without augment=...; open it without one.")
+    if _augment.name(augment) != recorded:
+        raise ValueError(
+            f"the teacher cache at {folder} was built with the augmentation {recorded}, not "
+            f"{_augment.name(augment)}; pass the same function, or build a cache with this one."
+        )
+
+
+def _check_weights(index: dict[str, Any], teacher_state: AbcMapping[str, torch.Tensor], folder: Path) -> None:
+    if _fingerprint.weights(teacher_state) != index["teacher"]["weights"]:
+        raise ValueError(
+            f"the teacher cache at {folder} was built with another teacher state: the SHA-256 of the one "
+            "given differs from the recorded one (pass the whole state, funcdistill.state(teacher), as "
+            "the build saw it). Build a cache for this teacher."
+        )
