@@ -169,3 +169,68 @@ def test_a_training_bert_student_with_fixed_buffers_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fd.distill(t, s)(fd.state(t), fd.state(s), input_ids=ids)
+
+
+def _albert(layers: int):
+    from transformers import AlbertConfig, AlbertModel
+
+    config = AlbertConfig(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    return AlbertModel(config)
+
+
+SHARED = "encoder.albert_layer_groups.0.albert_layers.0"
+
+
+def test_albert_each_application_of_the_shared_layer():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    t, s = _albert(4).eval(), _albert(2)
+    tokens = torch.randint(0, 100, (2, 8))
+    seen = []  # the reference: a hook on the live teacher, removed right after
+    handle = t.get_submodule(SHARED).register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        t(input_ids=tokens)
+    handle.remove()
+    m = fd.Mapping(t, s).add(fd.Point(SHARED, call=2), fd.Point(SHARED, call=1))
+    m_all = fd.Mapping(t, s).add(fd.Point(SHARED, call="all"), fd.Point(SHARED, call="all"))
+    (pair,) = fd.distill(t, s, m)(fd.state(t), fd.state(s), input_ids=tokens)
+    (every,) = fd.distill(t, s, m_all)(fd.state(t), fd.state(s), input_ids=tokens)
+    torch.testing.assert_close(pair.teacher, seen[2])
+    torch.testing.assert_close(every.teacher, tuple(seen))
+    assert len(every.student) == 2
+
+    def flops(f):
+        with FlopCounterMode(display=False) as counter:
+            f()
+        return counter.get_total_flops()
+
+    student = flops(lambda: s(input_ids=tokens))
+    teacher = [
+        flops(
+            lambda k=k: fd.distill(t, s, fd.Mapping(t, s).add(fd.Point(SHARED, call=k), ""))(
+                fd.state(t), fd.state(s), input_ids=tokens
+            )
+        )
+        - student
+        for k in range(4)
+    ]
+    # each application costs the same: the teacher stops right after the one it needs
+    steps = [b - a for a, b in zip(teacher, teacher[1:])]
+    assert steps[0] == steps[1] == steps[2] > 0 and teacher[3] < flops(lambda: t(input_ids=tokens))
+
+    def loss(params):
+        (p,) = fd.distill(t, s, m)(fd.state(t), params, input_ids=tokens)
+        return (p.teacher - p.student).pow(2).mean()
+
+    grads = grad(loss)(fd.state(s, buffers=False))
+    assert float(grads[f"{SHARED}.ffn.weight"].abs().sum()) > 0
+    assert float(grads["pooler.weight"].abs().sum()) == 0
