@@ -136,6 +136,14 @@ def test_memory_update_is_the_papers_momentum_rule_at_the_batch_rows_only():
     torch.testing.assert_close(fresh.teacher_memory[index], torch.nn.functional.normalize(t.detach()))
 
 
+def test_crd_state_and_embeddings_may_differ_in_dtype():
+    crd_state, index, negatives, t, s = _setup(torch.float32)
+    t, s = t.detach(), s.detach()
+    loss, new_state = L.crd_loss(t.double(), s.double(), crd_state, index, negatives)
+    assert loss.dtype == DOUBLE and all(x.dtype == torch.float32 for x in new_state)
+    torch.testing.assert_close(loss.float(), L.crd_loss(t, s, crd_state, index, negatives)[0])
+
+
 def test_crd_is_pure():
     crd_state, index, negatives, t, s = _setup()
     before = [x.clone() for x in crd_state]

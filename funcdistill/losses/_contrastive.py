@@ -230,7 +230,7 @@ def crd_loss(
 
 def _scores(memory: torch.Tensor, contrast: torch.Tensor, embed: torch.Tensor, temperature: Any) -> torch.Tensor:
     """``memory[contrast[i, k]] . embed[i] / temperature``, shape ``(N, K + 1)``; the memory is a constant."""
-    rows = memory.detach()[contrast]
+    rows = memory.detach()[contrast].to(embed.dtype)
     return torch.einsum("nkd,nd->nk", rows, embed) / temperature
 
 
