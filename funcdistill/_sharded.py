@@ -1,0 +1,343 @@
+"""Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): gathering their state per unit.
+
+``fully_shard`` turns a module into an *FSDP unit*: its parameters become
+``DTensor`` shards (``Shard(0)`` over a 1-D device mesh) and forward hooks
+all-gather them before the unit runs and free them after. Those hooks work on
+the module's own parameters, so a stateless call with other tensors (a state
+dict, ``torch.func.grad``'s tracked copies) cannot go through them.
+
+A shadow (:mod:`funcdistill._capture`) of a sharded model runs the plain
+module classes without FSDP's hooks, and :class:`Units` does their work on the
+state of the call instead: before a unit's forward it gathers the unit's
+``DTensor`` entries (one all-gather per unit and dtype) into full tensors,
+and after it puts the ``DTensor`` entries back, so the full tensors live only
+while the unit runs (unless autograd saves them for backward). Units after a
+truncated teacher's deepest mapped point never run, so they are never gathered.
+
+The gather is differentiable (:class:`_Gather`, an ``autograd.Function`` with
+``setup_context``, so it also runs under ``torch.func.grad``): the gradient of
+each gathered tensor is reduce-scattered and divided by the mesh size, as
+FSDP2 does, and comes back as a ``DTensor`` with the parameter's placements.
+Each rank runs on its own inputs (data parallel over the mesh), so the
+gradient is that of the mean of the ranks' losses.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, NamedTuple, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__: list[str] = []
+
+_FSDP = "torch.distributed.fsdp"
+_MIXED = "mixed torch.Tensor and DTensor"
+
+
+def _fsdp() -> Any:
+    """The FSDP package when it has been imported (no model can be sharded before), else ``None``."""
+    return sys.modules.get(_FSDP)
+
+
+def check(model: nn.Module, role: str) -> None:
+    """Raise for a sharded model funcdistill cannot run.
+
+    FSDP1 wrappers, meshes with more than one dimension, placements other than
+    ``Shard``, and mixed precision policies.
+    """
+    fsdp = _fsdp()
+    if fsdp is None:
+        return
+    for name, m in model.named_modules():
+        plain = next(c for c in type(m).__mro__ if not issubclass(c, fsdp.FSDPModule))
+        where = f"at {name!r}" if name else f"({plain.__name__})"
+        if isinstance(m, fsdp.FullyShardedDataParallel):
+            raise TypeError(
+                f"the {role} is wrapped in FullyShardedDataParallel {where}, FSDP1, whose flat parameters "
+                "a state dict cannot address; funcdistill runs FSDP2 models: shard the unwrapped "
+                "model with torch.distributed.fsdp.fully_shard (per block, then the root) instead."
+            )
+        if isinstance(m, fsdp.FSDPModule):
+            _check_policy(m, role, where)
+        for key, p in m._parameters.items():
+            if _is_dtensor(p):
+                _check_placement(p, role, f"{name}.{key}" if name else key)
+
+
+def units(shadow: nn.Module, model: nn.Module) -> Units | None:
+    """The FSDP units of ``model`` on its ``shadow``, made plain modules; ``None`` if it is not sharded."""
+    fsdp = _fsdp()
+    if fsdp is None:
+        return None
+    live = dict(model.named_modules(remove_duplicate=False))
+    names = [name for name, m in live.items() if isinstance(m, fsdp.FSDPModule)]
+    if not names:
+        return None
+    shadows = dict(shadow.named_modules(remove_duplicate=False))
+    return Units([_unit_slots(name, live, shadows) for name in names], [shadows[n] for n in names])
+
+
+def reraise(error: Exception, role: str) -> None:
+    """A clearer error for a sharded parameter used outside its unit's forward."""
+    if _MIXED in str(error):
+        raise RuntimeError(
+            f"the {role} used a parameter of an FSDP unit outside that unit's forward ({error}). "
+            "funcdistill gathers a unit's parameters only while the unit runs, as FSDP2 does: shard "
+            "modules whose parameters are used only inside their own forward (for example the "
+            "decoder blocks and the root), or leave the module that shares them unsharded."
+        ) from error
+
+
+def _unit_slots(name: str, live: dict[str, nn.Module], shadows: dict[str, nn.Module]) -> list[tuple[dict, str]]:
+    """The shadow's parameter slots that the unit ``name`` gathers (those of nested units excluded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    prefix = f"{name}." if name else ""
+    nested = [f"{n}." for n, m in live.items() if n != name and n.startswith(prefix) and isinstance(m, FSDPModule)]
+    slots = []
+    for sub, m in live.items():
+        if (sub == name or sub.startswith(prefix)) and not any(f"{sub}.".startswith(n) for n in nested):
+            table = shadows[sub]._parameters
+            slots += [(table, key) for key, p in m._parameters.items() if _is_dtensor(p)]
+    return slots
+
+
+def _check_policy(module: nn.Module, role: str, where: str) -> None:
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+
+    policy = getattr(_get_module_fsdp_state(module), "_mp_policy", None)
+    if policy is not None and (policy.param_dtype is not None or policy.reduce_dtype is not None):
+        raise ValueError(
+            f"the {role}'s FSDP unit {where} has a MixedPrecisionPolicy (param_dtype={policy.param_dtype}, "
+            f"reduce_dtype={policy.reduce_dtype}), which funcdistill does not apply; shard it without "
+            "mp_policy (for a low-precision teacher pass distill(..., teacher_dtype=torch.bfloat16), "
+            "which casts the shards before they are gathered)."
+        )
+
+
+def _check_placement(p: Any, role: str, name: str) -> None:
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
+        raise ValueError(
+            f"the {role} parameter {name!r} is a DTensor placed {tuple(p.placements)} on a "
+            f"{p.device_mesh.ndim}-D mesh; funcdistill gathers FSDP2 shards on a 1-D mesh only "
+            "(fully_shard(module, mesh=init_device_mesh(device, (world_size,))), Shard placements); "
+            "HSDP and 2-D meshes are not supported yet."
+        )
+
+
+def _strip_fsdp(module: nn.Module) -> None:
+    """Make a shadow of an FSDP module a plain module: its original class, without FSDP's forward hooks."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    module.__class__ = cast("type[nn.Module]", next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)))
+    for table in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in table.items() if _fsdp_hook(h, FSDPState)]:
+            del table[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+
+
+def _fsdp_hook(hook: Any, state_type: type) -> bool:
+    """Whether ``hook`` is FSDP's: a method of its state, or a wrapper of one (group hooks)."""
+    owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "__wrapped__", None), "__self__", None)
+    return isinstance(owner, state_type)
+
+
+class Units:
+    """The FSDP units of one shadow: hooks that gather each unit's entries while it runs.
+
+    A unit's pre-forward hook replaces its ``DTensor`` entries in the shadow's
+    ``_parameters`` by full tensors and its post-forward hook puts back what
+    was there (the call's shards); :meth:`release` puts the shadow's own
+    tensors back in the slots of units a stop left gathered.
+    """
+
+    __slots__ = ("stack",)
+
+    def __init__(self, slots: list[list[tuple[dict, str]]], modules: list[nn.Module]):
+        self.stack: list[tuple[list[tuple[dict, str]], list[Any], list[Any]]] = []  # (slots, before, own)
+        for unit_slots, module in zip(slots, modules):
+            _strip_fsdp(module)
+            if unit_slots:  # first among the hooks, so the module's other hooks see full tensors
+                gather, restore = self._hooks(unit_slots)
+                module.register_forward_pre_hook(gather, prepend=True)
+                module.register_forward_hook(restore, prepend=True)
+
+    def _hooks(self, slots: list[tuple[dict, str]]) -> tuple[Any, Any]:
+        own = [table[key] for table, key in slots]
+
+        def gather(module: nn.Module, args: Any) -> None:
+            before = [table[key] for table, key in slots]
+            full = gather_full(before)
+            if full is None:  # no DTensor entry (plain full tensors, or the shape-only dry run)
+                self.stack.append(([], [], []))
+                return
+            self.stack.append((slots, before, own))
+            for (table, key), t in zip(slots, full):
+                table[key] = t
+
+        def restore(module: nn.Module, args: Any, output: Any) -> None:
+            done, before, _ = self.stack.pop()
+            for (table, key), t in zip(done, before):
+                table[key] = t
+
+        return gather, restore
+
+    def release(self) -> None:
+        """After a call: the shadow's own tensors back in the slots of units left gathered (an early stop)."""
+        while self.stack:
+            slots, _, own = self.stack.pop()
+            for (table, key), t in zip(slots, own):
+                table[key] = t
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _base(t: Any) -> Any:
+    """``t`` without ``torch.func`` wrappers (the tensor a transform tracks)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+class _Layout(NamedTuple):
+    """Where one shard sits in the gathered buffer."""
+
+    spec: Any  # the DTensor's spec (mesh, placements, global shape)
+    dim: int  # the sharded dimension
+    local: torch.Size  # this rank's shard (after moving ``dim`` first)
+    rows: int  # rows per rank, padded (ceil(global / mesh size))
+
+
+def gather_full(values: list[Any]) -> list[torch.Tensor] | None:
+    """Full tensors for ``values`` (DTensor shards gathered, other tensors as given), or ``None`` if none is sharded."""
+    bases = [_base(v) for v in values]
+    sharded = [i for i, b in enumerate(bases) if _is_dtensor(b)]
+    if not sharded:
+        return None
+    out = list(values)
+    groups: dict[tuple, list[int]] = {}
+    for i in sharded:
+        b = bases[i]
+        groups.setdefault((b.device_mesh, b.placements, b.dtype), []).append(i)
+    for idx in groups.values():
+        layouts = tuple(_layout(bases[i]) for i in idx)
+        for i, full in zip(idx, _Gather.apply(layouts, *[values[i] for i in idx])):
+            out[i] = full
+    return out
+
+
+def _layout(d: Any) -> _Layout:
+    dim = d.placements[0].dim % d.ndim
+    n = d.device_mesh.size()
+    local = d._local_tensor.movedim(dim, 0).shape
+    return _Layout(d._spec, dim, local, -(-d.shape[dim] // n))
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather a unit's shards into full tensors; backward: reduce-scatter the gradients, averaged."""
+
+    @staticmethod
+    def forward(layouts: tuple[_Layout, ...], *shards: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        with torch._C._DisableFuncTorch():
+            mesh = layouts[0].spec.mesh
+            n = mesh.size()
+            device = _device(shards[0]._local_tensor, mesh)
+            parts = [
+                _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device) for s, lay in zip(shards, layouts)
+            ]
+            flat = torch.cat([p.flatten() for p in parts])
+            out = flat.new_empty(n * flat.numel())
+            _collective("all_gather_single", "all_gather_into_tensor")(out, flat, group=mesh.get_group())
+            rows = out.view(n, -1)
+            fulls, offset = [], 0
+            for p, lay in zip(parts, layouts):
+                chunk = rows[:, offset : offset + p.numel()].reshape(n * lay.rows, *p.shape[1:])
+                offset += p.numel()
+                fulls.append(chunk[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
+            return tuple(fulls)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.layouts = inputs[0]
+        ctx.devices = [_base(s)._local_tensor.device for s in inputs[1:]]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        from torch.distributed.tensor import DTensor
+
+        grads = tuple(None if g is None else _first_order(g) for g in grads)
+        layouts = ctx.layouts
+        with torch._C._DisableFuncTorch():
+            mesh = layouts[0].spec.mesh
+            n = mesh.size()
+            parts = []
+            device = _device(torch.empty(0), mesh)
+            for g, lay in zip(grads, layouts):
+                shape = (lay.spec.shape[lay.dim], *lay.local[1:])
+                g = (
+                    torch.zeros(shape, dtype=lay.spec.tensor_meta.dtype, device=device)
+                    if g is None
+                    else g.movedim(lay.dim, 0)
+                )
+                parts.append(_padded(g, n * lay.rows).reshape(n, -1))
+            flat = torch.cat(parts, dim=1).contiguous()
+            out = flat.new_empty(flat.shape[1])
+            _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, flat.flatten(), group=mesh.get_group())
+            out /= n
+            shards, offset = [], 0
+            for lay, device in zip(layouts, ctx.devices):
+                size = lay.rows * math.prod(lay.local[1:])
+                local = out[offset : offset + size].view(lay.rows, *lay.local[1:])[: lay.local[0]]
+                offset += size
+                local = local.movedim(0, lay.dim).contiguous().to(device)
+                shards.append(DTensor(local.detach(), lay.spec, requires_grad=False))
+        return (None, *shards)
+
+
+def _collective(name: str, old: str) -> Any:
+    """``torch.distributed.<name>``, or its older name (torch 2.13 renamed the flat collectives)."""
+    return getattr(dist, name, None) or getattr(dist, old)
+
+
+def _first_order(g: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under the one ``torch.func.grad`` wrapper a first-order gradient may carry."""
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(g):
+        g = functorch.get_unwrapped(g)
+    if functorch.is_functorch_wrapped_tensor(g):
+        raise RuntimeError(
+            "funcdistill cannot differentiate twice (nested torch.func transforms) through the gather "
+            "of an FSDP-sharded model's shards; take first-order gradients of it."
+        )
+    return g
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``rows`` (itself when it has them)."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def _device(local: torch.Tensor, mesh: Any) -> torch.device:
+    """Where the mesh computes (shards offloaded to the CPU are moved there to be gathered)."""
+    if local.device.type == mesh.device_type:
+        return local.device
+    module = torch.get_device_module(mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
