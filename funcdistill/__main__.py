@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         + ",".join(f"{t:g}" for t in _D.temperatures)
         + ")",
     )
+    add(
+        "--cached",
+        action="store_true",
+        help="build a funcdistill.TeacherCache of the teacher's logits on the labelled images once (needs "
+        "safetensors), and train the students from it, without running the teacher",
+    )
     plot = demo.add_mutually_exclusive_group()
     plot.add_argument(
         "--plot",

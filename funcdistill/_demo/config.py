@@ -36,6 +36,9 @@ class DemoConfig:
         sweep: train one student per temperature in ``temperatures`` (and the
             student alone) in a single :func:`torch.func.vmap`-ed step.
         temperatures: the temperatures of the sweep.
+        cached: build a :class:`funcdistill.TeacherCache` of the teacher's
+            logits on the labelled images once, and train the students from
+            it: the teacher does not run during their training.
         plot: where to write the PNG of the learning curves; ``None`` for no plot.
         quiet: no progress bars and no narration; the table is still printed.
 
@@ -58,6 +61,7 @@ class DemoConfig:
     batch_size: int = 32
     sweep: bool = False
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    cached: bool = False
     plot: str | os.PathLike[str] | None = DEFAULT_PLOT
     quiet: bool = False
 
@@ -72,7 +76,7 @@ class DemoConfig:
         _number("alpha", self.alpha)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be between 0 and 1 (the weight of the KD loss), got {self.alpha!r}.")
-        for name in ("sweep", "quiet"):
+        for name in ("sweep", "cached", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {type(getattr(self, name)).__name__}.")
         temps = self.temperatures

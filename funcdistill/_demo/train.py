@@ -212,6 +212,16 @@ def sweep_step(fn: funcdistill.DistillFn) -> Callable[..., tuple[Params, torch.T
     return vmap(grad_and_value(student_loss(fn)), in_dims=(0, None, None, None, 0, 0))
 
 
+def build_cache(
+    teacher: nn.Module, student: nn.Module, teacher_params: Params, data: Digits, folder: str, *, batch_size: int
+) -> funcdistill.TeacherCache:
+    """Store the teacher's logits on the labelled images once (offline distillation)."""
+    fn = funcdistill.distill(teacher.eval(), student)
+    return funcdistill.TeacherCache.build(
+        fn, teacher_params, data.labelled_x, folder, batch_size=batch_size, progress=False
+    )
+
+
 def train_students(
     teacher: nn.Module,
     student: nn.Module,
@@ -226,6 +236,7 @@ def train_students(
     seed: int,
     vectorize: bool,
     on_epoch: EpochCallback,
+    cache: funcdistill.TeacherCache | None = None,
 ) -> list[Params]:
     """Train K students from the same initial weights on the same batches.
 
@@ -233,7 +244,10 @@ def train_students(
     ``vectorize=False`` each student takes its own plain step on every batch;
     with ``vectorize=True`` all of them take one vmapped step
     (:func:`sweep_step`) over weights stacked by
-    :func:`torch.func.stack_module_state`. Returns each student's final weights.
+    :func:`torch.func.stack_module_state`. With a ``cache`` of the teacher's
+    logits on the labelled images (:func:`build_cache`), each step reads them,
+    ``cache[idx]``, in place of the teacher state, and the teacher does not
+    run. Returns each student's final weights.
     """
     fn = funcdistill.distill(teacher, student)
     k = len(temperatures)
@@ -249,7 +263,8 @@ def train_students(
         evaluate = vmap(lambda p: functional_call(student, p, (data.test_x,)))
         for epoch in range(epochs):
             for idx in batches(len(y), batch_size, order):
-                grads, _ = step(params, teacher_params, x[idx], y[idx], temps, weights)
+                teacher_in = teacher_params if cache is None else cache[idx]
+                grads, _ = step(params, teacher_in, x[idx], y[idx], temps, weights)
                 params, opt = adam_update(params, grads, opt, lr=lr)
             with torch.no_grad():
                 on_epoch(epoch, accuracy(evaluate(params), data.test_y).tolist())
@@ -260,8 +275,9 @@ def train_students(
     members = [(start, adam_init(start)) for _ in range(k)]
     for epoch in range(epochs):
         for idx in batches(len(y), batch_size, order):
+            teacher_in = teacher_params if cache is None else cache[idx]
             for i, (p, o) in enumerate(members):
-                grads, _ = plain_step(p, teacher_params, x[idx], y[idx], temperatures[i], kd_weights[i])
+                grads, _ = plain_step(p, teacher_in, x[idx], y[idx], temperatures[i], kd_weights[i])
                 members[i] = adam_update(p, grads, o, lr=lr)
         with torch.no_grad():
             logits = [functional_call(student, p, (data.test_x,)) for p, _ in members]
