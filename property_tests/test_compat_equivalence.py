@@ -16,7 +16,7 @@ from torch import nn
 
 import funcdistill as fd
 from funcdistill.compat import Mapping, distill
-from property_tests.strategies import model_pairs
+from property_tests.strategies import model_pairs, summary
 
 
 def loss_of(pairs) -> torch.Tensor:
@@ -26,7 +26,7 @@ def loss_of(pairs) -> torch.Tensor:
         if callable(payload):
             total = total + ((payload(s) - t) ** 2).mean()
         else:
-            total = total + payload * ((t.flatten(1).mean(1) - s.flatten(1).mean(1)) ** 2).mean()
+            total = total + payload * ((summary(t) - summary(s)) ** 2).mean()
     return total
 
 
