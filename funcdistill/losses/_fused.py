@@ -71,6 +71,12 @@ class _Plan(NamedTuple):
     chunk_size: int
     sliced: int  # how many of the teacher-side tensors are split by token (the others are constants)
     has_bias: bool
+    classes: int  # the first rows of the student's head to use (vocab_size)
+
+
+def _first(x: Any, n: int) -> Any:
+    """The first ``n`` rows of ``x`` (``x`` itself when it has ``n``, or is None)."""
+    return x if x is None or x.shape[0] == n else x[:n]
 
 
 def _chunk_loss(
@@ -83,7 +89,7 @@ def _chunk_loss(
     constants: tuple[Any, ...],
 ) -> torch.Tensor:
     """The weighted loss of one chunk of tokens: ``sum(weights * per_token_loss)``."""
-    logits = F.linear(hidden, weight, bias)
+    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes))
     per_token = plan.rows(rows, constants, logits)
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     return (torch.where(weights != 0, per_token, zero) * weights).sum()
@@ -99,6 +105,7 @@ def _chunks(plan: _Plan, n: int, weights: torch.Tensor, teacher: tuple[Any, ...]
 
 def _chunked_value(plan, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
     """The loss alone, chunk by chunk (nothing needs a gradient)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start, stop, w, rows, constants in _chunks(plan, hidden.shape[0], weights, teacher):
         total = total + _chunk_loss(plan, hidden[start:stop], weight, bias, w, rows, constants)
@@ -111,7 +118,10 @@ class _ChunkedLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(plan, hidden, weight, bias, weights, *teacher):  # type: ignore[override]
+    def forward(plan, student_hidden, weight, bias, weights, *teacher):  # type: ignore[override]
+        # flattening and slicing happen here: a view of a tensor that torch.func.grad tracks, made
+        # outside and passed in, fails under torch.compile (an internal functorch assertion)
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         acc = torch.promote_types(weight.dtype, torch.float32)
         total = hidden.new_zeros((), dtype=acc)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -126,7 +136,8 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_weight = grad_weight + grads[1]
             if grad_bias is not None:
                 grad_bias = grad_bias + grads[2]
-        outputs = (total.to(hidden.dtype), torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden))
+        grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
+        outputs = (total.to(hidden.dtype), grad_hidden.reshape(student_hidden.shape))
         outputs += (grad_weight.to(weight.dtype),)
         return outputs if grad_bias is None else (*outputs, grad_bias.to(bias.dtype))
 
@@ -209,8 +220,7 @@ def _jsd_rows(
     params = iter(tensor_params)
     beta = next(params) if beta is None else beta
     temperature = next(params) if temperature is None else temperature
-    with torch.no_grad():
-        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)  # detached: no gradient
     return jsd_rows(log_probs(teacher_logits, temperature), log_probs(logits, temperature), beta)
 
 
@@ -298,16 +308,16 @@ def fused_linear_jsd_loss(
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    plan = _Plan(rows, chunk_size, 1, student_bias is not None)
+    plan = _Plan(rows, chunk_size, 1, student_bias is not None, classes)
     return _chunked_loss(
         plan,
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
-        student_weight[:classes],
-        None if student_bias is None else student_bias[:classes],
+        student_hidden,
+        student_weight,
+        student_bias,
         weights,
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
-        teacher_weight.detach()[:classes],
-        None if teacher_bias is None else teacher_bias.detach()[:classes],
+        _first(teacher_weight.detach(), classes),
+        None if teacher_bias is None else _first(teacher_bias.detach(), classes),
         *(p.detach() for p in tensor_params),
     )
 
@@ -375,11 +385,11 @@ def fused_linear_topk_kl_loss(
     _check_chunk_size(name, chunk_size)
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
-    k = teacher_topk_logprobs.shape[-1]
-    plan = _Plan(functools.partial(_topk_rows, renormalize), chunk_size, 2, student_bias is not None)
+    k, vocab = teacher_topk_logprobs.shape[-1], student_weight.shape[0]
+    plan = _Plan(functools.partial(_topk_rows, renormalize), chunk_size, 2, student_bias is not None, vocab)
     return _chunked_loss(
         plan,
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_hidden,
         student_weight,
         student_bias,
         weights,
