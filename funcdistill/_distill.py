@@ -107,7 +107,9 @@ def distill(
     state entries the model does not have or with another shape, dtype or
     device (saying when it looks like the other model's state), and for an
     adapter left out of a differentiated student state; ``RuntimeError`` for
-    a mapped module that never runs or runs more than once.
+    a mapped module that never runs, runs several times with no call selected
+    (map one call with :class:`~funcdistill.Point`), or runs fewer times than a
+    Point's call index needs.
 
     Example:
         >>> import torch
