@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -328,3 +331,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def test_two_ranks(results, name):
     for rank, res in enumerate(results):
         assert res.get(name) == "ok", f"rank {rank}:\n{res.get(name)}"
+
+
+def test_example_under_torchrun():
+    pytest.importorskip("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/fsdp_distill.py"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "rank 0: loss" in done.stdout and "equal to the unsharded run" in done.stdout, done.stdout
