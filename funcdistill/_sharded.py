@@ -36,6 +36,7 @@ __all__: list[str] = []
 
 _FSDP = "torch.distributed.fsdp"
 _MIXED = "mixed torch.Tensor and DTensor"
+_Slot = tuple[dict, str, str]  # a shadow's _parameters dict, the key in it, the entry's qualified name
 
 
 def _fsdp() -> Any:
@@ -53,8 +54,7 @@ def check(model: nn.Module, role: str) -> None:
     if fsdp is None:
         return
     for name, m in model.named_modules():
-        plain = next(c for c in type(m).__mro__ if not issubclass(c, fsdp.FSDPModule))
-        where = f"at {name!r}" if name else f"({plain.__name__})"
+        where = f"at {name!r}" if name else f"({_plain_name(m)})"
         if isinstance(m, fsdp.FullyShardedDataParallel):
             raise TypeError(
                 f"the {role} is wrapped in FullyShardedDataParallel {where}, FSDP1, whose flat parameters "
@@ -78,7 +78,10 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     if not names:
         return None
     shadows = dict(shadow.named_modules(remove_duplicate=False))
-    return Units([_unit_slots(name, live, shadows) for name in names], [shadows[n] for n in names])
+    units = Units(_plain_name(model))
+    for name in names:
+        units.add(name, shadows[name], _unit_slots(name, live, shadows))
+    return units
 
 
 def reraise(error: Exception, role: str) -> None:
@@ -92,7 +95,7 @@ def reraise(error: Exception, role: str) -> None:
         ) from error
 
 
-def _unit_slots(name: str, live: dict[str, nn.Module], shadows: dict[str, nn.Module]) -> list[tuple[dict, str]]:
+def _unit_slots(name: str, live: dict[str, nn.Module], shadows: dict[str, nn.Module]) -> list[_Slot]:
     """The shadow's parameter slots that the unit ``name`` gathers (those of nested units excluded)."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -102,7 +105,9 @@ def _unit_slots(name: str, live: dict[str, nn.Module], shadows: dict[str, nn.Mod
     for sub, m in live.items():
         if (sub == name or sub.startswith(prefix)) and not any(f"{sub}.".startswith(n) for n in nested):
             table = shadows[sub]._parameters
-            slots += [(table, key) for key, p in m._parameters.items() if _is_dtensor(p)]
+            slots += [
+                (table, key, f"{sub}.{key}" if sub else key) for key, p in m._parameters.items() if _is_dtensor(p)
+            ]
     return slots
 
 
@@ -160,33 +165,39 @@ class Units:
     tensors back in the slots of units a stop left gathered.
     """
 
-    __slots__ = ("stack",)
+    __slots__ = ("model", "stack")
 
-    def __init__(self, slots: list[list[tuple[dict, str]]], modules: list[nn.Module]):
-        self.stack: list[tuple[list[tuple[dict, str]], list[Any], list[Any]]] = []  # (slots, before, own)
-        for unit_slots, module in zip(slots, modules):
-            _strip_fsdp(module)
-            if unit_slots:  # first among the hooks, so the module's other hooks see full tensors
-                gather, restore = self._hooks(unit_slots)
-                module.register_forward_pre_hook(gather, prepend=True)
-                module.register_forward_hook(restore, prepend=True)
+    def __init__(self, model: str):
+        self.model = model  # the model's class name, for messages
+        self.stack: list[tuple[list[_Slot], list[Any], list[Any]]] = []  # (slots, before, own) of running units
 
-    def _hooks(self, slots: list[tuple[dict, str]]) -> tuple[Any, Any]:
-        own = [table[key] for table, key in slots]
+    def add(self, name: str, module: nn.Module, slots: list[_Slot]) -> None:
+        """Make ``module`` (the shadow of the unit ``name``) a plain module that gathers ``slots`` while it runs."""
+        _strip_fsdp(module)
+        if slots:  # first among the hooks, so the module's other hooks see full tensors
+            gather, restore = self._hooks(name, slots)
+            module.register_forward_pre_hook(gather, prepend=True)
+            module.register_forward_hook(restore, prepend=True)
+
+    def _hooks(self, name: str, slots: list[_Slot]) -> tuple[Any, Any]:
+        own = [table[key] for table, key, _ in slots]
 
         def gather(module: nn.Module, args: Any) -> None:
-            before = [table[key] for table, key in slots]
-            full = gather_full(before)
-            if full is None:  # no DTensor entry (plain full tensors, or the shape-only dry run)
+            before = [table[key] for table, key, _ in slots]
+            bases = [_base(v) for v in before]
+            if not any(map(_is_dtensor, bases)) and all(map(_is_fake, bases)):  # the shape-only dry run
                 self.stack.append(([], [], []))
                 return
+            plain = [entry for (_, _, entry), b in zip(slots, bases) if not _is_dtensor(b)]
+            if plain:
+                raise ValueError(_unsharded_message(self.model, name, plain))
             self.stack.append((slots, before, own))
-            for (table, key), t in zip(slots, full):
+            for (table, key, _), t in zip(slots, gather_full(before, bases)):
                 table[key] = t
 
         def restore(module: nn.Module, args: Any, output: Any) -> None:
             done, before, _ = self.stack.pop()
-            for (table, key), t in zip(done, before):
+            for (table, key, _), t in zip(done, before):
                 table[key] = t
 
         return gather, restore
@@ -195,8 +206,33 @@ class Units:
         """After a call: the shadow's own tensors back in the slots of units left gathered (an early stop)."""
         while self.stack:
             slots, _, own = self.stack.pop()
-            for (table, key), t in zip(slots, own):
+            for (table, key, _), t in zip(slots, own):
                 table[key] = t
+
+
+def _unsharded_message(model: str, unit: str, entries: list[str]) -> str:
+    return (
+        f"the FSDP unit {unit!r} of the {model} got plain tensors, not DTensor shards, for "
+        + ", ".join(map(repr, entries[:4]))
+        + (" ..." if len(entries) > 4 else "")
+        + ". FSDP2 leaves a root unit unsharded after a forward outside backward (an evaluation under "
+        "no_grad, say), and funcdistill.state() then returns those tensors: call reshard() on the "
+        "model's FSDP modules first ([m.reshard() for m in model.modules() if isinstance(m, FSDPModule)]), "
+        "or pass the DTensor shards."
+    )
+
+
+def _plain_name(model: nn.Module) -> str:
+    """The class name of ``model`` without FSDP's wrapper class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
+def _is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -222,16 +258,14 @@ class _Layout(NamedTuple):
     rows: int  # rows per rank, padded (ceil(global / mesh size))
 
 
-def gather_full(values: list[Any]) -> list[torch.Tensor] | None:
-    """Full tensors for ``values`` (DTensor shards gathered, other tensors as given), or ``None`` if none is sharded."""
-    bases = [_base(v) for v in values]
-    sharded = [i for i, b in enumerate(bases) if _is_dtensor(b)]
-    if not sharded:
-        return None
+def gather_full(values: list[Any], bases: list[Any]) -> list[torch.Tensor]:
+    """Full tensors for DTensor shards ``values`` (``bases``: the DTensors under any ``torch.func`` wrapper).
+
+    One all-gather per mesh, placement and dtype.
+    """
     out = list(values)
     groups: dict[tuple, list[int]] = {}
-    for i in sharded:
-        b = bases[i]
+    for i, b in enumerate(bases):
         groups.setdefault((b.device_mesh, b.placements, b.dtype), []).append(i)
     for idx in groups.values():
         layouts = tuple(_layout(bases[i]) for i in idx)

@@ -256,6 +256,12 @@ def mixed(rank: int) -> None:
     for name, p in ref_s.named_parameters():
         assert type(grads[name]) is torch.Tensor
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # a sharded teacher run in another dtype: its shards are cast, then gathered
+    fn = fd.distill(sharded_t, local_s, mapping_for(sharded_t, local_s), teacher_dtype=torch.float64)
+    pairs = fn(fd.state(sharded_t), fd.state(local_s), batch(rank))
+    with torch.no_grad():
+        expected = ref_t.double()(batch(rank).double())
+    torch.testing.assert_close(pairs[1].teacher, expected.float())
 
 
 class _Outside(Net):
@@ -287,6 +293,17 @@ def errors(rank: int) -> None:
     fully_shard(low, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"the student's FSDP unit \(Net\) has a MixedPrecisionPolicy.*teacher_dtype"):
         fd.distill(teacher, low)
+    evaluated = shard(copy.deepcopy(student))  # FSDP2 leaves the root unsharded after a no_grad forward
+    fn = fd.distill(teacher, evaluated)
+    with torch.no_grad():
+        evaluated(batch(rank))
+    with pytest.raises(
+        ValueError,
+        match=r"the FSDP unit '' of the Net got plain tensors, not DTensor shards, for 'inp.weight'.*reshard\(\)",
+    ):
+        fn(fd.state(teacher), fd.state(evaluated), batch(rank))
+    evaluated.reshard()
+    fn(fd.state(teacher), fd.state(evaluated), batch(rank))
     torch.manual_seed(0)
     outside = shard(_Outside(5, 2))
     fn = fd.distill(teacher, outside)
