@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import calls, report, suite  # noqa: E402
+from benchmarks import cache, calls, distributed, report, suite  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -40,6 +40,8 @@ SECTIONS = {
     "vmap": suite.vmap_section,
     "compile": suite.compile_section,
     "precision": suite.precision_section,
+    "cache": cache.cache_section,
+    "distributed": distributed.distributed_section,
 }
 
 DOCS_INTRO = """# Benchmarks

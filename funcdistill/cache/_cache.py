@@ -26,7 +26,7 @@ class TeacherCache(Frozen):
     :class:`~funcdistill.cache.TeacherOutputs`, which the distill function
     takes **in place of the teacher state**: ``fn(cache[idx], student_state,
     *inputs)`` returns the pairs ``fn(teacher_state, student_state, *inputs)``
-    would, without running the teacher (see :doc:`/cache`).
+    would, without running the teacher (see the "Offline distillation" page).
 
     The cache is a folder of memory-mapped `safetensors` shards and a JSON
     index with each shard's SHA-256; it records what it was built for (the
@@ -348,9 +348,11 @@ class TeacherCache(Frozen):
         shard = indices // size
         rows = indices - shard * size
         first, last = (int(shard.min()), int(shard.max())) if len(indices) else (0, 0)
+        if draws is not None:  # row r, draw d is row r * K + d of the (rows * K, ...) view
+            rows = rows * self.draws + draws
         if first == last:
             tensors = self._shard(first)
-            return {n: tensors[n][rows] if draws is None else tensors[n][rows, draws] for n in names}
+            return {n: _rows(tensors[n], rows, draws is not None) for n in names}
         order = torch.argsort(shard, stable=True)
         bounds = torch.searchsorted(shard[order], torch.arange(first, last + 2)).tolist()
         pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -358,13 +360,12 @@ class TeacherCache(Frozen):
             lo, hi = bounds[s - first], bounds[s - first + 1]
             if lo == hi:
                 continue
-            pick = order[lo:hi]
             tensors = self._shard(s)
-            r = rows[pick]
+            r = rows[order[lo:hi]]
             for n in names:
-                pieces[n].append(tensors[n][r] if draws is None else tensors[n][r, draws[pick]])
+                pieces[n].append(_rows(tensors[n], r, draws is not None))
         back = torch.argsort(order)
-        return {n: torch.cat(p)[back] for n, p in pieces.items()}
+        return {n: torch.cat(p).index_select(0, back) for n, p in pieces.items()}
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         tensors = self._loaded.get(s)
@@ -374,6 +375,14 @@ class TeacherCache(Frozen):
                 if tensors is None:
                     tensors = self._loaded[s] = _store.load_shard(self.path, self._shards[s], verify=self._verify)
         return tensors
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor, drawn: bool) -> torch.Tensor:
+    """``t[rows]``, or with ``drawn`` rows of ``t`` with its sample and draw dimensions merged.
+
+    ``index_select`` rather than ``t[rows]``: on CPU, advanced indexing of large rows is many times slower.
+    """
+    return (t.flatten(0, 1) if drawn else t).index_select(0, rows)
 
 
 def _reopen(path: str, augment: Any, verify: bool) -> TeacherCache:
