@@ -53,7 +53,10 @@ def distill(
     dicts (:func:`funcdistill.state`; a missing entry is taken from the model),
     as :func:`torch.func.functional_call` would, and returns a tuple of :class:`Pair` ``(teacher_output, student_output,
     payload)``, one per mapping pair, in order. Outputs keep their pytree
-    structure (tuples, dicts, ``ModelOutput``).
+    structure (tuples, dicts, ``ModelOutput``). In place of the teacher state
+    it also takes a teacher cache's stored outputs, ``fn(cache[idx],
+    student_state, *args)`` (:class:`funcdistill.TeacherCache`): the teacher
+    then does not run.
 
     ``fn`` is pure: it never changes the modules or the tensors it is given,
     and it composes with :func:`torch.func.grad`, :func:`torch.func.vmap`,
