@@ -611,3 +611,42 @@ def test_missing_safetensors_says_what_to_install(models, data, tmp_path, monkey
         ModuleNotFoundError, match=r'needs safetensors, which is not installed: pip install "funcdistill\[cache\]"'
     ):
         build(fd.distill(t, s), t, data, tmp_path / "c")
+
+
+class Structured(nn.Module):
+    """A teacher whose output is a tuple with a None entry and a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 8), nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head(h), None, {"hidden": h, "count": torch.ones(x.shape[0], dtype=torch.long)}
+
+
+def test_structured_outputs_and_point_values(data, tmp_path):
+    torch.manual_seed(0)
+    t, s = Structured().eval(), Structured()
+    m = fd.Mapping(t, s).add("", "").add(fd.Point("head", io="input"), fd.Point("head", io="input"))
+    fn = fd.distill(t, s, m)
+    cache = build(fn, t, data, tmp_path / "c", dtype=torch.float16)
+    idx = torch.tensor([9, 0, 33])
+    cached, online = fn(cache[idx], fd.state(s), data[idx]), fn(fd.state(t), fd.state(s), data[idx])
+    assert cache.points == ("''", "Point('head', io='input')")
+    (z, none, d), (z_on, _, d_on) = cached[0].teacher, online[0].teacher
+    assert none is None and sorted(d) == ["count", "hidden"]
+    assert d["count"].dtype == torch.long and torch.equal(d["count"], d_on["count"])  # integers stored as they are
+    torch.testing.assert_close(z, z_on, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(cached[1].teacher, online[1].teacher, rtol=2e-3, atol=1e-3)
+
+
+def test_outputs_are_an_optree_node(models, data, tmp_path):
+    import optree
+
+    t, s = models
+    out = build(fd.distill(t, s, mapping(t, s)), t, data, tmp_path / "c")[[0, 1]]
+    leaves = optree.tree_leaves(out, namespace="funcdistill")
+    assert [tuple(v.shape) for v in leaves] == [(2, 32), (2, 7)]
+    halved = optree.tree_map(lambda v: v / 2, out, namespace="funcdistill")
+    assert isinstance(halved, TeacherOutputs) and torch.equal(halved.values[0], out.values[0] / 2)
