@@ -650,3 +650,11 @@ def test_outputs_are_an_optree_node(models, data, tmp_path):
     assert [tuple(v.shape) for v in leaves] == [(2, 32), (2, 7)]
     halved = optree.tree_map(lambda v: v / 2, out, namespace="funcdistill")
     assert isinstance(halved, TeacherOutputs) and torch.equal(halved.values[0], out.values[0] / 2)
+
+
+def test_progress_bar_counts_samples(models, data, tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    t, s = models
+    TeacherCache.build(fd.distill(t, s), fd.state(t), data, tmp_path / "c", batch_size=8)
+    err = capsys.readouterr().err
+    assert "teacher cache" in err and f"{N}/{N}" in err
