@@ -94,6 +94,7 @@ class _Shadow:
         "sink",
         "stop",
         "counts",
+        "versions",
         "lives",
         "shadows",
         "modes",
@@ -112,6 +113,7 @@ class _Shadow:
         self.sink: dict[Any, Any] | None = None  # the values the taps keep, during a call
         self.stop: frozenset[Any] | None = None
         self.counts: dict[Any, int] | None = None  # calls per point, during a call or a dry run
+        self.versions: list[tuple[Any, torch.Tensor, int]] | None = None  # eager calls: values' version counters
         module = shallow_clone(model)
         self.units = _sharded.units(module, model)  # FSDP2 units: gathered per unit on the call's state
         live = _names.module_names(model)
@@ -285,6 +287,7 @@ class Capture:
             elif verdict != _dryrun.FULL:
                 raise RuntimeError(verdict)
         shadow.sink, shadow.counts, shadow.stop = {}, {}, stop
+        shadow.versions = None if compiling else []
         try:
             try:
                 output = shadow.forward(swaps, args, kwargs)
@@ -293,11 +296,13 @@ class Capture:
             except Exception as error:
                 self._reraise(error, swaps, shadow, args, kwargs)
                 raise
-            captured, counts = shadow.sink, shadow.counts
+            captured, counts, versions = shadow.sink, shadow.counts, shadow.versions
         finally:
-            shadow.sink = shadow.counts = None
+            shadow.sink = shadow.counts = shadow.versions = None
             if shadow.units is not None:
                 shadow.units.release()
+        if versions:
+            _taps.check_versions(versions, self.role)
         _taps.finish(captured, self.points)
         if self.whole:
             captured[WHOLE] = output

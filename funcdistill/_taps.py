@@ -20,10 +20,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from funcdistill import _names
 from funcdistill._point import ALL, Point
+from funcdistill._pytree import tree_leaves
 
 __all__: list[str] = []
 
@@ -54,8 +56,9 @@ def register(owner: Any, module: nn.Module, point: str | Point, n_points: int) -
     """Register ``point``'s tap on ``module``; it writes to ``owner.sink``/``owner.counts``.
 
     ``owner`` is a shadow with ``sink`` (values, or ``None`` outside a call),
-    ``counts`` (calls per point, or ``None``) and ``stop`` (points after which
-    to raise ``stop_signal``, or ``None``).
+    ``counts`` (calls per point, or ``None``), ``versions`` (where to note the
+    version counter of each value kept, or ``None``) and ``stop`` (points after
+    which to raise :class:`Stop`, or ``None``).
     """
     keep = select(point)
     if isinstance(point, Point) and point.io == "input":
@@ -85,13 +88,41 @@ def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int,
         return  # the dry run only counts
     if keep == ALL:
         sink.setdefault(point, []).append(value)
+    elif n == (keep or 0):
+        sink[point] = value
+    else:
         return
-    if n != (keep or 0):
+    versions = owner.versions
+    if versions is not None:
+        versions.extend((point, t, t._version) for t in _tensors(value))
+    if keep == ALL:
         return
-    sink[point] = value
     stop = owner.stop
     if stop is not None and len(sink) >= n_points and stop.issubset(sink):
         raise Stop
+
+
+def _tensors(value: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    return tuple(t for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def check_versions(versions: list[tuple[Any, torch.Tensor, int]], role: str) -> None:
+    """Refuse values that the forward modified in place after they were read (eager calls only).
+
+    A module's output that a later ``ReLU(inplace=True)`` or ``x += y`` changes,
+    or an input that its own module changes, is no longer the value the point
+    names; returning it would be a silent wrong result.
+    """
+    changed = list(dict.fromkeys(point for point, t, version in versions if t._version != version))
+    if changed:
+        raise RuntimeError(
+            f"the {role}'s forward modified the value of {', '.join(map(repr, changed))} in place after "
+            "it was read (an in-place op such as ReLU(inplace=True), x += y or x.mul_()), so it is no "
+            "longer what the point names. Map the module that does the in-place op, or make that op "
+            "out of place (for example set inplace=False on the module before calling distill)."
+        )
 
 
 def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], Any]:

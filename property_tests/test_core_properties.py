@@ -17,7 +17,9 @@ def _hand_written_student_grads(teacher, student, mapping, x):
     with torch.no_grad():
         _, seen_t = recorded(teacher, x)
     _, seen_s = recorded(student, x)
-    feature_loss([(select(t, seen_t), select(s, seen_s), w) for t, s, w in mapping]).backward()
+    loss = feature_loss([(select(t, seen_t), select(s, seen_s), w) for t, s, w in mapping])
+    if loss.requires_grad:  # not when only the student's input is mapped
+        loss.backward()
     return {n: p.grad for n, p in student.named_parameters()}
 
 

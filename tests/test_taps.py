@@ -269,3 +269,25 @@ def test_no_graph_break_with_per_call_and_input_points(models):
     assert len(linears) == 2 + 4
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), step(x))
+
+
+def test_a_value_modified_in_place_later_is_refused_not_returned():
+    torch.manual_seed(0)
+    t = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2)).eval()
+    s = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    match = (
+        r"the {role}'s forward modified the value of {point} in place after it was read \(an in-place op such as "
+        r"ReLU\(inplace=True\).*set inplace=False on the module before calling distill\)"
+    )
+    for point, shown in (("0", "'0'"), (Point("1", io="input"), r"Point\('1', io='input'\)")):
+        with pytest.raises(RuntimeError, match=match.format(role="teacher", point=shown)):
+            distill(t, s, Mapping(t, s).add(point, "2"), truncate=False)(state(t), state(s), x)
+        # truncated, the teacher stops before the in-place op: the value is right
+        (pair,) = distill(t, s, Mapping(t, s).add(point, "2"))(state(t), state(s), x)
+        torch.testing.assert_close(pair.teacher, t[0](x).detach())
+        fn = distill(t, s, Mapping(t, s).add("2", point))
+        with pytest.raises(RuntimeError, match=match.format(role="student", point=shown)):
+            grad(lambda p, fn=fn: fn(state(t), p, x)[0].student.sum())(state(s))
+    (pair,) = distill(t, s, Mapping(t, s).add("1", "1"))(state(t), state(s), x)  # the in-place op's own output
+    torch.testing.assert_close(pair.student, torch.relu(s[0](x)))
