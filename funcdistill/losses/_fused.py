@@ -11,9 +11,12 @@ gradients are saved for the backward pass, which just scales them. Peak
 memory then grows with ``chunk_size * V`` instead of ``tokens * V``.
 
 How the gradient is carried: a :class:`torch.autograd.Function` whose
-forward takes each chunk's gradient with :func:`torch.func.grad_and_value`
-(``torch.utils.checkpoint`` cannot be used: it relies on saved-tensor hooks,
-which :func:`torch.func.grad` does not support). So these losses work
+forward computes each chunk's gradient for its logits in closed form and
+applies the head's chain rule by hand. ``torch.utils.checkpoint`` cannot be
+used (it relies on saved-tensor hooks, which :func:`torch.func.grad` does not
+support), and a ``torch.func`` transform inside the forward breaks
+``torch.compile`` under ``torch.func.grad`` as soon as the hidden states come
+from a model (an internal functorch assertion in torch 2.13). So these losses work
 
 * in a ``loss.backward()`` loop and under :func:`torch.func.grad` /
   :func:`torch.func.grad_and_value`;
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from funcdistill.losses._checks import check_positive, check_reduction, check_tensors
-from funcdistill.losses._divergence import check_topk, jsd_rows, log_probs, topk_rows
+from funcdistill.losses._divergence import check_topk, jsd_rows, log_mixture, log_probs, topk_rows
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     check_fraction,
@@ -60,17 +63,18 @@ __all__ = ["fused_linear_jsd_loss", "fused_linear_topk_kl_loss"]
 Number = float | torch.Tensor
 FUSED_REDUCTIONS = ("mean", "sum")
 
-# rows(row_chunks, constants, student_logits) -> per-token losses of the chunk
-RowLoss = Callable[[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor], torch.Tensor]
+# parts(row_chunks, constants, student_logits, need_grad) -> (per-token losses, their gradient for the logits)
+Parts = Callable[
+    [tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]
+]
 
 
 class _Plan(NamedTuple):
     """What the chunked Function computes (Python values only, hashable for torch.compile)."""
 
-    rows: RowLoss
+    parts: Parts
     chunk_size: int
     sliced: int  # how many of the teacher-side tensors are split by token (the others are constants)
-    has_bias: bool
     classes: int  # the first rows of the student's head to use (vocab_size)
 
 
@@ -79,67 +83,74 @@ def _first(x: Any, n: int) -> Any:
     return x if x is None or x.shape[0] == n else x[:n]
 
 
-def _chunk_loss(
-    plan: _Plan,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    weights: torch.Tensor,
-    rows: tuple[torch.Tensor, ...],
-    constants: tuple[Any, ...],
-) -> torch.Tensor:
-    """The weighted loss of one chunk of tokens: ``sum(weights * per_token_loss)``."""
-    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes))
-    per_token = plan.rows(rows, constants, logits)
-    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
-    return (torch.where(weights != 0, per_token, zero) * weights).sum()
-
-
-def _chunks(plan: _Plan, n: int, weights: torch.Tensor, teacher: tuple[Any, ...]):
-    """Per chunk: ``(start, stop, weights[start:stop], the sliced teacher tensors)``, plus the constants."""
+def _chunks(plan: _Plan, hidden: torch.Tensor, weights: torch.Tensor, teacher: tuple[Any, ...]):
+    """Per chunk: the hidden states, the token weights (0 = not counted), the sliced teacher tensors, constants."""
     constants = teacher[plan.sliced :]
-    for start in range(0, n, plan.chunk_size):
-        stop = min(start + plan.chunk_size, n)
-        yield start, stop, weights[start:stop], tuple(t[start:stop] for t in teacher[: plan.sliced]), constants
+    for start in range(0, hidden.shape[0], plan.chunk_size):
+        stop = min(start + plan.chunk_size, hidden.shape[0])
+        rows = tuple(t[start:stop] for t in teacher[: plan.sliced])
+        yield hidden[start:stop], weights[start:stop], rows, constants
+
+
+def _chunk(plan, hidden, weight, bias, weights, rows, constants, need_grad):
+    """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
+    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes))
+    per_token, grad_logits = plan.parts(rows, constants, logits, need_grad)
+    counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    loss = (torch.where(counted, per_token, zero) * weights).sum()
+    if grad_logits is not None:
+        grad_logits = torch.where(counted[:, None], grad_logits, zero) * weights[:, None].to(grad_logits.dtype)
+    return loss, grad_logits
 
 
 def _chunked_value(plan, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
     """The loss alone, chunk by chunk (nothing needs a gradient)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start, stop, w, rows, constants in _chunks(plan, hidden.shape[0], weights, teacher):
-        total = total + _chunk_loss(plan, hidden[start:stop], weight, bias, w, rows, constants)
+    for h, w, rows, constants in _chunks(plan, hidden, weights, teacher):
+        total = total + _chunk(plan, h, weight, bias, w, rows, constants, False)[0]
     return total.to(hidden.dtype)
 
 
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` (the gradient of head rows past ``vocab_size``)."""
+    return x if x.shape[0] == rows else F.pad(x, (0,) * (2 * x.dim() - 1) + (rows - x.shape[0],))
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """Loss and student gradients in one chunked forward; the backward scales the saved gradients."""
+    """Loss and student gradients in one chunked forward; the backward scales the saved gradients.
+
+    Each chunk's gradient for its logits is computed in closed form, and the
+    head's chain rule is applied by hand (``grad_logits @ W``,
+    ``grad_logits.T @ h``): no autograd or ``torch.func`` transform runs inside
+    the forward, which keeps it traceable by ``torch.compile`` under
+    ``torch.func.grad``.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(plan, student_hidden, weight, bias, weights, *teacher):  # type: ignore[override]
-        # flattening and slicing happen here: a view of a tensor that torch.func.grad tracks, made
-        # outside and passed in, fails under torch.compile (an internal functorch assertion)
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         acc = torch.promote_types(weight.dtype, torch.float32)
+        head = _first(weight, plan.classes)
         total = hidden.new_zeros((), dtype=acc)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        grad_weight = torch.zeros(head.shape, dtype=acc, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(head.shape[:1], dtype=acc, device=weight.device)
         grad_hidden = []
-        argnums = (0, 1, 2) if plan.has_bias else (0, 1)
-        for start, stop, w, rows, constants in _chunks(plan, hidden.shape[0], weights, teacher):
-            loss = functools.partial(_chunk_loss, plan, weights=w, rows=rows, constants=constants)
-            grads, value = torch.func.grad_and_value(loss, argnums=argnums)(hidden[start:stop], weight, bias)
-            total = total + value
-            grad_hidden.append(grads[0])
-            grad_weight = grad_weight + grads[1]
+        for h, w, rows, constants in _chunks(plan, hidden, weights, teacher):
+            loss, grad_logits = _chunk(plan, h, weight, bias, w, rows, constants, True)
+            grad_logits = grad_logits.to(head.dtype)
+            total = total + loss
+            grad_hidden.append(grad_logits @ head)
+            grad_weight = grad_weight + grad_logits.T @ h
             if grad_bias is not None:
-                grad_bias = grad_bias + grads[2]
+                grad_bias = grad_bias + grad_logits.sum(0)
         grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
         outputs = (total.to(hidden.dtype), grad_hidden.reshape(student_hidden.shape))
-        outputs += (grad_weight.to(weight.dtype),)
-        return outputs if grad_bias is None else (*outputs, grad_bias.to(bias.dtype))
+        outputs += (_pad_rows(grad_weight, weight.shape[0]).to(weight.dtype),)
+        return outputs if grad_bias is None else (*outputs, _pad_rows(grad_bias, bias.shape[0]).to(bias.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -168,6 +179,41 @@ def _chunked_loss(
     if not needs_grad:
         return _chunked_value(plan, hidden, weight, bias, weights, *teacher)
     return _ChunkedLoss.apply(plan, hidden, weight, bias, weights, *teacher)[0]
+
+
+# ---------------------------------------------------------------- closed-form gradients for the student's logits
+
+
+def _times_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``p * x``, 0 where ``p == 0`` (``x`` may then be infinite)."""
+    return p * torch.where(p > 0, x, torch.zeros_like(x))
+
+
+def _through_softmax(grad_log_s: torch.Tensor, log_s: torch.Tensor, temperature: Number) -> torch.Tensor:
+    """The gradient for logits ``z`` from the one for ``s = log_softmax(z / T)``: ``(g - p * sum(g)) / T``."""
+    p = log_s.exp()
+    grad = grad_log_s - p * grad_log_s.sum(-1, keepdim=True)
+    return grad if not isinstance(temperature, torch.Tensor) and temperature == 1 else grad / temperature
+
+
+def _jsd_grad_log_s(log_t: torch.Tensor, log_s: torch.Tensor, beta: Number) -> torch.Tensor:
+    """The gradient of the per-token generalized JSD for the student's log-probabilities.
+
+    Forward KL: ``-p_T``; reverse KL: ``p_S (s - t + 1)``; in between:
+    ``(1 - beta) p_S (s - log m)`` (the derivative of ``m`` cancels out).
+    """
+    p_s = log_s.exp()
+    forward = -log_t.exp()
+    reverse = _times_p(p_s, log_s - log_t + 1)
+    if not isinstance(beta, torch.Tensor):
+        if beta == 0:
+            return forward
+        if beta == 1:
+            return reverse
+    mixed = (1 - beta) * _times_p(p_s, log_s - log_mixture(log_t, log_s, beta))
+    if not isinstance(beta, torch.Tensor):
+        return mixed
+    return torch.where(beta == 0, forward, torch.where(beta == 1, reverse, mixed))
 
 
 # ---------------------------------------------------------------- argument checks
@@ -212,16 +258,25 @@ def _check_reduction(loss: str, reduction: Any) -> str:
 # ---------------------------------------------------------------- the losses
 
 
-def _jsd_rows(
-    beta: Number | None, temperature: Number | None, rows: tuple, constants: tuple, logits: torch.Tensor
-) -> torch.Tensor:
+def _jsd_parts(
+    beta: Number | None,
+    temperature: Number | None,
+    rows: tuple,
+    constants: tuple,
+    logits: torch.Tensor,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     (teacher_hidden,) = rows
     teacher_weight, teacher_bias, *tensor_params = constants
     params = iter(tensor_params)
     beta = next(params) if beta is None else beta
     temperature = next(params) if temperature is None else temperature
-    teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)  # detached: no gradient
-    return jsd_rows(log_probs(teacher_logits, temperature), log_probs(logits, temperature), beta)
+    log_t = log_probs(F.linear(teacher_hidden, teacher_weight, teacher_bias), temperature)
+    log_s = log_probs(logits, temperature)
+    per_token = jsd_rows(log_t, log_s, beta)
+    if not need_grad:
+        return per_token, None
+    return per_token, _through_softmax(_jsd_grad_log_s(log_t, log_s, beta), log_s, temperature)
 
 
 def fused_linear_jsd_loss(
@@ -304,11 +359,11 @@ def fused_linear_jsd_loss(
     weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
     tensor_params = tuple(p for p in (beta, temperature) if isinstance(p, torch.Tensor))
     rows = functools.partial(
-        _jsd_rows,
+        _jsd_parts,
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    plan = _Plan(rows, chunk_size, 1, student_bias is not None, classes)
+    plan = _Plan(rows, chunk_size, 1, classes)
     return _chunked_loss(
         plan,
         student_hidden,
@@ -322,9 +377,19 @@ def fused_linear_jsd_loss(
     )
 
 
-def _topk_rows(renormalize: bool, rows: tuple, constants: tuple, logits: torch.Tensor) -> torch.Tensor:
+def _topk_parts(
+    renormalize: bool, rows: tuple, constants: tuple, logits: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     topk_logprobs, topk_indices = rows
-    return topk_rows(topk_logprobs, topk_indices, log_probs(logits, 1), renormalize)
+    log_s = log_probs(logits, 1)
+    per_token = topk_rows(topk_logprobs, topk_indices, log_s, renormalize)
+    if not need_grad:
+        return per_token, None
+    if renormalize:
+        topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
+    # d/ds of sum_k p_k (log p_k - s_{i_k}) is -p_k at the indices i_k, 0 elsewhere
+    grad_log_s = torch.zeros_like(log_s).scatter_add(-1, topk_indices, -topk_logprobs.exp().to(log_s.dtype))
+    return per_token, _through_softmax(grad_log_s, log_s, 1)
 
 
 def fused_linear_topk_kl_loss(
@@ -386,7 +451,7 @@ def fused_linear_topk_kl_loss(
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
     k, vocab = teacher_topk_logprobs.shape[-1], student_weight.shape[0]
-    plan = _Plan(functools.partial(_topk_rows, renormalize), chunk_size, 2, student_bias is not None, vocab)
+    plan = _Plan(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab)
     return _chunked_loss(
         plan,
         student_hidden,
