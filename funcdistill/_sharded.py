@@ -282,26 +282,28 @@ def _layout(d: Any) -> _Layout:
 
 
 class _Gather(torch.autograd.Function):
-    """All-gather a unit's shards into full tensors; backward: reduce-scatter the gradients, averaged."""
+    """All-gather a unit's shards into full tensors; backward: reduce-scatter the gradients, averaged.
+
+    One all-gather per tensor, straight into the tensor's own buffer (no copy out of a shared
+    one), so a unit's gather holds little more than the unit; the backward packs the gradients
+    into one reduce-scatter. On a mesh of one rank a shard is the whole tensor: nothing is moved.
+    """
 
     @staticmethod
     def forward(layouts: tuple[_Layout, ...], *shards: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         with torch._C._DisableFuncTorch():
             mesh = layouts[0].spec.mesh
             n = mesh.size()
+            if n == 1:
+                return tuple(s._local_tensor.view_as(s._local_tensor) for s in shards)
+            gather = _collective("all_gather_single", "all_gather_into_tensor")
             device = _device(shards[0]._local_tensor, mesh)
-            parts = [
-                _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device) for s, lay in zip(shards, layouts)
-            ]
-            flat = torch.cat([p.flatten() for p in parts])
-            out = flat.new_empty(n * flat.numel())
-            _collective("all_gather_single", "all_gather_into_tensor")(out, flat, group=mesh.get_group())
-            rows = out.view(n, -1)
-            fulls, offset = [], 0
-            for p, lay in zip(parts, layouts):
-                chunk = rows[:, offset : offset + p.numel()].reshape(n * lay.rows, *p.shape[1:])
-                offset += p.numel()
-                fulls.append(chunk[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
+            fulls = []
+            for s, lay in zip(shards, layouts):
+                part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device)
+                out = part.new_empty((n * lay.rows, *part.shape[1:]))
+                gather(out, part, group=mesh.get_group())
+                fulls.append(out[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
             return tuple(fulls)
 
     @staticmethod
@@ -311,13 +313,13 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        from torch.distributed.tensor import DTensor
-
         grads = tuple(None if g is None else _first_order(g) for g in grads)
         layouts = ctx.layouts
         with torch._C._DisableFuncTorch():
             mesh = layouts[0].spec.mesh
             n = mesh.size()
+            if n == 1:
+                return (None, *(_shard_of(g, lay, d) for g, lay, d in zip(grads, layouts, ctx.devices)))
             parts = []
             device = _device(torch.empty(0), mesh)
             for g, lay in zip(grads, layouts):
@@ -337,9 +339,17 @@ class _Gather(torch.autograd.Function):
                 size = lay.rows * math.prod(lay.local[1:])
                 local = out[offset : offset + size].view(lay.rows, *lay.local[1:])[: lay.local[0]]
                 offset += size
-                local = local.movedim(0, lay.dim).contiguous().to(device)
-                shards.append(DTensor(local.detach(), lay.spec, requires_grad=False))
+                shards.append(_shard_of(local.movedim(0, lay.dim), lay, device))
         return (None, *shards)
+
+
+def _shard_of(local: torch.Tensor | None, lay: _Layout, device: torch.device) -> Any:
+    """The gradient shard ``local`` as a DTensor placed like the parameter (``None`` stays ``None``)."""
+    from torch.distributed.tensor import DTensor
+
+    if local is None:
+        return None
+    return DTensor(local.contiguous().to(device).detach(), lay.spec, requires_grad=False)
 
 
 def _collective(name: str, old: str) -> Any:
