@@ -183,6 +183,11 @@ class Units:
         own = [table[key] for table, key, _ in slots]
 
         def gather(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"funcdistill does not compile FSDP-sharded models (the {self.model}): call the "
+                    "distill function eagerly and compile the loss that takes its pairs."
+                )
             before = [table[key] for table, key, _ in slots]
             bases = [_base(v) for v in before]
             if not any(map(_is_dtensor, bases)) and all(map(_is_fake, bases)):  # the shape-only dry run
@@ -305,6 +310,13 @@ class _Gather(torch.autograd.Function):
                 gather(out, part, group=mesh.get_group())
                 fulls.append(out[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
             return tuple(fulls)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, layouts: Any, *shards: Any) -> Any:
+        raise RuntimeError(
+            "funcdistill cannot run an FSDP-sharded model under torch.func.vmap (each rank gathers one "
+            "set of shards); vmap a model that is not sharded, or loop over the batch of states."
+        )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:

@@ -325,6 +325,10 @@ def errors(rank: int) -> None:
         fn(fd.state(teacher), fd.state(evaluated), batch(rank))
     evaluated.reshard()
     fn(fd.state(teacher), fd.state(evaluated), batch(rank))
+    stacked = {k: torch.stack([v, v]) for k, v in fd.state(evaluated, buffers=False).items()}
+    with pytest.raises(RuntimeError, match=r"cannot run an FSDP-sharded model under torch.func.vmap"):
+        x = batch(rank)
+        torch.func.vmap(lambda p: fn(fd.state(teacher), p, x)[0].student)(stacked)
     torch.manual_seed(0)
     outside = shard(_Outside(5, 2))
     fn = fd.distill(teacher, outside)
