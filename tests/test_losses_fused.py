@@ -210,3 +210,10 @@ def test_compiled_grad_step_without_graph_break():
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert g_e[1][V:].abs().sum() == 0  # the padded rows get no gradient
+
+
+def test_default_chunk_holds_about_2_to_the_24_logits():
+    from funcdistill.losses._fused import _chunk_tokens
+
+    assert [_chunk_tokens("f", None, v) for v in (32_000, 128_256, 152_064, 1 << 25, 1)] == [512, 128, 64, 1, 1 << 24]
+    assert _chunk_tokens("f", 7, 32_000) == 7

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from funcdistill.losses._checks import check_positive, check_reduction, check_tensors
-from funcdistill.losses._divergence import check_topk, jsd_rows, log_mixture, log_probs, topk_rows
+from funcdistill.losses._divergence import check_topk, jsd_rows, kl_rows, log_mixture, log_probs, topk_rows
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     check_fraction,
@@ -186,34 +186,40 @@ def _chunked_loss(
 
 def _times_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``p * x``, 0 where ``p == 0`` (``x`` may then be infinite)."""
-    return p * torch.where(p > 0, x, torch.zeros_like(x))
+    return torch.where(p > 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
-def _through_softmax(grad_log_s: torch.Tensor, log_s: torch.Tensor, temperature: Number) -> torch.Tensor:
+def _through_softmax(grad_log_s: torch.Tensor, p_s: torch.Tensor, temperature: Number) -> torch.Tensor:
     """The gradient for logits ``z`` from the one for ``s = log_softmax(z / T)``: ``(g - p * sum(g)) / T``."""
-    p = log_s.exp()
-    grad = grad_log_s - p * grad_log_s.sum(-1, keepdim=True)
+    grad = grad_log_s - p_s * grad_log_s.sum(-1, keepdim=True)
     return grad if not isinstance(temperature, torch.Tensor) and temperature == 1 else grad / temperature
 
 
-def _jsd_grad_log_s(log_t: torch.Tensor, log_s: torch.Tensor, beta: Number) -> torch.Tensor:
-    """The gradient of the per-token generalized JSD for the student's log-probabilities.
+def _jsd_with_grad(log_t: torch.Tensor, log_s: torch.Tensor, p_s: torch.Tensor, beta: Number):
+    """Per-token generalized JSD and its gradient ``g`` for the student's log-probabilities, in one pass.
 
-    Forward KL: ``-p_T``; reverse KL: ``p_S (s - t + 1)``; in between:
-    ``(1 - beta) p_S (s - log m)`` (the derivative of ``m`` cancels out).
+    Forward KL: ``g = -p_T``; reverse KL: ``g = p_S (s - t + 1)``; in between:
+    ``g = (1 - beta) p_S (s - log m)`` (the derivative of ``m`` cancels out), and
+    the student's term of the loss is ``sum(g)``, so it is not computed twice.
+    A tensor ``beta`` computes the three and picks with ``torch.where``.
     """
-    p_s = log_s.exp()
-    forward = -log_t.exp()
-    reverse = _times_p(p_s, log_s - log_t + 1)
-    if not isinstance(beta, torch.Tensor):
-        if beta == 0:
-            return forward
-        if beta == 1:
-            return reverse
-    mixed = (1 - beta) * _times_p(p_s, log_s - log_mixture(log_t, log_s, beta))
-    if not isinstance(beta, torch.Tensor):
-        return mixed
-    return torch.where(beta == 0, forward, torch.where(beta == 1, reverse, mixed))
+    if isinstance(beta, torch.Tensor):
+        ends = _jsd_with_grad(log_t, log_s, p_s, 0.0), _jsd_with_grad(log_t, log_s, p_s, 1.0)
+        mixed = _mixed_jsd_with_grad(log_t, log_s, p_s, beta)  # finite at 0 and 1, where it is not picked
+        return tuple(torch.where(beta == 0, f, torch.where(beta == 1, r, m)) for f, r, m in zip(*ends, mixed))
+    if beta == 0:
+        return kl_rows(log_t, log_s), -log_t.exp()
+    if beta == 1:
+        diff = _times_p(p_s, log_s - log_t)
+        return diff.sum(-1), diff + p_s
+    return _mixed_jsd_with_grad(log_t, log_s, p_s, beta)
+
+
+def _mixed_jsd_with_grad(log_t: torch.Tensor, log_s: torch.Tensor, p_s: torch.Tensor, beta: Number):
+    log_m = log_mixture(log_t, log_s, beta)
+    teacher_part = kl_rows(log_t, log_m)
+    grad = _times_p(p_s, log_s - log_m) * (1 - beta)
+    return beta * teacher_part + grad.sum(-1), grad
 
 
 # ---------------------------------------------------------------- argument checks
@@ -237,13 +243,20 @@ def _check_head(loss: str, side: str, hidden: Any, weight: Any, bias: Any) -> No
             )
 
 
-def _check_chunk_size(loss: str, chunk_size: Any) -> None:
+CHUNK_LOGITS = 1 << 24  # logits per chunk when chunk_size is None: 64 MiB in fp32
+
+
+def _chunk_tokens(loss: str, chunk_size: Any, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_size``, checked, or by default a power of two giving about 2**24 logits."""
+    if chunk_size is None:
+        return 1 << max(0, (CHUNK_LOGITS // max(vocab, 1)).bit_length() - 1)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"{loss}: chunk_size must be a positive int (tokens per chunk), got {type(chunk_size).__name__}."
         )
     if chunk_size < 1:
         raise ValueError(f"{loss}: chunk_size must be a positive int (tokens per chunk), got {chunk_size}.")
+    return chunk_size
 
 
 def _check_reduction(loss: str, reduction: Any) -> str:
@@ -273,10 +286,11 @@ def _jsd_parts(
     temperature = next(params) if temperature is None else temperature
     log_t = log_probs(F.linear(teacher_hidden, teacher_weight, teacher_bias), temperature)
     log_s = log_probs(logits, temperature)
-    per_token = jsd_rows(log_t, log_s, beta)
     if not need_grad:
-        return per_token, None
-    return per_token, _through_softmax(_jsd_grad_log_s(log_t, log_s, beta), log_s, temperature)
+        return jsd_rows(log_t, log_s, beta), None
+    p_s = log_s.exp()
+    per_token, grad_log_s = _jsd_with_grad(log_t, log_s, p_s, beta)
+    return per_token, _through_softmax(grad_log_s, p_s, temperature)
 
 
 def fused_linear_jsd_loss(
@@ -290,7 +304,7 @@ def fused_linear_jsd_loss(
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     teacher_bias: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
@@ -325,7 +339,9 @@ def fused_linear_jsd_loss(
         mask: bool tensor of the leading shape, ``True`` where the token counts.
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
-        chunk_size: tokens per chunk; the last chunk may be smaller.
+        chunk_size: tokens per chunk (the last chunk may be smaller); by default
+            a power of two giving about 2**24 logits per chunk (512 tokens at
+            ``V = 32,000``, 128 at ``V = 128,256``). Peak memory grows with it.
         teacher_bias: the teacher's head bias ``(V,)``, if it has one.
         student_bias: the student's head bias ``(V,)``, if it has one.
         vocab_size: compare only the first ``vocab_size`` classes.
@@ -353,7 +369,7 @@ def fused_linear_jsd_loss(
     classes = check_vocab(name, teacher_weight.shape[0], student_weight.shape[0], vocab_size)
     check_fraction(name, "beta", beta)
     check_positive(name, "temperature", temperature, allow_tensor=True)
-    _check_chunk_size(name, chunk_size)
+    chunk_size = _chunk_tokens(name, chunk_size, classes)
     leading = student_hidden.shape[:-1]
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
@@ -389,7 +405,7 @@ def _topk_parts(
         topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
     # d/ds of sum_k p_k (log p_k - s_{i_k}) is -p_k at the indices i_k, 0 elsewhere
     grad_log_s = torch.zeros_like(log_s).scatter_add(-1, topk_indices, -topk_logprobs.exp().to(log_s.dtype))
-    return per_token, _through_softmax(grad_log_s, log_s, 1)
+    return per_token, _through_softmax(grad_log_s, log_s.exp(), 1)
 
 
 def fused_linear_topk_kl_loss(
@@ -402,7 +418,7 @@ def fused_linear_topk_kl_loss(
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -422,7 +438,7 @@ def fused_linear_topk_kl_loss(
         mask: bool tensor of the leading shape, ``True`` where the token counts.
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk; by default about 2**24 logits per chunk.
         student_bias: the student's head bias ``(V,)``, if it has one.
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
 
@@ -447,7 +463,7 @@ def fused_linear_topk_kl_loss(
     check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading)
     if not isinstance(renormalize, bool):
         raise TypeError(f"{name}: renormalize must be True or False, got {type(renormalize).__name__}.")
-    _check_chunk_size(name, chunk_size)
+    chunk_size = _chunk_tokens(name, chunk_size, student_weight.shape[0])
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
     k, vocab = teacher_topk_logprobs.shape[-1], student_weight.shape[0]
