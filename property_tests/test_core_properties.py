@@ -50,7 +50,9 @@ def test_calls_are_pure(case):
     x_before = x.clone()
     fn = fd.distill(teacher, student, mapping, mutable=True)
     (pairs, buffers) = fn(fd.state(teacher), fd.state(student), x)
-    feature_loss(pairs).backward()
+    loss = feature_loss(pairs)
+    if loss.requires_grad:  # not when only the student's input is mapped
+        loss.backward()
     for model, snap, mode in zip((teacher, student), before, modes):
         now = fd.state(model)
         assert all(torch.equal(now[k], snap[k]) for k in snap)

@@ -6,6 +6,8 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.utils._pytree as torch_pytree
@@ -224,7 +226,7 @@ def test_albert_each_application_of_the_shared_layer():
         for k in range(4)
     ]
     # each application costs the same: the teacher stops right after the one it needs
-    steps = [b - a for a, b in zip(teacher, teacher[1:])]
+    steps = [b - a for a, b in itertools.pairwise(teacher)]
     assert steps[0] == steps[1] == steps[2] > 0 and teacher[3] < flops(lambda: t(input_ids=tokens))
 
     def loss(params):
