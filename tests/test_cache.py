@@ -590,6 +590,7 @@ def test_ranks_write_their_own_shards_and_rank_0_the_index(models, data, tmp_pat
                     draws=1,
                     seed=0,
                     shard_size=16,
+                    device=None,
                     progress=False,
                 )
             )

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from funcdistill._pytree import tree_map
 from funcdistill._state import state
 from funcdistill.cache import _augment, _fingerprint, _layout, _store
 
@@ -63,6 +64,7 @@ class Options:
             raise ValueError(f"draws={kw['draws']} needs augment=...: draws are recorded augmentations.")
         self.seed = _augment.check_seed(kw["seed"])
         self.progress = bool(kw["progress"])
+        self.device = _device(fn, teacher_state, kw["device"])
         self.keys = list(dict.fromkeys(t for t, _, _ in fn._plan))
         self.points = [repr(k) for k in self.keys]
         self.storage = _storage(fn, self.keys, kw["dtype"], kw["topk"], _temperature(kw["topk_temperature"]))
@@ -270,6 +272,10 @@ class _Runner:
         o = self.o
         items = [o.dataset[i] for i in range(first, first + n)]
         args = _collate(items, o.inputs)
+        if self.draws:  # augment on the CPU, as replay() does
+            args = (args[0], *_to(args[1:], o.device))
+        else:
+            args = _to(args, o.device)
         if not self.draws:
             return self._run(args, n, first)
         draw_seeds = _augment.seeds(o.seed, first, n, self.draws)
@@ -277,7 +283,7 @@ class _Runner:
         per_draw = []
         for j in range(self.draws):
             x = torch.stack([_augment.apply(o.augment, x, int(seed)) for x, seed in zip(xs, draw_seeds[:, j].tolist())])
-            per_draw.append(self._run((x, *args[1:]), n, first))
+            per_draw.append(self._run((x.to(o.device), *args[1:]), n, first))
         out = {name: torch.stack([d[name] for d in per_draw], dim=1) for name in per_draw[0]}
         out["seeds"] = draw_seeds
         return out
@@ -305,6 +311,18 @@ def _default_shard_size(per_sample: int, batch_size: int) -> int:
     """About 64 MiB per shard, a whole number of batches."""
     batches = max(1, TARGET_SHARD_BYTES // max(1, per_sample * batch_size))
     return batches * batch_size
+
+
+def _device(fn: Any, teacher_state: AbcMapping[str, Any], device: Any) -> torch.device:
+    """Where the teacher runs: ``device``, else that of the teacher state (or the teacher's own tensors)."""
+    if device is not None:
+        return torch.device(device)
+    tensors = [*teacher_state.values(), *state(fn._teacher.model).values()]
+    return next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+def _to(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(tree_map(lambda a: a.to(device) if isinstance(a, torch.Tensor) else a, args))
 
 
 def _collate(items: Sequence[Any], inputs: int) -> tuple[Any, ...]:

@@ -100,6 +100,7 @@ class TeacherCache(Frozen):
         draws: int = 1,
         seed: int = 0,
         shard_size: int | None = None,
+        device: torch.device | str | None = None,
         progress: bool = True,
     ) -> TeacherCache:
         """Run the teacher of ``fn`` once over ``dataset`` and store its outputs at ``path``; return the cache.
@@ -141,6 +142,9 @@ class TeacherCache(Frozen):
             seed: seed of the augmentation draws.
             shard_size: samples per shard file; by default about 64 MiB per
                 shard, a whole number of batches.
+            device: where the teacher runs: each batch of inputs is moved
+                there (after augmentation, which runs on the CPU); by default
+                the device of the teacher state. Outputs are stored from the CPU.
             progress: show a progress bar (needs tqdm; rank 0 only).
 
         Raises:
@@ -163,6 +167,7 @@ class TeacherCache(Frozen):
             draws=draws,
             seed=seed,
             shard_size=shard_size,
+            device=device,
             progress=progress,
         )
         _build.build(options)
