@@ -617,6 +617,13 @@ def test_public_names():
             "pkt_loss",
             "sp_loss",
             "standardize_logits",
+            "GeneralizedJSDLoss",
+            "SkewKLLoss",
+            "fused_linear_jsd_loss",
+            "fused_linear_topk_kl_loss",
+            "generalized_jsd_loss",
+            "skew_kl_loss",
+            "topk_kl_loss",
         ]
     )
     papers = {
