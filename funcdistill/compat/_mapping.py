@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
-from funcdistill import Pair
+from funcdistill import Pair, Point
 
 __all__ = ["Mapping"]
 
@@ -92,8 +92,8 @@ class Mapping:
         return self._functional.student
 
     @property
-    def names(self) -> tuple[tuple[str, str], ...]:
-        """The ``(teacher_name, student_name)`` pairs, in order."""
+    def names(self) -> tuple[tuple[str | Point, str | Point], ...]:
+        """The ``(teacher_point, student_point)`` pairs, in order: names, or Points for the others."""
         return self._functional.names
 
     def add(self, teacher_module: Any, student_module: Any, payload: Any = None) -> None:
