@@ -1,7 +1,8 @@
 """Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): gathering their state per unit.
 
 ``fully_shard`` turns a module into an *FSDP unit*: its parameters become
-``DTensor`` shards (``Shard(0)`` over a 1-D device mesh) and forward hooks
+``DTensor`` shards (``Shard(0)`` over a 1-D device mesh; with HSDP, over one
+dimension of a 2-D mesh and replicated over the other) and forward hooks
 all-gather them before the unit runs and free them after. Those hooks work on
 the module's own parameters, so a stateless call with other tensors (a state
 dict, ``torch.func.grad``'s tracked copies) cannot go through them.
@@ -125,14 +126,14 @@ def _check_policy(module: nn.Module, role: str, where: str) -> None:
 
 
 def _check_placement(p: Any, role: str, name: str) -> None:
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
+    shards = [x for x in p.placements if isinstance(x, Shard)]
+    if len(shards) != 1 or not all(isinstance(x, (Shard, Replicate)) for x in p.placements):
         raise ValueError(
-            f"the {role} parameter {name!r} is a DTensor placed {tuple(p.placements)} on a "
-            f"{p.device_mesh.ndim}-D mesh; funcdistill gathers FSDP2 shards on a 1-D mesh only "
-            "(fully_shard(module, mesh=init_device_mesh(device, (world_size,))), Shard placements); "
-            "HSDP and 2-D meshes are not supported yet."
+            f"the {role} parameter {name!r} is a DTensor placed {tuple(p.placements)}; funcdistill "
+            "gathers FSDP2 shards: one Shard placement, Replicate on any other mesh dimension (FSDP "
+            "on a 1-D mesh, HSDP on a 2-D one). Tensor parallel and other placements are not supported."
         )
 
 
@@ -258,6 +259,7 @@ class _Layout(NamedTuple):
     """Where one shard sits in the gathered buffer."""
 
     spec: Any  # the DTensor's spec (mesh, placements, global shape)
+    mesh_dim: int  # the mesh dimension it is sharded over (the others replicate it)
     dim: int  # the sharded dimension
     local: torch.Size  # this rank's shard (after moving ``dim`` first)
     rows: int  # rows per rank, padded (ceil(global / mesh size))
@@ -280,25 +282,28 @@ def gather_full(values: list[Any], bases: list[Any]) -> list[torch.Tensor]:
 
 
 def _layout(d: Any) -> _Layout:
-    dim = d.placements[0].dim % d.ndim
-    n = d.device_mesh.size()
+    mesh_dim = next(i for i, x in enumerate(d.placements) if x.is_shard())
+    dim = d.placements[mesh_dim].dim % d.ndim
+    n = d.device_mesh.size(mesh_dim)
     local = d._local_tensor.movedim(dim, 0).shape
-    return _Layout(d._spec, dim, local, -(-d.shape[dim] // n))
+    return _Layout(d._spec, mesh_dim, dim, local, -(-d.shape[dim] // n))
 
 
 class _Gather(torch.autograd.Function):
     """All-gather a unit's shards into full tensors; backward: reduce-scatter the gradients, averaged.
 
-    One all-gather per tensor, straight into the tensor's own buffer (no copy out of a shared
-    one), so a unit's gather holds little more than the unit; the backward packs the gradients
-    into one reduce-scatter. On a mesh of one rank a shard is the whole tensor: nothing is moved.
+    One all-gather per tensor over the mesh dimension it is sharded on, straight into the
+    tensor's own buffer (no copy out of a shared one), so a unit's gather holds little more than
+    the unit; the backward packs the gradients into one reduce-scatter, then (HSDP) one
+    all-reduce per replicating mesh dimension, and divides by the mesh size. On a mesh of one
+    rank a shard is the whole tensor: nothing is moved.
     """
 
     @staticmethod
     def forward(layouts: tuple[_Layout, ...], *shards: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         with torch._C._DisableFuncTorch():
-            mesh = layouts[0].spec.mesh
-            n = mesh.size()
+            mesh, mesh_dim = layouts[0].spec.mesh, layouts[0].mesh_dim
+            n = mesh.size(mesh_dim)
             if n == 1:
                 return tuple(s._local_tensor.view_as(s._local_tensor) for s in shards)
             gather = _collective("all_gather_single", "all_gather_into_tensor")
@@ -307,7 +312,7 @@ class _Gather(torch.autograd.Function):
             for s, lay in zip(shards, layouts):
                 part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device)
                 out = part.new_empty((n * lay.rows, *part.shape[1:]))
-                gather(out, part, group=mesh.get_group())
+                gather(out, part, group=mesh.get_group(mesh_dim))
                 fulls.append(out[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
             return tuple(fulls)
 
@@ -328,9 +333,9 @@ class _Gather(torch.autograd.Function):
         grads = tuple(None if g is None else _first_order(g) for g in grads)
         layouts = ctx.layouts
         with torch._C._DisableFuncTorch():
-            mesh = layouts[0].spec.mesh
-            n = mesh.size()
-            if n == 1:
+            mesh, mesh_dim = layouts[0].spec.mesh, layouts[0].mesh_dim
+            n = mesh.size(mesh_dim)
+            if mesh.size() == 1:
                 return (None, *(_shard_of(g, lay, d) for g, lay, d in zip(grads, layouts, ctx.devices)))
             parts = []
             device = _device(torch.empty(0), mesh)
@@ -343,9 +348,15 @@ class _Gather(torch.autograd.Function):
                 )
                 parts.append(_padded(g, n * lay.rows).reshape(n, -1))
             flat = torch.cat(parts, dim=1).contiguous()
-            out = flat.new_empty(flat.shape[1])
-            _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, flat.flatten(), group=mesh.get_group())
-            out /= n
+            if n == 1:
+                out = flat.flatten()
+            else:
+                out = flat.new_empty(flat.shape[1])
+                scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
+                scatter(out, flat.flatten(), group=mesh.get_group(mesh_dim))
+            for replicated in (d for d in range(mesh.ndim) if d != mesh_dim and mesh.size(d) > 1):
+                dist.all_reduce(out, group=mesh.get_group(replicated))  # HSDP: sum over the replicas too
+            out /= mesh.size()  # the mean over every rank of the mesh
             shards, offset = [], 0
             for lay, device in zip(layouts, ctx.devices):
                 size = lay.rows * math.prod(lay.local[1:])

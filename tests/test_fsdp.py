@@ -285,6 +285,38 @@ def one_rank_mesh(rank: int) -> None:
     assert_same_params(teacher, ref_t)
 
 
+@check
+def hsdp(rank: int) -> None:
+    """A 2-D mesh (HSDP: replicate x shard), both ways round: the unsharded loop on the whole batch."""
+    for shape in ((1, WORLD), (WORLD, 1)):
+        hsdp_case(rank, shape)
+
+
+def hsdp_case(rank: int, shape: tuple[int, int]) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    teacher, student = models()
+    ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    for model in (teacher, student):
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    assert student.out.weight.placements[0].is_replicate(), student.out.weight.placements
+    fn = fd.distill(teacher, student, mapping_for(teacher, student))
+    grads = torch.func.grad(lambda p, x: loss_of(fn(fd.state(teacher), p, x)))(
+        fd.state(student, buffers=False), batch(rank)
+    )
+    by_hand(ref_t, ref_s, whole()).backward()
+    for name, p in ref_s.named_parameters():
+        torch.testing.assert_close(grads[name].full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=f"{shape} {name}")
+    sgd_steps(lambda k: loss_of(fn(fd.state(teacher), fd.state(student), batch(rank, k))), student.parameters())
+    ref_s.zero_grad()
+    sgd_steps(lambda k: by_hand(ref_t, ref_s, whole(k)), ref_s.parameters())
+    assert_same_params(student, ref_s)
+
+
 class _Outside(Net):
     """Uses a sharded block's weight in the root's own forward, outside the block's unit."""
 
