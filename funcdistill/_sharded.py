@@ -304,10 +304,10 @@ class _Gather(torch.autograd.Function):
         with torch._C._DisableFuncTorch():
             mesh, mesh_dim = layouts[0].spec.mesh, layouts[0].mesh_dim
             n = mesh.size(mesh_dim)
-            if n == 1:
-                return tuple(s._local_tensor.view_as(s._local_tensor) for s in shards)
-            gather = _collective("all_gather_single", "all_gather_into_tensor")
             device = _device(shards[0]._local_tensor, mesh)
+            if n == 1:  # (a view: an output may not be an input itself)
+                return tuple(s._local_tensor.to(device).view_as(s._local_tensor) for s in shards)
+            gather = _collective("all_gather_single", "all_gather_into_tensor")
             fulls = []
             for s, lay in zip(shards, layouts):
                 part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device)
