@@ -198,8 +198,12 @@ class Units:
             if plain:
                 raise ValueError(_unsharded_message(self.model, name, plain))
             self.stack.append((slots, before, own))
-            for (table, key, _), t in zip(slots, gather_full(before, bases)):
-                table[key] = t
+            first: dict[int, int] = {}  # a tensor under several names (tied) is gathered once
+            index = [first.setdefault(id(v), len(first)) for v in before]
+            unique = list({id(v): (v, b) for v, b in zip(before, bases)}.values())
+            full = gather_full([v for v, _ in unique], [b for _, b in unique])
+            for (table, key, _), i in zip(slots, index):
+                table[key] = full[i]
 
         def restore(module: nn.Module, args: Any, output: Any) -> None:
             done, before, _ = self.stack.pop()

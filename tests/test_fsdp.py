@@ -317,6 +317,32 @@ def hsdp_case(rank: int, shape: tuple[int, int]) -> None:
     assert_same_params(student, ref_s)
 
 
+@check
+def tied(rank: int) -> None:
+    """A weight tied under two names in one unit: gathered once, its gradient the sum of both uses."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.models import Tied
+
+    torch.manual_seed(0)
+    teacher, student = Tied().eval(), Tied()
+    ref_s = copy.deepcopy(student)
+    fully_shard(student)
+    fn = fd.distill(teacher, student)
+    record: list[int] = []
+    patched = counting_gathers(record)
+    try:
+        grads = torch.func.grad(lambda p, x: (fn(fd.state(teacher), p, x)[0].student ** 2).mean())(
+            fd.state(student, buffers=False), batch(rank)
+        )
+    finally:
+        for name, original in patched.items():
+            setattr(dist, name, original)
+    assert record == [WORLD * 2 * 3], record  # a.weight once (3 rows: 2 per rank, padded)
+    (ref_s(whole()) ** 2).mean().backward()
+    torch.testing.assert_close(grads["a.weight"].full_tensor(), ref_s.a.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 class _Outside(Net):
     """Uses a sharded block's weight in the root's own forward, outside the block's unit."""
 
