@@ -63,6 +63,10 @@ def distill(
     :func:`torch.func.jacrev` and :func:`torch.compile`. It may be called from
     several threads at once. Every entry of a state is checked against the
     model (name, shape, dtype, device), with one error naming each culprit.
+    Models sharded with FSDP2 (``fully_shard``) run on their ``DTensor``
+    shards, each unit gathered only while it runs, and gradients with respect
+    to the shards come back as shards averaged over the ranks (see the
+    Distributed page of the documentation).
 
     Payloads that are modules with parameters (adapters) take them from
     ``student_state['payloads.<index>.<name>']`` when present
