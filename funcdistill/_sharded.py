@@ -10,9 +10,10 @@ dict, ``torch.func.grad``'s tracked copies) cannot go through them.
 A shadow (:mod:`funcdistill._capture`) of a sharded model runs the plain
 module classes without FSDP's hooks, and :class:`Units` does their work on the
 state of the call instead: before a unit's forward it gathers the unit's
-``DTensor`` entries (one all-gather per unit and dtype) into full tensors,
-and after it puts the ``DTensor`` entries back, so the full tensors live only
-while the unit runs (unless autograd saves them for backward). Units after a
+``DTensor`` entries into full tensors (one all-gather per tensor, straight
+into its own buffer), and after it puts the ``DTensor`` entries back, so the
+full tensors live only while the unit runs (unless autograd saves them for
+backward: a student's stay until its backward). Units after a
 truncated teacher's deepest mapped point never run, so they are never gathered.
 
 The gather is differentiable (:class:`_Gather`, an ``autograd.Function`` with
@@ -48,8 +49,8 @@ def _fsdp() -> Any:
 def check(model: nn.Module, role: str) -> None:
     """Raise for a sharded model funcdistill cannot run.
 
-    FSDP1 wrappers, meshes with more than one dimension, placements other than
-    ``Shard``, and mixed precision policies.
+    FSDP1 wrappers, mixed precision policies, and placements other than one
+    ``Shard`` (with ``Replicate`` on the other mesh dimensions: HSDP).
     """
     fsdp = _fsdp()
     if fsdp is None:
@@ -309,7 +310,7 @@ class _Gather(torch.autograd.Function):
             mesh, mesh_dim = layouts[0].spec.mesh, layouts[0].mesh_dim
             n = mesh.size(mesh_dim)
             device = _device(shards[0]._local_tensor, mesh)
-            if n == 1:  # (a view: an output may not be an input itself)
+            if n == 1:  # the shard is the whole tensor (a view of it: a new tensor object)
                 return tuple(s._local_tensor.to(device).view_as(s._local_tensor) for s in shards)
             gather = _collective("all_gather_single", "all_gather_into_tensor")
             fulls = []
@@ -342,7 +343,7 @@ class _Gather(torch.autograd.Function):
             if mesh.size() == 1:
                 return (None, *(_shard_of(g, lay, d) for g, lay, d in zip(grads, layouts, ctx.devices)))
             parts = []
-            device = _device(torch.empty(0), mesh)
+            device = _mesh_device(mesh)
             for g, lay in zip(grads, layouts):
                 shape = (lay.spec.shape[lay.dim], *lay.local[1:])
                 g = (
@@ -408,7 +409,10 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _device(local: torch.Tensor, mesh: Any) -> torch.device:
     """Where the mesh computes (shards offloaded to the CPU are moved there to be gathered)."""
-    if local.device.type == mesh.device_type:
-        return local.device
-    module = torch.get_device_module(mesh.device_type)
-    return torch.device(mesh.device_type, module.current_device())
+    return local.device if local.device.type == mesh.device_type else _mesh_device(mesh)
+
+
+def _mesh_device(mesh: Any) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
