@@ -58,12 +58,13 @@ def models() -> tuple[Net, Net]:
     return Net(7, 3).eval(), Net(5, 2)
 
 
-def shard(model: nn.Module, blocks: str = "blocks") -> nn.Module:
+def shard(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 as its docs show: each block a unit, then the root (on ``mesh``, or all ranks)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.get_submodule(blocks):
-        fully_shard(block)
-    fully_shard(model)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -268,16 +269,12 @@ def mixed(rank: int) -> None:
 def one_rank_mesh(rank: int) -> None:
     """Each rank alone on its own mesh (nothing to gather): its own batch's loop, by hand."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
 
     groups = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
     mesh = DeviceMesh.from_group(groups[rank], "cpu")
     teacher, student = models()
     ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
-    for model in (teacher, student):
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    shard(teacher, mesh), shard(student, mesh)
     fn = fd.distill(teacher, student, mapping_for(teacher, student))
     sgd_steps(lambda k: loss_of(fn(fd.state(teacher), fd.state(student), batch(rank, k))), student.parameters())
     sgd_steps(lambda k: by_hand(ref_t, ref_s, batch(rank, k)), ref_s.parameters())
@@ -294,15 +291,11 @@ def hsdp(rank: int) -> None:
 
 def hsdp_case(rank: int, shape: tuple[int, int]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     teacher, student = models()
     ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
-    for model in (teacher, student):
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    shard(teacher, mesh), shard(student, mesh)
     assert student.out.weight.placements[0].is_replicate(), student.out.weight.placements
     fn = fd.distill(teacher, student, mapping_for(teacher, student))
     grads = torch.func.grad(lambda p, x: loss_of(fn(fd.state(teacher), p, x)))(
