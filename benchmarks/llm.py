@@ -128,7 +128,18 @@ def llm_section(cfg: Any) -> Section:
     """Peak memory (fresh process per case) and time ratio (interleaved rounds) of fused vs naive."""
     sec = Section(
         "LLM losses: fused chunked generalized JSD vs the naive loss on full logits",
-        ["tokens", "style", "peak MiB", "peak ratio", "target", "met", "time ratio", "target ", "met ", "note"],
+        [
+            "tokens",
+            "style",
+            "peak MiB",
+            "peak ratio",
+            "peak target",
+            "met",
+            "time ratio",
+            "time target",
+            "time met",
+            "note",
+        ],
         intro=(
             f"Forward + backward of the generalized JSD (beta 0.5) of two linear heads, fp32, hidden {HIDDEN}, "
             f"vocabulary {VOCAB:,}; gradients for the student's hidden states and head weight. `naive`: "
@@ -160,11 +171,13 @@ def llm_section(cfg: Any) -> Section:
             tokens=tokens,
             style="fused",
             **{"peak MiB": memory["fused"]["peak_mib"], "peak ratio": peak},
-            target="<= 0.20" if tokens == 4096 else "",
             met=("yes" if peak <= 0.2 else "no") if tokens == 4096 else "",
-            **{"time ratio": f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})"},
-            **{"target ": "<= 1.20" if tokens == 4096 else ""},
-            **{"met ": ("yes" if r["median"] <= 1.2 else "no") if tokens == 4096 else ""},
+            **{
+                "peak target": "<= 0.20" if tokens == 4096 else "",
+                "time ratio": f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})",
+                "time target": "<= 1.20" if tokens == 4096 else "",
+                "time met": ("yes" if r["median"] <= 1.2 else "no") if tokens == 4096 else "",
+            },
             note=check,
         )
     sec.notes.append(

@@ -217,3 +217,21 @@ def test_default_chunk_holds_about_2_to_the_24_logits():
 
     assert [_chunk_tokens("f", None, v) for v in (32_000, 128_256, 152_064, 1 << 25, 1)] == [512, 128, 64, 1, 1 << 24]
     assert _chunk_tokens("f", 7, 32_000) == 7
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    ht, hs, wt, ws, *_ = heads(torch.float32)
+    low = [x.to(torch.bfloat16) for x in (ht, hs, wt, ws)]
+
+    def fused(h, w):
+        return L.fused_linear_jsd_loss(low[0], h, low[2], w, chunk_size=3)
+
+    g, v = torch.func.grad_and_value(fused, argnums=(0, 1))(low[1], low[3])
+    assert v.dtype == g[0].dtype == g[1].dtype == torch.bfloat16
+    up = [x.float() for x in low]  # the same bf16 values, the loss in float32
+    g_ref, v_ref = torch.func.grad_and_value(
+        lambda h, w: L.generalized_jsd_loss(up[0] @ up[2].T, h @ w.T), argnums=(0, 1)
+    )(up[1], up[3])
+    torch.testing.assert_close(v.float(), v_ref, rtol=2e-2, atol=1e-3)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-3)
