@@ -235,3 +235,17 @@ def test_bfloat16_inputs_accumulate_in_float32():
     torch.testing.assert_close(v.float(), v_ref, rtol=2e-2, atol=1e-3)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-3)
+
+
+def test_vmap_sweep_over_tensor_beta_and_temperature():
+    ht, hs, wt, ws, *_ = heads()
+    betas = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    temperatures = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def fused(b, t):
+        return grad(lambda w: L.fused_linear_jsd_loss(ht, hs, wt, w, beta=b, temperature=t, chunk_size=3))(ws)
+
+    swept = vmap(fused)(betas, temperatures)
+    for i, (b, t) in enumerate(zip(betas.tolist(), temperatures.tolist())):
+        expected = grad(lambda w: L.generalized_jsd_loss(ht @ wt.T, hs @ w.T, beta=b, temperature=t))(ws)  # noqa: B023
+        torch.testing.assert_close(swept[i], expected)
