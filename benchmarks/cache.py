@@ -192,7 +192,7 @@ def cache_section(cfg: Any) -> Section:
     quick = cfg.quick
     with tempfile.TemporaryDirectory() as root:
         cnn_n = 64 if quick else 128
-        _epoch_rows(sec, f"CNN, {cnn_n} samples, batch 64", _cnn(cfg, cnn_n), 2 if quick else 5, f"{root}/cnn")
+        _epoch_rows(sec, f"CNN, {cnn_n} samples, batch 64", _cnn(cfg, cnn_n), 2 if quick else 9, f"{root}/cnn")
         mlp_n = 1024 if quick else 4096
         _epoch_rows(
             sec, f"MLP, {mlp_n} samples, batch {cfg.mlp_batch}", _mlp(cfg, mlp_n), 3 if quick else 11, f"{root}/mlp"

@@ -350,12 +350,13 @@ class TeacherCache(Frozen):
 
     def _gather(self, indices: torch.Tensor, draws: torch.Tensor | None, names: list[str]) -> dict[str, torch.Tensor]:
         size = self._shard_size
-        shard = indices // size
-        rows = indices - shard * size
-        first, last = (int(shard.min()), int(shard.max())) if len(indices) else (0, 0)
+        lo, hi = _bounds(indices)
+        first, last = lo // size, hi // size
+        shard = indices // size if first != last else None
+        rows = indices if first == last == 0 else indices - (first * size if shard is None else shard * size)
         if draws is not None:  # row r, draw d is row r * K + d of the (rows * K, ...) view
             rows = rows * self.draws + draws
-        if first == last:
+        if shard is None:  # one shard: one gather per stored tensor
             tensors = self._shard(first)
             return {n: _rows(tensors[n], rows, draws is not None) for n in names}
         order = torch.argsort(shard, stable=True)
@@ -404,11 +405,20 @@ def _as_indices(key: Any, n: int, what: str) -> torch.Tensor:
         raise TypeError(
             f"{what} must be a 1-D integer tensor or a list of ints, got {t.dtype} of shape {list(t.shape)}."
         )
-    t = t.to("cpu", torch.int64)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
-        raise IndexError(f"{what} must be in 0..{n - 1}, got {bad}.")
+    if t.dtype != torch.int64 or t.device.type != "cpu":
+        t = t.to("cpu", torch.int64)
+    lo, hi = _bounds(t)
+    if lo < 0 or hi >= n:
+        raise IndexError(f"{what} must be in 0..{n - 1}, got {lo if lo < 0 else hi}.")
     return t
+
+
+def _bounds(t: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest entry of a 1-D integer tensor (``(0, 0)`` when empty)."""
+    if not t.numel():
+        return 0, 0
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
 
 
 def _check_augment(index: dict[str, Any], augment: Any, folder: Path) -> None:

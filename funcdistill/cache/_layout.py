@@ -155,11 +155,14 @@ def from_tensors(entry: Entry, spec_tree: Any, read: dict[str, torch.Tensor]) ->
     """The teacher output of one point, from its gathered stored tensors, in the teacher's dtypes."""
     if entry["topk"] is not None:
         spec = entry["leaves"][0]
-        return TopK(
-            read[spec["name"] + ".logprobs"].to(to_dtype(spec["dtype"])), read[spec["name"] + ".indices"].long()
-        )
-    leaves = [None if spec is None else read[spec["name"]].to(to_dtype(spec["dtype"])) for spec in entry["leaves"]]
+        logprobs, indices = read[spec["name"] + ".logprobs"], read[spec["name"] + ".indices"]
+        return TopK(_as(logprobs, to_dtype(spec["dtype"])), _as(indices, torch.int64))
+    leaves = [None if spec is None else _as(read[spec["name"]], to_dtype(spec["dtype"])) for spec in entry["leaves"]]
     return torch_pytree.tree_unflatten(leaves, spec_tree)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def bytes_per_sample(entry: Entry, draws: int) -> int:
