@@ -21,7 +21,10 @@ The gather is differentiable (:class:`_Gather`, an ``autograd.Function`` with
 each gathered tensor is reduce-scattered and divided by the mesh size, as
 FSDP2 does, and comes back as a ``DTensor`` with the parameter's placements.
 Each rank runs on its own inputs (data parallel over the mesh), so the
-gradient is that of the mean of the ranks' losses.
+gradient is that of the mean of the ranks' losses. A unit's
+``MixedPrecisionPolicy`` applies as in FSDP2's forward (inputs and shards cast
+to ``param_dtype``, gradients reduced in ``reduce_dtype``, outputs cast to
+``output_dtype``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any, NamedTuple, cast
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from funcdistill._pytree import tree_map
 
 __all__: list[str] = []
 
@@ -49,8 +54,8 @@ def _fsdp() -> Any:
 def check(model: nn.Module, role: str) -> None:
     """Raise for a sharded model funcdistill cannot run.
 
-    FSDP1 wrappers, mixed precision policies, and placements other than one
-    ``Shard`` (with ``Replicate`` on the other mesh dimensions: HSDP).
+    FSDP1 wrappers, and placements other than one ``Shard`` (with
+    ``Replicate`` on the other mesh dimensions: HSDP).
     """
     fsdp = _fsdp()
     if fsdp is None:
@@ -63,8 +68,6 @@ def check(model: nn.Module, role: str) -> None:
                 "a state dict cannot address; funcdistill runs FSDP2 models: shard the unwrapped "
                 "model with torch.distributed.fsdp.fully_shard (per block, then the root) instead."
             )
-        if isinstance(m, fsdp.FSDPModule):
-            _check_policy(m, role, where)
         for key, p in m._parameters.items():
             if _is_dtensor(p):
                 _check_placement(p, role, f"{name}.{key}" if name else key)
@@ -82,7 +85,7 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     shadows = dict(shadow.named_modules(remove_duplicate=False))
     units = Units(_plain_name(model))
     for name in names:
-        units.add(name, shadows[name], _unit_slots(name, live, shadows))
+        units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]))
     return units
 
 
@@ -113,17 +116,18 @@ def _unit_slots(name: str, live: dict[str, nn.Module], shadows: dict[str, nn.Mod
     return slots
 
 
-def _check_policy(module: nn.Module, role: str, where: str) -> None:
+def _policy(module: nn.Module) -> Any:
+    """The unit's ``MixedPrecisionPolicy`` (``None`` when FSDP keeps it elsewhere)."""
     from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
 
-    policy = getattr(_get_module_fsdp_state(module), "_mp_policy", None)
-    if policy is not None and (policy.param_dtype is not None or policy.reduce_dtype is not None):
-        raise ValueError(
-            f"the {role}'s FSDP unit {where} has a MixedPrecisionPolicy (param_dtype={policy.param_dtype}, "
-            f"reduce_dtype={policy.reduce_dtype}), which funcdistill does not apply; shard it without "
-            "mp_policy (for a low-precision teacher pass distill(..., teacher_dtype=torch.bfloat16), "
-            "which casts the shards before they are gathered)."
-        )
+    return getattr(_get_module_fsdp_state(module), "_mp_policy", None)
+
+
+def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
+    """The floating tensors of a pytree cast to ``dtype`` (``None``: unchanged)."""
+    if dtype is None:
+        return tree
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
 
 
 def _check_placement(p: Any, role: str, name: str) -> None:
@@ -173,15 +177,25 @@ class Units:
         self.model = model  # the model's class name, for messages
         self.stack: list[tuple[list[_Slot], list[Any], list[Any]]] = []  # (slots, before, own) of running units
 
-    def add(self, name: str, module: nn.Module, slots: list[_Slot]) -> None:
-        """Make ``module`` (the shadow of the unit ``name``) a plain module that gathers ``slots`` while it runs."""
+    def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any) -> None:
+        """Make ``module`` (the shadow of the unit ``name``) a plain module that gathers ``slots`` while it runs.
+
+        ``policy``: the unit's ``MixedPrecisionPolicy``, applied as FSDP2 does (floating inputs
+        cast to ``param_dtype``, shards cast before the gather, gradients reduced in
+        ``reduce_dtype``, outputs cast to ``output_dtype``).
+        """
         _strip_fsdp(module)
+        param_dtype = getattr(policy, "param_dtype", None)
         if slots:  # first among the hooks, so the module's other hooks see full tensors
-            gather, restore = self._hooks(name, slots)
+            gather, restore = self._hooks(name, slots, param_dtype, getattr(policy, "reduce_dtype", None))
             module.register_forward_pre_hook(gather, prepend=True)
             module.register_forward_hook(restore, prepend=True)
+        if param_dtype is not None and policy.cast_forward_inputs:
+            module.register_forward_pre_hook(lambda m, a, k: _cast((a, k), param_dtype), prepend=True, with_kwargs=True)
+        if getattr(policy, "output_dtype", None) is not None:
+            module.register_forward_hook(lambda m, a, out: _cast(out, policy.output_dtype), prepend=True)
 
-    def _hooks(self, name: str, slots: list[_Slot]) -> tuple[Any, Any]:
+    def _hooks(self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any) -> tuple[Any, Any]:
         own = [table[key] for table, key, _ in slots]
 
         def gather(module: nn.Module, args: Any) -> None:
@@ -202,7 +216,7 @@ class Units:
             first: dict[int, int] = {}  # a tensor under several names (tied) is gathered once
             index = [first.setdefault(id(v), len(first)) for v in before]
             unique = list({id(v): (v, b) for v, b in zip(before, bases)}.values())
-            full = gather_full([v for v, _ in unique], [b for _, b in unique])
+            full = gather_full([v for v, _ in unique], [b for _, b in unique], param_dtype, reduce_dtype)
             for (table, key, _), i in zip(slots, index):
                 table[key] = full[i]
 
@@ -261,37 +275,45 @@ def _base(t: Any) -> Any:
 
 
 class _Layout(NamedTuple):
-    """Where one shard sits in the gathered buffer."""
+    """Where one shard sits in the gathered buffer, and the dtypes it is gathered and reduced in."""
 
-    spec: Any  # the DTensor's spec (mesh, placements, global shape)
+    spec: Any  # the DTensor's spec (mesh, placements, global shape, dtype)
     mesh_dim: int  # the mesh dimension it is sharded over (the others replicate it)
     dim: int  # the sharded dimension
     local: torch.Size  # this rank's shard (after moving ``dim`` first)
     rows: int  # rows per rank, padded (ceil(global / mesh size))
+    param_dtype: torch.dtype  # gathered and computed in
+    reduce_dtype: torch.dtype  # gradients reduced in
 
 
-def gather_full(values: list[Any], bases: list[Any]) -> list[torch.Tensor]:
+def gather_full(
+    values: list[Any], bases: list[Any], param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
     """Full tensors for DTensor shards ``values`` (``bases``: the DTensors under any ``torch.func`` wrapper).
 
-    One all-gather per mesh, placement and dtype.
+    Floating shards are cast to ``param_dtype`` before they are gathered and their gradients
+    reduced in ``reduce_dtype`` (default: the dtype they are gathered in), as FSDP2's mixed
+    precision does. One ``_Gather`` per mesh, placement and dtype.
     """
     out = list(values)
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(bases):
         groups.setdefault((b.device_mesh, b.placements, b.dtype), []).append(i)
     for idx in groups.values():
-        layouts = tuple(_layout(bases[i]) for i in idx)
+        layouts = tuple(_layout(bases[i], param_dtype, reduce_dtype) for i in idx)
         for i, full in zip(idx, _Gather.apply(layouts, *[values[i] for i in idx])):
             out[i] = full
     return out
 
 
-def _layout(d: Any) -> _Layout:
+def _layout(d: Any, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> _Layout:
     mesh_dim = next(i for i, x in enumerate(d.placements) if x.is_shard())
     dim = d.placements[mesh_dim].dim % d.ndim
     n = d.device_mesh.size(mesh_dim)
     local = d._local_tensor.movedim(dim, 0).shape
-    return _Layout(d._spec, mesh_dim, dim, local, -(-d.shape[dim] // n))
+    compute = param_dtype if param_dtype is not None and d.dtype.is_floating_point else d.dtype
+    reduce = reduce_dtype if reduce_dtype is not None and d.dtype.is_floating_point else compute
+    return _Layout(d._spec, mesh_dim, dim, local, -(-d.shape[dim] // n), compute, reduce)
 
 
 class _Gather(torch.autograd.Function):
@@ -311,11 +333,14 @@ class _Gather(torch.autograd.Function):
             n = mesh.size(mesh_dim)
             device = _device(shards[0]._local_tensor, mesh)
             if n == 1:  # the shard is the whole tensor (a view of it: a new tensor object)
-                return tuple(s._local_tensor.to(device).view_as(s._local_tensor) for s in shards)
+                return tuple(
+                    s._local_tensor.to(device, lay.param_dtype).view_as(s._local_tensor)
+                    for s, lay in zip(shards, layouts)
+                )
             gather = _collective("all_gather_single", "all_gather_into_tensor")
             fulls = []
             for s, lay in zip(shards, layouts):
-                part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device)
+                part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device, lay.param_dtype)
                 out = part.new_empty((n * lay.rows, *part.shape[1:]))
                 gather(out, part, group=mesh.get_group(mesh_dim))
                 fulls.append(out[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
@@ -347,9 +372,9 @@ class _Gather(torch.autograd.Function):
             for g, lay in zip(grads, layouts):
                 shape = (lay.spec.shape[lay.dim], *lay.local[1:])
                 g = (
-                    torch.zeros(shape, dtype=lay.spec.tensor_meta.dtype, device=device)
+                    torch.zeros(shape, dtype=lay.reduce_dtype, device=device)
                     if g is None
-                    else g.movedim(lay.dim, 0)
+                    else g.movedim(lay.dim, 0).to(lay.reduce_dtype)
                 )
                 parts.append(_padded(g, n * lay.rows).reshape(n, -1))
             flat = torch.cat(parts, dim=1).contiguous()
@@ -377,7 +402,8 @@ def _shard_of(local: torch.Tensor | None, lay: _Layout, device: torch.device) ->
 
     if local is None:
         return None
-    return DTensor(local.contiguous().to(device).detach(), lay.spec, requires_grad=False)
+    local = local.contiguous().to(device, lay.spec.tensor_meta.dtype).detach()  # the parameter's own dtype
+    return DTensor(local, lay.spec, requires_grad=False)
 
 
 def _collective(name: str, old: str) -> Any:

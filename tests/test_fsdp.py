@@ -58,13 +58,13 @@ def models() -> tuple[Net, Net]:
     return Net(7, 3, rows=1).eval(), Net(5, 2, rows=1)  # one output row: rank 1 holds empty shards
 
 
-def shard(model: nn.Module, mesh=None) -> nn.Module:
+def shard(model: nn.Module, mesh=None, root_policy=None, **options) -> nn.Module:
     """FSDP2 as its docs show: each block a unit, then the root (on ``mesh``, or all ranks)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **{**options, **({"mp_policy": root_policy} if root_policy else {})})
     return model
 
 
@@ -336,6 +336,35 @@ def tied(rank: int) -> None:
     torch.testing.assert_close(grads["a.weight"].full_tensor(), ref_s.a.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@check
+def mixed_precision(rank: int) -> None:
+    """MixedPrecisionPolicy (bf16 compute, fp32 reduction, fp32 outputs): as FSDP2's own forward/backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    bf16 = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)}
+    fp32_out = MixedPrecisionPolicy(param_dtype=torch.bfloat16, output_dtype=torch.float32)  # the teacher's root
+    teacher, student = models()
+    own_t, own_s = (
+        shard(copy.deepcopy(teacher), root_policy=fp32_out, **bf16),
+        shard(copy.deepcopy(student), mp_policy=policy),
+    )
+    shard(teacher, root_policy=fp32_out, **bf16), shard(student, mp_policy=policy)
+    fn = fd.distill(teacher, student, mapping_for(teacher, student))
+    params = fd.state(student, buffers=False)
+    grads = torch.func.grad(lambda p, x: loss_of(fn(fd.state(teacher), p, x)))(params, batch(rank))
+    by_hand(own_t, own_s, batch(rank)).backward()
+    for name, p in own_s.named_parameters():
+        assert grads[name].dtype == torch.float32 and grads[name].placements == p.placements, name
+        torch.testing.assert_close(grads[name].full_tensor(), p.grad.full_tensor(), rtol=1e-6, atol=1e-7, msg=name)
+    own_s.zero_grad()
+    (_, pair) = fn(fd.state(teacher), fd.state(student), batch(rank))  # the final outputs
+    assert pair.teacher.dtype == torch.float32 and pair.student.dtype == torch.bfloat16
+    sgd_steps(lambda k: loss_of(fn(fd.state(teacher), fd.state(student), batch(rank, k))), student.parameters())
+    sgd_steps(lambda k: by_hand(own_t, own_s, batch(rank, k)), own_s.parameters())
+    assert_same_params(student, own_s)
+
+
 class _Outside(Net):
     """Uses a sharded block's weight in the root's own forward, outside the block's unit."""
 
@@ -345,7 +374,7 @@ class _Outside(Net):
 
 @check
 def errors(rank: int) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     teacher, student = models()
 
@@ -361,10 +390,6 @@ def errors(rank: int) -> None:
         TypeError, match=r"the teacher is wrapped in FullyShardedDataParallel \(\w+\), FSDP1.*fully_shard"
     ):
         fd.distill(fsdp1, student)
-    low = copy.deepcopy(student)
-    fully_shard(low, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match=r"the student's FSDP unit \(Net\) has a MixedPrecisionPolicy.*teacher_dtype"):
-        fd.distill(teacher, low)
     evaluated = shard(copy.deepcopy(student))  # FSDP2 leaves the root unsharded after a no_grad forward
     fn = fd.distill(teacher, evaluated)
     with torch.no_grad():
