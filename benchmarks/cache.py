@@ -12,7 +12,7 @@ Bytes are exact: the shard files on disk.
 >>> setup = Setup(mlp_teacher().eval(), mlp_student(), torch.randn(16, 64), torch.randint(0, 10, (16,)), 8, "body")
 >>> cache = setup.build(tempfile.mkdtemp())
 >>> sorted(setup.epochs(cache))
-['online distillation', 'student alone (labels only)', 'student only (teacher outputs in RAM)', 'teacher cache']
+['distill fn, teacher outputs in RAM', 'online distillation', 'student alone (labels only)', 'student only (teacher outputs in RAM)', 'teacher cache']
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from benchmarks.losses import kd_loss, similarity_loss, step_loss
 from benchmarks.models import mlp_student, mlp_teacher, resnet_student, resnet_teacher
 from benchmarks.report import Section
 from benchmarks.timing import paired_rounds, ratio
+from funcdistill.cache import TeacherOutputs
 
 __all__ = ["Setup", "cache_section"]
 
 ALONE, RAM = "student alone (labels only)", "student only (teacher outputs in RAM)"
+FN_RAM = "distill fn, teacher outputs in RAM"
 CACHED, ONLINE = "teacher cache", "online distillation"
 GOAL = 1.10
 
@@ -71,23 +73,34 @@ class Setup:
             return epoch
 
         def alone(idx: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(s(x[idx]), y[idx])
+            return F.cross_entropy(s(x.index_select(0, idx)), y.index_select(0, idx))
 
         def precomputed(idx: torch.Tensor) -> torch.Tensor:
-            sf = s.forward_features(x[idx])
+            sf = s.forward_features(x.index_select(0, idx))
             t_feat, t_logits = ram[point].index_select(0, idx), ram[""].index_select(0, idx)  # faster than [idx]
             pairs = ((t_feat, sf[point], similarity_loss), (t_logits, sf[""], kd_loss))
-            return step_loss(pairs, sf[""], y[idx])
+            return step_loss(pairs, sf[""], y.index_select(0, idx))
+
+        def through_fn(idx: torch.Tensor) -> torch.Tensor:
+            outputs = TeacherOutputs((ram[point].index_select(0, idx), ram[""].index_select(0, idx)), cache.built_for)
+            pairs = fn(outputs, fd.state(s), x.index_select(0, idx))
+            return step_loss(pairs, pairs[-1].student, y.index_select(0, idx))
 
         def cached(idx: torch.Tensor) -> torch.Tensor:
-            pairs = fn(cache[idx], fd.state(s), x[idx])
-            return step_loss(pairs, pairs[-1].student, y[idx])
+            pairs = fn(cache[idx], fd.state(s), x.index_select(0, idx))
+            return step_loss(pairs, pairs[-1].student, y.index_select(0, idx))
 
         def online(idx: torch.Tensor) -> torch.Tensor:
-            pairs = fn(fd.state(self.teacher), fd.state(s), x[idx])
-            return step_loss(pairs, pairs[-1].student, y[idx])
+            pairs = fn(fd.state(self.teacher), fd.state(s), x.index_select(0, idx))
+            return step_loss(pairs, pairs[-1].student, y.index_select(0, idx))
 
-        return {ALONE: run(alone), RAM: run(precomputed), CACHED: run(cached), ONLINE: run(online)}
+        return {
+            ALONE: run(alone),
+            RAM: run(precomputed),
+            FN_RAM: run(through_fn),
+            CACHED: run(cached),
+            ONLINE: run(online),
+        }
 
 
 def _builder(fn: Any, teacher: nn.Module, x: torch.Tensor, batch: int) -> Callable[..., fd.TeacherCache]:
@@ -114,7 +127,7 @@ def _epoch_rows(sec: Section, scenario: str, setup: Setup, rounds: int, folder: 
     cache = setup.build(folder)
     build_s = time.perf_counter() - started
     times = paired_rounds(setup.epochs(cache), rounds=rounds, inner=1, warmup=1)
-    for name in (RAM, CACHED, ONLINE, ALONE):
+    for name in (RAM, FN_RAM, CACHED, ONLINE, ALONE):
         goal = name == CACHED
         median = ratio(times, name, RAM)["median"]
         sec.add(
@@ -182,14 +195,33 @@ def cache_section(cfg: Any) -> Section:
             "An epoch is one pass over the data set in batches (zero_grad, loss, backward; no optimizer "
             f"step). `{RAM}` (the reference, 1.00): the distillation loss (feature pair + logits KD + "
             "cross-entropy) with the teacher outputs precomputed by hand into tensors in RAM, so only the "
-            f"student runs. `{CACHED}`: the same loss with `fn(cache[idx], student_state, x)`, the outputs "
+            f"student runs, written by hand (the student's `forward_features`). `{FN_RAM}`: the same through "
+            "the distill function, given the RAM tensors as `TeacherOutputs` (the function's own per-call cost, "
+            f"without reading the cache). `{CACHED}`: the same loss with `fn(cache[idx], student_state, x)`, the outputs "
             f"gathered from the memory-mapped safetensors shards. `{ONLINE}`: the same loss with the teacher "
             f"running every batch. `{ALONE}`: cross-entropy only, no distillation loss (the note gives every "
             "epoch against it too). Ratios are medians over paired rounds (interquartile range in "
-            "brackets). Bytes are the shard files on disk."
+            "brackets). Bytes are the shard files on disk. Measured with one intra-op thread "
+            "(`torch.set_num_threads(1)`): on two cores shared with other processes, two threads spend "
+            "most of their time waiting for each other (a 64-row MLP forward took 25 ms with two threads "
+            "and 0.8 ms with one), which would swamp the ratios."
         ),
     )
     quick = cfg.quick
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the intro: two threads on two shared cores wait on each other
+    try:
+        _all_rows(sec, cfg, quick)
+    finally:
+        torch.set_num_threads(threads)
+    sec.notes.append(
+        "Time ratios depend on what else runs on the machine (other agents share these 2 cores; see the "
+        "load figures in the machine line and the interquartile ranges); the bytes are exact."
+    )
+    return sec
+
+
+def _all_rows(sec: Section, cfg: Any, quick: bool) -> None:
     with tempfile.TemporaryDirectory() as root:
         cnn_n = 64 if quick else 128
         _epoch_rows(sec, f"CNN, {cnn_n} samples, batch 64", _cnn(cfg, cnn_n), 2 if quick else 9, f"{root}/cnn")
@@ -221,11 +253,6 @@ def cache_section(cfg: Any) -> Section:
         },
     )
     _lm_rows(sec, cfg)
-    sec.notes.append(
-        "Other agents ran tests on the same 2 cores during this run: the time ratios are noisy (see the "
-        "interquartile ranges); the bytes are exact."
-    )
-    return sec
 
 
 def _lm_rows(sec: Section, cfg: Any) -> None:
