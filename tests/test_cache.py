@@ -659,3 +659,11 @@ def test_progress_bar_counts_samples(models, data, tmp_path, capsys):
     TeacherCache.build(fd.distill(t, s), fd.state(t), data, tmp_path / "c", batch_size=8)
     err = capsys.readouterr().err
     assert "teacher cache" in err and f"{N}/{N}" in err
+
+
+def test_the_benchmark_section_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("benchmarks.cache"))
+    assert result.attempted > 0 and result.failed == 0
