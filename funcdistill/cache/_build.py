@@ -271,19 +271,20 @@ class _Runner:
         """Stored tensors of samples ``first .. first + n - 1`` (every draw)."""
         o = self.o
         items = [o.dataset[i] for i in range(first, first + n)]
-        args = _collate(items, o.inputs)
-        if self.draws:  # augment on the CPU, as replay() does
-            args = (args[0], *_to(args[1:], o.device))
-        else:
-            args = _to(args, o.device)
+        args = _to(_collate(items, o.inputs), o.device)
         if not self.draws:
             return self._run(args, n, first)
-        draw_seeds = _augment.seeds(o.seed, first, n, self.draws)
         xs = [it if isinstance(it, torch.Tensor) else it[0] for it in items]
+        return self._drawn(xs, args[1:], first, n)
+
+    def _drawn(self, xs: list[torch.Tensor], rest: tuple, first: int, n: int) -> dict[str, torch.Tensor]:
+        """Every recorded draw: each sample's first input augmented on the CPU (as replay() does), then the teacher."""
+        o = self.o
+        draw_seeds = _augment.seeds(o.seed, first, n, self.draws)
         per_draw = []
         for j in range(self.draws):
-            x = torch.stack([_augment.apply(o.augment, x, int(seed)) for x, seed in zip(xs, draw_seeds[:, j].tolist())])
-            per_draw.append(self._run((x.to(o.device), *args[1:]), n, first))
+            x = _augment.replay(o.augment, torch.stack(xs), draw_seeds[:, j])
+            per_draw.append(self._run((x.to(o.device), *rest), n, first))
         out = {name: torch.stack([d[name] for d in per_draw], dim=1) for name in per_draw[0]}
         out["seeds"] = draw_seeds
         return out
