@@ -33,12 +33,18 @@ def test_examples_exist_where_the_style_promises_them():
     finder = doctest.DocTestFinder()
     for name in (
         "funcdistill._mapping",
+        "funcdistill._point",
         "funcdistill._distill",
         "funcdistill._state",
         "funcdistill.losses",
         "funcdistill.losses._logit",
         "funcdistill.losses._feature",
         "funcdistill.losses._relational",
+        "funcdistill.losses._similarity",
+        "funcdistill.losses._contrastive",
+        "funcdistill.losses._divergence",
+        "funcdistill.losses._fused",
+        "funcdistill.cache._cache",
         "funcdistill.compat",
         "funcdistill.compat._distill",
         "funcdistill.compat._mapping",

@@ -41,14 +41,15 @@ class TeacherCache(Frozen):
         >>> s = nn.Sequential(nn.Linear(4, 3))
         >>> fn = fd.distill(t, s)
         >>> data = torch.randn(10, 4)
-        >>> folder = tempfile.mkdtemp()
-        >>> cache = fd.TeacherCache.build(fn, fd.state(t), data, folder, batch_size=4, progress=False)
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> cache = fd.TeacherCache.build(fn, fd.state(t), data, folder.name, batch_size=4, progress=False)
         >>> len(cache), cache.points
         (10, ("''",))
         >>> idx = torch.tensor([7, 2])
         >>> ((teacher, student, _),) = fn(cache[idx], fd.state(s), data[idx])
         >>> torch.allclose(teacher, t(data[idx]))
         True
+        >>> folder.cleanup()
     """
 
     __slots__ = (
