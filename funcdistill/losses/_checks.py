@@ -90,6 +90,18 @@ def check_weight(loss: str, name: str, value: Any) -> None:
         raise ValueError(f"{loss}: {name} must be a finite number >= 0, got {value!r}.")
 
 
+def check_fraction(loss: str, name: str, value: Any) -> None:
+    """A number in [0, 1], or a 0-d tensor (its value unchecked)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{loss}: a tensor {name} must be 0-d, got shape {tuple(value.shape)}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{loss}: {name} must be a number in [0, 1] or a 0-d tensor, got {type(value).__name__}.")
+    if not (0 <= value <= 1 and math.isfinite(value)):
+        raise ValueError(f"{loss}: {name} must be in [0, 1], got {value!r}.")
+
+
 def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Elementwise ``p * (log p - log q)``, with 0 where ``p == 0``.
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill.losses._checks import check_positive, check_reduction, check_tensors, reduce
+from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors, reduce
 
 __all__ = ["CRDLoss", "CRDState", "crd_head", "crd_init", "crd_loss", "crd_negatives"]
 
@@ -207,7 +207,7 @@ def crd_loss(
     check_reduction(name, reduction)
     _check_inputs(name, teacher_embed, student_embed, state, index, negatives)
     check_positive(name, "temperature", temperature, allow_tensor=True)
-    _check_momentum(name, momentum)
+    check_fraction(name, "momentum", momentum)
     check_positive(name, "eps", eps)
     t = F.normalize(teacher_embed, dim=1)
     s = F.normalize(student_embed, dim=1)
@@ -269,17 +269,6 @@ def _check_index(loss: str, name: str, value: Any, *, ndim: int) -> None:
     if value.dim() != ndim:
         kind = "(N,), one dataset index per sample" if ndim == 1 else "(N, K), K negative indices per sample"
         raise ValueError(f"{loss}: {name} must have shape {kind}; got shape {tuple(value.shape)}.")
-
-
-def _check_momentum(loss: str, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"{loss}: a tensor momentum must be 0-d, got shape {tuple(value.shape)}.")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{loss}: momentum must be a number in [0, 1] or a 0-d tensor, got {type(value).__name__}.")
-    if not 0 <= value <= 1:
-        raise ValueError(f"{loss}: momentum must be in [0, 1], got {value!r}.")
 
 
 def _check_inputs(
@@ -389,7 +378,7 @@ class CRDLoss(nn.Module):
                     f"CRDLoss: {role} must be an nn.Module (e.g. crd_head(...)), got {type(head).__name__}."
                 )
         check_positive("CRDLoss", "temperature", temperature, allow_tensor=True)
-        _check_momentum("CRDLoss", momentum)
+        check_fraction("CRDLoss", "momentum", momentum)
         check_positive("CRDLoss", "eps", eps)
         self.teacher_head = teacher_head
         self.student_head = student_head

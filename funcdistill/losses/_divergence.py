@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill.losses._checks import check_positive, check_reduction, check_tensors, kl_terms
+from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors, kl_terms
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     TOKEN_REDUCTIONS,
-    check_fraction,
     check_leading,
     check_vocab,
     counted_tokens,

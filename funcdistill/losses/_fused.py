@@ -47,11 +47,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from funcdistill.losses._checks import check_positive, check_reduction, check_tensors
+from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors
 from funcdistill.losses._divergence import check_topk, jsd_rows, kl_rows, log_mixture, log_probs, topk_rows
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
-    check_fraction,
     check_leading,
     check_vocab,
     counted_tokens,

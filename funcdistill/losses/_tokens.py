@@ -20,7 +20,6 @@ Every decision looks at shapes and dtypes only, never at tensor values.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -99,18 +98,6 @@ def check_leading(loss: str, teacher: torch.Tensor, student: torch.Tensor, what:
             f"{tuple(student.shape[:-1])} (the {what}' shapes without their last dimension, "
             f"{tuple(teacher.shape)} and {tuple(student.shape)})."
         )
-
-
-def check_fraction(loss: str, name: str, value: Any) -> None:
-    """A number in [0, 1], or a 0-d tensor (its value unchecked)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"{loss}: a tensor {name} must be 0-d, got shape {tuple(value.shape)}.")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{loss}: {name} must be a number in [0, 1] or a 0-d tensor, got {type(value).__name__}.")
-    if not (0 <= value <= 1 and math.isfinite(value)):
-        raise ValueError(f"{loss}: {name} must be in [0, 1], got {value!r}.")
 
 
 def reduce_tokens(per_token: torch.Tensor, counted: torch.Tensor | None, reduction: str) -> torch.Tensor:
