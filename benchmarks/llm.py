@@ -7,9 +7,10 @@ backward), fp32, hidden size 256, vocabulary 32,000 (Llama 2's), at 1,024 /
 fused one (:func:`funcdistill.losses.fused_linear_jsd_loss`) holds one chunk's.
 
 * Peak memory: each (tokens, implementation) runs alone in a fresh process,
-  which reports ``ru_maxrss`` after the step minus ``ru_maxrss`` once the
-  inputs exist: what the step adds on top of its inputs. Reliable, since no
-  other work shares the process.
+  which resets its peak RSS once the inputs exist (``/proc/self/clear_refs``)
+  and reports the peak after the step (``VmHWM``) minus the RSS at the reset:
+  what the step adds on top of its inputs. Reliable, since no other work
+  shares the process.
 * Time: one process per token count runs both steps in interleaved, shuffled
   rounds (:func:`benchmarks.timing.paired_rounds`); the ratio fused / naive is
   the median over rounds. Noisy when other work shares the machine.
@@ -82,17 +83,47 @@ def make_step(name: str, x: dict[str, torch.Tensor]) -> Callable[[], float]:
     return step
 
 
-def _maxrss_mib() -> float:
+def _status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> float:
+    """Start a new peak-RSS window; the RSS now (MiB).
+
+    On Linux, writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` to the
+    current RSS. ``ru_maxrss`` cannot be reset, and it keeps the *parent's*
+    RSS across ``exec`` (the benchmark parent holds gigabytes after the other
+    sections), so a child's ``ru_maxrss`` delta can read 0; it is only the
+    fallback where ``/proc`` is missing.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        now = _status_mib("VmRSS")
+        if now is not None:
+            return now
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _peak() -> float:
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_memory(tokens: int, name: str) -> dict[str, float]:
     """In this process: MiB that one step adds to the peak RSS above its inputs (run it in a fresh process)."""
     torch.set_num_threads(torch.get_num_threads())
     x = _inputs(tokens)
-    before = _maxrss_mib()
+    before = _reset_peak()
     loss = make_step(name, x)()
-    return {"peak_mib": _maxrss_mib() - before, "loss": loss}
+    return {"peak_mib": _peak() - before, "loss": loss}
 
 
 def measure_time(tokens: int, rounds: int) -> dict[str, Any]:
@@ -144,8 +175,8 @@ def llm_section(cfg: Any) -> Section:
             f"Forward + backward of the generalized JSD (beta 0.5) of two linear heads, fp32, hidden {HIDDEN}, "
             f"vocabulary {VOCAB:,}; gradients for the student's hidden states and head weight. `naive`: "
             "`generalized_jsd_loss(th @ Wt.T, hs @ Ws.T)`, both logits materialised; `fused`: "
-            "`fused_linear_jsd_loss(th, hs, Wt, Ws)` (its default chunk: 512 tokens, about 2**24 logits). `peak MiB`: ru_maxrss after the step "
-            "minus ru_maxrss with the inputs made, each case in a fresh process. `time ratio`: median over "
+            "`fused_linear_jsd_loss(th, hs, Wt, Ws)` (its default chunk: 512 tokens, about 2**24 logits). `peak MiB`: peak RSS during the step "
+            "(VmHWM, reset once the inputs exist) minus the RSS then, each case in a fresh process. `time ratio`: median over "
             "interleaved rounds in one process of fused / naive seconds (interquartile range in brackets)."
         ),
     )

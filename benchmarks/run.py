@@ -45,6 +45,9 @@ SECTIONS = {
     "llm": llm.llm_section,
 }
 
+READING = ROOT / "benchmarks" / "reading.md"
+"""Hand-written notes on the figures, appended to the docs page after the generated tables."""
+
 DOCS_INTRO = """# Benchmarks
 
 How much a funcdistill step costs next to the same step written by hand, and
@@ -120,8 +123,9 @@ def _render(args: argparse.Namespace) -> int:
 
 def _write_docs(path: Path, sections: list, info: dict, stem: str) -> None:
     body = report.to_markdown(sections, info, heading=f"Results ({stem})", level=2)
+    reading = READING.read_text() if READING.exists() else ""  # hand-written: what the figures say
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(DOCS_INTRO + body + "\n")
+    path.write_text(DOCS_INTRO + body + "\n" + ("\n" + reading if reading else ""))
     print(f"[benchmarks] wrote {path}")
 
 

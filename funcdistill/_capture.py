@@ -229,7 +229,8 @@ class Capture:
         self.dtype = dtype
         self.points = tuple(dict.fromkeys(points))
         self.whole = WHOLE in self.points
-        whole = self.whole or _taps.needs_whole_forward(self.points)
+        self.gathers = _taps.needs_whole_forward(self.points)  # some point keeps every call's value
+        whole = self.whole or self.gathers
         self.stop_at = frozenset(self.points) if truncate and not whole else None
         self._args = (model, self.points)
         _sharded.check(model, role)
@@ -303,7 +304,8 @@ class Capture:
                 shadow.units.release()
         if versions:
             _taps.check_versions(versions, self.role)
-        _taps.finish(captured, self.points)
+        if self.gathers:
+            _taps.finish(captured, self.points)
         if self.whole:
             captured[WHOLE] = output
         self._check(captured, counts)

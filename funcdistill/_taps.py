@@ -94,7 +94,10 @@ def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int,
         return
     versions = owner.versions
     if versions is not None:
-        versions.extend((point, t, t._version) for t in _tensors(value))
+        if isinstance(value, torch.Tensor):
+            versions.append((point, value, value._version))
+        else:
+            versions.extend((point, t, t._version) for t in _tensors(value))
     if keep == ALL:
         return
     stop = owner.stop
@@ -103,8 +106,6 @@ def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int,
 
 
 def _tensors(value: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(value, torch.Tensor):
-        return (value,)
     return tuple(t for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
 

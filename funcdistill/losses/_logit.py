@@ -231,9 +231,9 @@ def dist_loss(
 
     Example:
         >>> import torch
-        >>> t = torch.randn(4, 10)
-        >>> abs(round(float(dist_loss(t, t)), 6))
-        0.0
+        >>> t = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+        >>> abs(float(dist_loss(t, t))) < 1e-5
+        True
         >>> float(dist_loss(t, torch.randn(4, 10), temperature=4.0)) > 0
         True
     """
@@ -396,9 +396,9 @@ class DISTLoss(nn.Module):
 
     Example:
         >>> import torch
-        >>> x = torch.randn(4, 5)
-        >>> abs(round(float(DISTLoss(temperature=4.0)(x, x)), 6))
-        0.0
+        >>> x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+        >>> abs(float(DISTLoss(temperature=4.0)(x, x))) < 1e-5
+        True
     """
 
     def __init__(
@@ -452,9 +452,9 @@ class LogitStandardization(nn.Module):
     Example:
         >>> import torch
         >>> loss = LogitStandardization(KDLoss(temperature=2.0))
-        >>> t = torch.randn(3, 5)
-        >>> abs(round(float(loss(t, 4 * t + 1)), 6))  # same logits up to scale and shift
-        0.0
+        >>> t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+        >>> abs(float(loss(t, 4 * t + 1))) < 1e-5  # same logits up to scale and shift
+        True
     """
 
     def __init__(self, loss: Any, *, eps: float = 1e-7):

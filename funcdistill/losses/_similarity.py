@@ -49,9 +49,9 @@ def pkt_loss(
 
     Example:
         >>> import torch
-        >>> t = torch.randn(6, 32)
-        >>> abs(round(float(pkt_loss(t, 3 * t)), 6))  # the cosine kernel ignores scale
-        0.0
+        >>> t = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+        >>> abs(float(pkt_loss(t, 3 * t))) < 1e-5  # the cosine kernel ignores scale
+        True
         >>> pkt_loss(t, torch.randn(6, 8), reduction="none").shape
         torch.Size([6, 6])
     """
@@ -99,9 +99,9 @@ def sp_loss(teacher: torch.Tensor, student: torch.Tensor, *, reduction: str = "m
 
     Example:
         >>> import torch
-        >>> t = torch.randn(4, 16, 3, 3)
-        >>> round(float(sp_loss(t, 2 * t)), 6)  # row normalisation removes the scale
-        0.0
+        >>> t = torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+        >>> abs(float(sp_loss(t, 2 * t))) < 1e-5  # row normalisation removes the scale
+        True
         >>> sp_loss(t, torch.randn(4, 8, 5, 5), reduction="none").shape
         torch.Size([4, 4])
     """
