@@ -169,6 +169,7 @@ def build(options: Options) -> None:
         layout = _store.read_json(recorded, "build record")
         _same_settings(folder, layout, meta, options)
     ranks = Ranks.current()
+    ranks.barrier()  # every rank decides "fresh or resumed" on the same files, before rank 0 writes the record
     shard_size = options.shard_size or (layout["shard_size"] if layout else None)
     runner = _Runner(options, meta, layout, shard_size)
     runner.run(ranks)
