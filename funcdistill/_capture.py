@@ -340,7 +340,7 @@ class Capture:
                 verdict = _dryrun.FULL
             else:
                 problems = self._problems(counts)
-                verdict = _DRY_NOTE.join(problems) + _DRY_NOTE if problems else _dryrun.TRUNCATE
+                verdict = "\n".join(problems) + _DRY_NOTE if problems else _dryrun.TRUNCATE
             if len(self._verdicts) >= _MAX_VERDICTS:
                 self._verdicts.clear()
             self._verdicts[sig] = verdict
@@ -420,7 +420,7 @@ class Capture:
             for leaf in tree_leaves(value):
                 if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
-                        f"the {_taps.what(point)[4:]} of {self.role} module {_taps.name_of(point)!r} contains "
+                        f"the {_taps.what(point)} of {self.role} module {_taps.name_of(point)!r} contains "
                         f"a {type(leaf).__name__}, not only tensors; map a point whose value is a tensor or a "
                         f"tuple/list/dict of tensors (None entries are allowed){_taps.arg_hint(point)}."
                     )

@@ -184,7 +184,7 @@ def count_problem(point: str | Point, n: int, role: str, model: nn.Module) -> st
     where = f"{role} module {name_of(point)!r}"
     forward = f"in one forward pass of the {role} {_names.describe(model)}"
     if call is None and n > 1:
-        return f"{where} runs {n} times {forward}, so {what(point)} is ambiguous. " + _SELECT_FIX.format(
+        return f"{where} runs {n} times {forward}, so its {what(point)} is ambiguous. " + _SELECT_FIX.format(
             name=name_of(point)
         )
     if isinstance(call, int) and n > 0 and not (-n <= call < n):
@@ -196,8 +196,8 @@ def count_problem(point: str | Point, n: int, role: str, model: nn.Module) -> st
 
 
 def what(point: str | Point) -> str:
-    """``"its output"`` or ``"its input"``, for messages."""
-    return "its input" if isinstance(point, Point) and point.io == "input" else "its output"
+    """``"output"`` or ``"input"``: what a point reads, for messages."""
+    return "input" if isinstance(point, Point) and point.io == "input" else "output"
 
 
 def arg_hint(point: str | Point) -> str:
