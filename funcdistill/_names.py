@@ -159,12 +159,17 @@ def _qualified_name(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def forward_parameters(module: nn.Module) -> list[str] | None:
-    """The parameter names of ``module.forward``, or ``None`` when it takes ``**kwargs`` or has no signature."""
+def forward_signature(module: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``module.forward``, or ``None`` when it has no signature."""
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        return list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+
+
+def forward_parameters(module: nn.Module) -> list[str] | None:
+    """The parameter names of ``module.forward``, or ``None`` when it takes ``**kwargs`` or has no signature."""
+    params = forward_signature(module)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]

@@ -147,11 +147,8 @@ def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], An
 
 def _positions(module: nn.Module) -> dict[str, int]:
     """The position of each parameter of ``module.forward`` that can be passed positionally."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return {}
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = _names.forward_signature(module) or []
     return {p.name: i for i, p in enumerate(q for q in params if q.kind in kinds)}
 
 
