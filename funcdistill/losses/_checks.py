@@ -53,6 +53,17 @@ def check_tensors(loss: str, **tensors: Any) -> None:
             raise TypeError(f"{loss}: {name} must be a tensor, got {type(value).__name__}{hint}.")
 
 
+def check_integer(loss: str, name: str, value: torch.Tensor, what: str) -> None:
+    """Raise a TypeError naming ``name`` unless ``value`` holds integers (any width, signed or not).
+
+    ``what`` says what the integers are (``"class indices"``, ``"token ids"``);
+    a loss that indexes with them converts them to ``torch.long`` itself.
+    """
+    dtype = value.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{loss}: {name} must hold integer {what} (e.g. torch.long), got {dtype}.")
+
+
 def check_same_shape(loss: str, teacher: torch.Tensor, student: torch.Tensor, hint: str = "") -> None:
     """Raise a ValueError when the two tensors' shapes differ (no silent broadcasting)."""
     if teacher.shape != student.shape:

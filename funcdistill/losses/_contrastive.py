@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors, reduce
+from funcdistill.losses._checks import (
+    check_fraction,
+    check_integer,
+    check_positive,
+    check_reduction,
+    check_tensors,
+    reduce,
+)
 
 __all__ = ["CRDLoss", "CRDState", "crd_head", "crd_init", "crd_loss", "crd_negatives"]
 
@@ -264,8 +271,7 @@ def _check_size(loss: str, name: str, value: Any, *, minimum: int) -> None:
 
 def _check_index(loss: str, name: str, value: Any, *, ndim: int) -> None:
     check_tensors(loss, **{name: value})
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{loss}: {name} must hold integer dataset indices (e.g. torch.long), got {value.dtype}.")
+    check_integer(loss, name, value, "dataset indices")
     if value.dim() != ndim:
         kind = "(N,), one dataset index per sample" if ndim == 1 else "(N, K), K negative indices per sample"
         raise ValueError(f"{loss}: {name} must have shape {kind}; got shape {tuple(value.shape)}.")

@@ -7,7 +7,10 @@ Conventions shared by the three (and by the fused losses of
   shape is a token, and the divergence sums over the vocabulary ``V``;
 * ``mask`` (bool, leading shape, ``True`` = the token counts) and/or
   ``labels`` with ``ignore_index``; ``reduction="mean"`` is the sum over the
-  vocabulary averaged over the counted tokens (see :mod:`funcdistill.losses._tokens`);
+  vocabulary averaged over the counted tokens, and no token at all gives 0
+  with a zero gradient (see :mod:`funcdistill.losses._tokens`);
+* teacher and student may have different dtypes (a bfloat16 teacher, a
+  float32 student): the loss is computed in and returned as the wider one;
 * ``temperature`` ``T`` divides both models' logits before the softmax, and
   the loss is **not** multiplied by :math:`T^2` (as in TRL's GKD trainer);
   multiply by ``T ** 2`` yourself for Hinton's gradient scale, which is what
@@ -26,12 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors, kl_terms
+from funcdistill.losses._checks import (
+    check_fraction,
+    check_integer,
+    check_positive,
+    check_reduction,
+    check_tensors,
+    kl_terms,
+)
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     TOKEN_REDUCTIONS,
     check_leading,
     check_vocab,
+    compute_dtype,
     counted_tokens,
     reduce_tokens,
 )
@@ -62,13 +73,17 @@ def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight: Number) -> tor
     A weight of exactly 0 or 1 (a number) returns one side. Log-probabilities
     of ``-inf`` are clamped to the dtype's lowest value first, so a class that
     both sides give probability 0 has a finite gradient (0) rather than ``nan``.
+    Two dtypes are brought to the wider one first (its lowest value does not
+    fit the narrower).
     """
     if not isinstance(weight, torch.Tensor):
         if weight == 0:
             return log_b
         if weight == 1:
             return log_a
-    low = torch.finfo(torch.promote_types(log_a.dtype, log_b.dtype)).min
+    dtype = compute_dtype(log_a, log_b)
+    log_a, log_b = log_a.to(dtype), log_b.to(dtype)
+    low = torch.finfo(dtype).min
     log_w = torch.log(weight) if isinstance(weight, torch.Tensor) else math.log(weight)
     log_1mw = torch.log1p(-weight) if isinstance(weight, torch.Tensor) else math.log1p(-weight)
     return torch.logaddexp(log_a.clamp_min(low) + log_w, log_b.clamp_min(low) + log_1mw)
@@ -98,10 +113,14 @@ def skew_rows(log_t: torch.Tensor, log_s: torch.Tensor, alpha: Number, reverse: 
 def topk_rows(
     topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, log_s: torch.Tensor, renormalize: bool
 ) -> torch.Tensor:
-    """Forward KL on the teacher's top-k support per row (a ``-inf`` log-probability is an unused slot)."""
+    """Forward KL on the teacher's top-k support per row (a ``-inf`` log-probability is an unused slot).
+
+    Computed in ``log_s``'s dtype; the indices may have any integer dtype (``gather`` needs int64).
+    """
+    topk_logprobs = topk_logprobs.to(log_s.dtype)
     if renormalize:
         topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
-    return kl_rows(topk_logprobs, log_s.gather(-1, topk_indices))
+    return kl_rows(topk_logprobs, log_s.gather(-1, topk_indices.long()))
 
 
 # ---------------------------------------------------------------- argument checks
@@ -110,22 +129,21 @@ def topk_rows(
 def pair_log_probs(
     loss: str, teacher_logits: Any, student_logits: Any, temperature: Any, vocab_size: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check two logits tensors and return their log-probabilities at ``temperature``."""
+    """Check two logits tensors and return their log-probabilities at ``temperature``, in the wider dtype."""
     check_tensors(loss, teacher_logits=teacher_logits, student_logits=student_logits)
     check_leading(loss, teacher_logits, student_logits, "logits")
     classes = check_vocab(loss, teacher_logits.shape[-1], student_logits.shape[-1], vocab_size)
     check_positive(loss, "temperature", temperature, allow_tensor=True)
-    teacher_logits, student_logits = teacher_logits[..., :classes], student_logits[..., :classes]
+    dtype = compute_dtype(teacher_logits, student_logits)
+    teacher_logits, student_logits = (x[..., :classes].to(dtype) for x in (teacher_logits, student_logits))
     return log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
 
 
-def check_topk(loss: str, topk_logprobs: Any, topk_indices: Any, leading: torch.Size) -> None:
-    """The teacher's stored top-k: same shape ``(*leading, k)``, integer indices, floating log-probabilities."""
+def check_topk(loss: str, topk_logprobs: Any, topk_indices: Any, leading: torch.Size, classes: int) -> None:
+    """The teacher's stored top-k: same shape ``(*leading, k)`` with ``k <= classes``, integer indices (of any
+    integer dtype: a cache stores them as int16 or uint16), floating log-probabilities."""
     check_tensors(loss, teacher_topk_logprobs=topk_logprobs, teacher_topk_indices=topk_indices)
-    if topk_indices.dtype.is_floating_point or topk_indices.dtype.is_complex or topk_indices.dtype == torch.bool:
-        raise TypeError(
-            f"{loss}: teacher_topk_indices must hold integer class indices (e.g. torch.long), got {topk_indices.dtype}."
-        )
+    check_integer(loss, "teacher_topk_indices", topk_indices, "class indices")
     if not topk_logprobs.dtype.is_floating_point:
         raise TypeError(f"{loss}: teacher_topk_logprobs must be floating point, got {topk_logprobs.dtype}.")
     if topk_logprobs.shape != topk_indices.shape:
@@ -137,6 +155,12 @@ def check_topk(loss: str, topk_logprobs: Any, topk_indices: Any, leading: torch.
         raise ValueError(
             f"{loss}: the teacher's top-k has shape {tuple(topk_logprobs.shape)} but the student has "
             f"{tuple(leading)} tokens; give it shape {(*leading, 'k')}."
+        )
+    if topk_logprobs.shape[-1] > classes:
+        raise ValueError(
+            f"{loss}: teacher_topk_logprobs has {topk_logprobs.shape[-1]} entries per token but the student has "
+            f"{classes} classes; a top-k names each class at most once, so k <= {classes} (keep the first "
+            f"{classes} entries, or check that the student's vocabulary is the teacher's)."
         )
 
 
@@ -183,6 +207,10 @@ def generalized_jsd_loss(
             vocabulary); by default vocabularies of different sizes raise.
         reduction: ``"mean"`` (sum over the vocabulary, mean over counted
             tokens), ``"sum"`` or ``"none"`` (one value per token, 0 where not counted).
+            No counted token gives 0 (and a zero gradient) for each.
+
+    Returns:
+        The loss, in the wider of the two logits' dtypes (computed in it).
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -241,7 +269,10 @@ def skew_kl_loss(
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
         vocab_size: compare only the first ``vocab_size`` classes.
-        reduction: ``"mean"`` (over counted tokens), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (over counted tokens; 0 when none counts), ``"sum"`` or ``"none"``.
+
+    Returns:
+        The loss, in the wider of the two inputs' dtypes (computed in it).
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -293,22 +324,29 @@ def topk_kl_loss(
     distribution is not stored, so store its log-probabilities at the
     temperature you distil at.
 
-    Indices must be in ``[0, V)``; an index out of range raises (CPU) or gives
-    an undefined result (GPU), since it can only be checked by reading the data.
+    Indices must be in ``[0, V)`` and distinct within a token; ``k > V`` raises,
+    while an index out of range raises (CPU) or gives an undefined result (GPU),
+    and a class repeated within ``k <= V`` entries counts twice, since those can
+    only be checked by reading the data. The indices may have any integer dtype
+    (a teacher cache stores int16 or uint16); they are converted to int64 for
+    indexing. The loss is computed in the wider of the two inputs' dtypes.
 
     Args:
         teacher_topk_logprobs: the teacher's log-probabilities, ``(..., k)``.
-        teacher_topk_indices: their class indices, ``(..., k)``, integer.
+        teacher_topk_indices: their class indices, ``(..., k)``, ``k <= V``, of any integer dtype.
         student_logits: the student's logits, ``(..., V)``, same leading shape.
         renormalize: renormalize the teacher's ``k`` probabilities to sum to 1.
         mask: bool tensor of the leading shape, ``True`` where the token counts.
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
-        reduction: ``"mean"`` (over counted tokens), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (over counted tokens; 0 when none counts), ``"sum"`` or ``"none"``.
+
+    Returns:
+        The loss, in the wider of the two inputs' dtypes (computed in it).
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: shapes do not fit.
+        ValueError: shapes do not fit, or ``k > V``.
 
     Example:
         >>> import torch
@@ -324,11 +362,12 @@ def topk_kl_loss(
     if student_logits.dim() == 0:
         raise ValueError(f"{name}: student_logits must have a last (vocabulary) dimension, got a 0-d tensor.")
     leading = student_logits.shape[:-1]
-    check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading)
+    check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading, student_logits.shape[-1])
     if not isinstance(renormalize, bool):
         raise TypeError(f"{name}: renormalize must be True or False, got {type(renormalize).__name__}.")
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
-    per_token = topk_rows(teacher_topk_logprobs, teacher_topk_indices, log_probs(student_logits, 1), renormalize)
+    log_s = log_probs(student_logits.to(compute_dtype(teacher_topk_logprobs, student_logits)), 1)
+    per_token = topk_rows(teacher_topk_logprobs, teacher_topk_indices, log_s, renormalize)
     return reduce_tokens(per_token, counted, reduction)
 
 

@@ -36,6 +36,12 @@ Limits, each an error or a documented choice rather than a wrong result:
   again in the backward pass to give the head weight its gradient.
 * The gradients are computed in the forward pass whenever a student tensor
   requires a gradient; under ``torch.no_grad()`` only the value is computed.
+
+Dtypes: each head runs in its own dtype (hidden states, weight and bias of
+one side must share it), the rest of the loss in the wider of the two sides'
+dtypes, which is also the dtype of the result; the sums over chunks and the
+head gradients accumulate in at least float32. No token at all gives 0 and
+zero gradients, as in the unfused losses.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     check_leading,
     check_vocab,
+    compute_dtype,
     counted_tokens,
     token_weights,
 )
@@ -75,6 +82,7 @@ class _Plan(NamedTuple):
     chunk_size: int
     sliced: int  # how many of the teacher-side tensors are split by token (the others are constants)
     classes: int  # the first rows of the student's head to use (vocab_size)
+    dtype: torch.dtype  # the dtype the loss is computed in and returned as (the wider side's)
 
 
 def _first(x: Any, n: int) -> Any:
@@ -93,23 +101,23 @@ def _chunks(plan: _Plan, hidden: torch.Tensor, weights: torch.Tensor, teacher: t
 
 def _chunk(plan, hidden, weight, bias, weights, rows, constants, need_grad):
     """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
-    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes))
+    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes)).to(plan.dtype)
     per_token, grad_logits = plan.parts(rows, constants, logits, need_grad)
     counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     loss = (torch.where(counted, per_token, zero) * weights).sum()
-    if grad_logits is not None:
-        grad_logits = torch.where(counted[:, None], grad_logits, zero) * weights[:, None].to(grad_logits.dtype)
+    if grad_logits is not None:  # weighted in the weights' dtype (at least float32), not rounded to the logits'
+        grad_logits = torch.where(counted[:, None], grad_logits, zero) * weights[:, None]
     return loss, grad_logits
 
 
 def _chunked_value(plan, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
     """The loss alone, chunk by chunk (nothing needs a gradient)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    total = hidden.new_zeros((), dtype=torch.promote_types(plan.dtype, torch.float32))
     for h, w, rows, constants in _chunks(plan, hidden, weights, teacher):
         total = total + _chunk(plan, h, weight, bias, w, rows, constants, False)[0]
-    return total.to(hidden.dtype)
+    return total.to(plan.dtype)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -134,7 +142,7 @@ class _ChunkedLoss(torch.autograd.Function):
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         acc = torch.promote_types(weight.dtype, torch.float32)
         head = _first(weight, plan.classes)
-        total = hidden.new_zeros((), dtype=acc)
+        total = hidden.new_zeros((), dtype=torch.promote_types(plan.dtype, torch.float32))
         grad_weight = torch.zeros(head.shape, dtype=acc, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(head.shape[:1], dtype=acc, device=weight.device)
         grad_hidden = []
@@ -147,7 +155,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias = grad_bias + grad_logits.sum(0)
         grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
-        outputs = (total.to(hidden.dtype), grad_hidden.reshape(student_hidden.shape))
+        outputs = (total.to(plan.dtype), grad_hidden.reshape(student_hidden.shape))
         outputs += (_pad_rows(grad_weight, weight.shape[0]).to(weight.dtype),)
         return outputs if grad_bias is None else (*outputs, _pad_rows(grad_bias, bias.shape[0]).to(bias.dtype))
 
@@ -165,7 +173,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 "fused losses give first-order gradients only (their backward pass scales gradients computed "
                 "in the forward pass); for second derivatives use generalized_jsd_loss or topk_kl_loss on the logits."
             )
-        grads = [None if grad_loss is None else grad_loss * g for g in ctx.saved_tensors]
+        # each gradient in its input's dtype (the loss's dtype may be wider than the student's)
+        grads = [None if grad_loss is None else (grad_loss * g).to(g.dtype) for g in ctx.saved_tensors]
         if len(grads) == 2:
             grads.append(None)  # no bias
         return (None, *grads, None) + (None,) * ctx.n_teacher
@@ -225,8 +234,14 @@ def _mixed_jsd_with_grad(log_t: torch.Tensor, log_s: torch.Tensor, p_s: torch.Te
 
 
 def _check_head(loss: str, side: str, hidden: Any, weight: Any, bias: Any) -> None:
-    """``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None."""
+    """``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None, all of one dtype (the head's)."""
     check_tensors(loss, **{f"{side}_hidden": hidden, f"{side}_weight": weight})
+    for name, value in (("hidden", hidden), ("bias", bias)):
+        if value is not None and isinstance(value, torch.Tensor) and value.dtype != weight.dtype:
+            raise TypeError(
+                f"{loss}: {side}_{name} is {value.dtype} but {side}_weight is {weight.dtype}; a head runs in one "
+                f"dtype: pass them in one (e.g. {side}_{name}.to({side}_weight.dtype)). The two sides may differ."
+            )
     if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{loss}: {side}_weight must have shape (vocabulary, hidden) = (V, {hidden.shape[-1] if hidden.dim() else '?'})"
@@ -258,6 +273,14 @@ def _chunk_tokens(loss: str, chunk_size: Any, vocab: int) -> int:
     return chunk_size
 
 
+def _weights(
+    counted: torch.Tensor | None, leading: torch.Size, reduction: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The flat per-token weights of the reduction, in at least float32 (a bfloat16 ``1 / tokens`` is rounded)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return token_weights(counted, leading, reduction, dtype=wide, device=device).reshape(-1)
+
+
 def _check_reduction(loss: str, reduction: Any) -> str:
     if reduction == "none":
         raise ValueError(
@@ -283,8 +306,8 @@ def _jsd_parts(
     params = iter(tensor_params)
     beta = next(params) if beta is None else beta
     temperature = next(params) if temperature is None else temperature
-    log_t = log_probs(F.linear(teacher_hidden, teacher_weight, teacher_bias), temperature)
-    log_s = log_probs(logits, temperature)
+    teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(logits.dtype)  # the wider dtype
+    log_t, log_s = log_probs(teacher_logits, temperature), log_probs(logits, temperature)
     if not need_grad:
         return jsd_rows(log_t, log_s, beta), None
     p_s = log_s.exp()
@@ -347,7 +370,7 @@ def fused_linear_jsd_loss(
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
 
     Raises:
-        TypeError: an argument has the wrong type.
+        TypeError: an argument has the wrong type, or one side's head tensors differ in dtype.
         ValueError: shapes do not fit, a value is out of range, or ``reduction="none"``.
         RuntimeError: a second derivative is asked for.
 
@@ -371,14 +394,15 @@ def fused_linear_jsd_loss(
     chunk_size = _chunk_tokens(name, chunk_size, classes)
     leading = student_hidden.shape[:-1]
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
-    weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
+    dtype = compute_dtype(teacher_hidden, student_hidden)
+    weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
     tensor_params = tuple(p for p in (beta, temperature) if isinstance(p, torch.Tensor))
     rows = functools.partial(
         _jsd_parts,
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    plan = _Plan(rows, chunk_size, 1, classes)
+    plan = _Plan(rows, chunk_size, 1, classes, dtype)
     return _chunked_loss(
         plan,
         student_hidden,
@@ -400,10 +424,11 @@ def _topk_parts(
     per_token = topk_rows(topk_logprobs, topk_indices, log_s, renormalize)
     if not need_grad:
         return per_token, None
+    topk_logprobs = topk_logprobs.to(log_s.dtype)
     if renormalize:
         topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
     # d/ds of sum_k p_k (log p_k - s_{i_k}) is -p_k at the indices i_k, 0 elsewhere
-    grad_log_s = torch.zeros_like(log_s).scatter_add(-1, topk_indices, -topk_logprobs.exp().to(log_s.dtype))
+    grad_log_s = torch.zeros_like(log_s).scatter_add(-1, topk_indices.long(), -topk_logprobs.exp())
     return per_token, _through_softmax(grad_log_s, log_s.exp(), 1)
 
 
@@ -430,7 +455,8 @@ def fused_linear_topk_kl_loss(
 
     Args:
         teacher_topk_logprobs: the teacher's stored log-probabilities, ``(..., k)``.
-        teacher_topk_indices: their class indices, ``(..., k)``, integer, in ``[0, V)``.
+        teacher_topk_indices: their class indices, ``(..., k)``, ``k <= V``, in ``[0, V)``, of any
+            integer dtype (converted to int64 one chunk at a time).
         student_hidden: the student's last hidden states, ``(..., H)``, same leading shape.
         student_weight: the student's head weight, ``(V, H)``.
         renormalize: renormalize the teacher's ``k`` probabilities to sum to 1.
@@ -442,8 +468,8 @@ def fused_linear_topk_kl_loss(
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: shapes do not fit, or ``reduction="none"``.
+        TypeError: an argument has the wrong type, or the student's head tensors differ in dtype.
+        ValueError: shapes do not fit, ``k > V``, or ``reduction="none"``.
         RuntimeError: a second derivative is asked for.
 
     Example:
@@ -458,15 +484,16 @@ def fused_linear_topk_kl_loss(
     name = "fused_linear_topk_kl_loss"
     reduction = _check_reduction(name, reduction)
     _check_head(name, "student", student_hidden, student_weight, student_bias)
-    leading = student_hidden.shape[:-1]
-    check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading)
+    leading, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    check_topk(name, teacher_topk_logprobs, teacher_topk_indices, leading, vocab)
     if not isinstance(renormalize, bool):
         raise TypeError(f"{name}: renormalize must be True or False, got {type(renormalize).__name__}.")
-    chunk_size = _chunk_tokens(name, chunk_size, student_weight.shape[0])
+    chunk_size = _chunk_tokens(name, chunk_size, vocab)
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
-    weights = token_weights(counted, leading, reduction, student_hidden).reshape(-1)
-    k, vocab = teacher_topk_logprobs.shape[-1], student_weight.shape[0]
-    plan = _Plan(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab)
+    dtype = compute_dtype(teacher_topk_logprobs, student_hidden)
+    weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
+    k = teacher_topk_logprobs.shape[-1]
+    plan = _Plan(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype)
     return _chunked_loss(
         plan,
         student_hidden,

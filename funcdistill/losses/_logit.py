@@ -10,6 +10,7 @@ from torch import nn
 
 from funcdistill.losses._checks import (
     REDUCTIONS_BATCHMEAN,
+    check_integer,
     check_positive,
     check_reduction,
     check_same_shape,
@@ -144,8 +145,7 @@ def dkd_loss(
     check_reduction(name, reduction, REDUCTIONS_BATCHMEAN)
     check_tensors(name, teacher_logits=teacher_logits, student_logits=student_logits, target=target)
     check_same_shape(name, teacher_logits, student_logits)
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"dkd_loss: target must hold integer class indices (e.g. torch.long), got {target.dtype}.")
+    check_integer(name, "target", target, "class indices")
     if target.shape != teacher_logits.shape[:-1]:
         raise ValueError(
             f"dkd_loss: target has shape {tuple(target.shape)} but the logits "

@@ -9,8 +9,14 @@ the same for all of them, and are answered here once:
   for ``mask = labels != ignore_index``. Both may be given; a token then
   counts where both say so.
 * **How the per-token losses reduce.** ``"mean"``: the sum over the counted
-  tokens divided by their number (0 when none counts); ``"sum"``: the sum over
-  the counted tokens; ``"none"``: one value per token, 0 where it does not count.
+  tokens divided by their number; ``"sum"``: the sum over the counted tokens;
+  ``"none"``: one value per token, 0 where it does not count. No token at all
+  (a ``(0, V)`` batch, or a mask that counts none) gives 0 and a zero gradient
+  for every reduction, never ``nan``.
+* **Which dtype.** The loss is computed in, and returned as, the wider of the
+  two sides' dtypes (:func:`torch.promote_types`: a bfloat16 teacher and a
+  float32 student give float32, as does the reverse); gradients come back in
+  each input's own dtype.
 * **Vocabularies of different sizes.** Models of one family often pad their
   embedding to a multiple of 64 or 128 rows (152,064 vs 151,936): an error
   by default, and ``vocab_size=V`` compares the first ``V`` classes of both.
@@ -20,11 +26,12 @@ Every decision looks at shapes and dtypes only, never at tensor values.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from funcdistill.losses._checks import check_tensors
+from funcdistill.losses._checks import check_integer, check_tensors
 
 __all__: list[str] = []
 
@@ -48,8 +55,7 @@ def counted_tokens(loss: str, leading: torch.Size, mask: Any, labels: Any, ignor
         counted = mask
     if labels is not None:
         check_tensors(loss, labels=labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"{loss}: labels must hold integer token ids (e.g. torch.long), got {labels.dtype}.")
+        check_integer(loss, "labels", labels, "token ids")
         _check_token_shape(loss, "labels", labels, leading)
         keep = labels != ignore_index
         counted = keep if counted is None else counted & keep
@@ -113,16 +119,22 @@ def reduce_tokens(per_token: torch.Tensor, counted: torch.Tensor | None, reducti
     total = per_token.sum()
     if reduction == "sum":
         return total
-    count = per_token.numel() if counted is None else counted.sum().clamp_min(1)
+    # no token: the sum is 0 and so is the mean (not 0 / 0); a count of 0 becomes 1, decided on shapes alone
+    count = max(per_token.numel(), 1) if counted is None else counted.sum().clamp_min(1)
     return total / count
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a token loss computes in and returns: the widest of its inputs' (``torch.promote_types``)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
 def token_weights(
-    counted: torch.Tensor | None, leading: torch.Size, reduction: str, like: torch.Tensor
+    counted: torch.Tensor | None, leading: torch.Size, reduction: str, *, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Per-token weights ``w`` with ``reduce_tokens(x, counted, reduction) == (w * x).sum()`` (0 = not counted)."""
     if counted is None:
-        ones = torch.ones(leading, dtype=like.dtype, device=like.device)
+        ones = torch.ones(leading, dtype=dtype, device=device)
         return ones / max(ones.numel(), 1) if reduction == "mean" else ones
-    weights = counted.to(like.dtype)
+    weights = counted.to(dtype)
     return weights / counted.sum().clamp_min(1) if reduction == "mean" else weights
