@@ -57,11 +57,32 @@ def _dist_reference(t, s, beta=1.0, gamma=1.0, tau=1.0):
     return tau**2 * (beta * inter + gamma * intra)
 
 
+def _dist_authors(z_s, z_t, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8, *, cosine=None):
+    """DIST as its authors' code computes it (DIST_KD: hunto/image_classification_sota,
+    lib/models/losses/dist_kd.py), student first as there: the correlation divides by ``|a| |b| + eps``.
+
+    ``cosine=F.cosine_similarity`` gives torchdistill's variant instead (each norm clamped at ``eps``).
+    """
+
+    def correlation(a, b):
+        a, b = a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1)
+        if cosine is not None:
+            return cosine(a, b, eps=eps)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    def inter_class(y_s, y_t):
+        return 1 - correlation(y_s, y_t).mean()
+
+    y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
+    return beta * tau**2 * inter_class(y_s, y_t) + gamma * tau**2 * inter_class(y_s.T, y_t.T)
+
+
 def test_dist_matches_paper_formula_values_and_gradients():
     t, s = _logits()
+    # the paper's Pearson correlation has no eps: it is the eps -> 0 limit of the authors' code
     for kwargs, ref in (
-        ({}, {}),
-        ({"beta": 0.5, "gamma": 2.0, "temperature": 4.0}, {"beta": 0.5, "gamma": 2.0, "tau": 4.0}),
+        ({"eps": 1e-30}, {}),
+        ({"beta": 0.5, "gamma": 2.0, "temperature": 4.0, "eps": 1e-30}, {"beta": 0.5, "gamma": 2.0, "tau": 4.0}),
     ):
         _assert_same(
             _value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s),
@@ -79,22 +100,41 @@ def test_dist_inter_and_intra_terms_separately():
     torch.testing.assert_close(inter + intra, L.dist_loss(t, s))
 
 
-def test_dist_matches_torchdistill():
+@pytest.mark.parametrize("scale", [3.0, 1e-2], ids=["spread", "near-constant"])
+def test_dist_equals_the_authors_code(scale):
+    # few samples, and at scale 1e-2 a near-uniform softmax: the centred probabilities are ~1e-3, their norms'
+    # product ~1e-5, so eps = 1e-8 moves the correlation by ~1e-3 and the two ways of applying eps differ
+    t, s = (torch.randn(3, 4, dtype=DOUBLE) * scale for _ in range(2))
+    t, s = t.requires_grad_(), s.requires_grad_()
+    for options in ({}, {"beta": 2.0, "gamma": 0.5, "tau": 4.0, "eps": 1e-6}):
+        kwargs = {("temperature" if k == "tau" else k): v for k, v in options.items()}
+        ours = _value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s)
+        _assert_same(ours, _value_and_grads(lambda a, b, o=options: _dist_authors(b, a, **o), t, s), tol=1e-12)
+    if scale < 1:  # the batch tells the formulas apart: torchdistill's clamped norms give another value
+        clamped = _dist_authors(s, t, cosine=torch.nn.functional.cosine_similarity)
+        assert abs(float(L.dist_loss(t, s).detach()) - float(clamped.detach())) > 1e-3
+
+
+def test_dist_matches_torchdistill_as_eps_goes_to_0():
+    # torchdistill's DISTLoss uses F.cosine_similarity (each norm clamped at eps) where the authors add eps to the
+    # product of the norms; with an eps far below the norms (~0.1 here) both are Pearson's r to float64 precision
     td = mid_level()
     t, s = _logits(n=8, c=10)
     for beta, gamma, tau in ((1.0, 1.0, 1.0), (2.0, 0.5, 4.0)):
-        ref = td.DISTLoss("student", "output", "teacher", "output", beta=beta, gamma=gamma, tau=tau)
+        ref = td.DISTLoss("student", "output", "teacher", "output", beta=beta, gamma=gamma, tau=tau, eps=1e-30)
 
         def theirs(a, b, ref=ref):
             return ref({"student": {"output": b}}, {"teacher": {"output": a}})
 
-        ours = _value_and_grads(functools.partial(L.dist_loss, beta=beta, gamma=gamma, temperature=tau), t, s)
-        _assert_same(ours, _value_and_grads(theirs, t, s))
+        ours = functools.partial(L.dist_loss, beta=beta, gamma=gamma, temperature=tau, eps=1e-30)
+        _assert_same(_value_and_grads(ours, t, s), _value_and_grads(theirs, t, s))
 
 
 def test_dist_identical_affine_and_extreme_inputs():
     t = torch.randn(6, 10) * 2
-    assert abs(float(L.dist_loss(t, t))) < 1e-6
+    # identical inputs: each correlation is |a|^2 / (|a|^2 + eps), not 1 (the authors' eps): 1.2e-6 in all here;
+    # the float32 loss is that to float32 rounding of the O(1) correlations (~1e-7)
+    assert abs(float(L.dist_loss(t, t)) - float(_dist_authors(t.double(), t.double()))) < 1e-6
     # correlation ignores the scale and shift of the probabilities, not of the logits: no invariance to 2t
     assert float(L.dist_loss(t, 2 * t)) > 1e-3
     for s in (torch.zeros(6, 10), torch.full((6, 10), 1e4), 1e4 * torch.randn(6, 10)):
@@ -107,6 +147,9 @@ def test_dist_identical_affine_and_extreme_inputs():
     one_hot[:, 0] = 1e4
     g = grad(lambda x: L.dist_loss(one_hot, x))(torch.randn(6, 10))
     assert torch.isfinite(g).all()
+    # a constant student: every centred row and column is 0 and correlates 0 (the authors' code: 0 / eps)
+    g, value = torch.func.grad_and_value(lambda x: L.dist_loss(t, x, beta=2.0, gamma=3.0))(torch.zeros(6, 10))
+    assert float(value) == 5.0 and torch.isfinite(g).all()
 
 
 def test_dist_temperature_sweep_under_vmap():

@@ -213,8 +213,13 @@ def dist_loss(
     and the loss is :math:`\tau^2 (\beta \cdot \text{inter} + \gamma \cdot \text{intra})`.
     The intra-class term is a statistic of the whole batch, so there is no
     per-sample value and no ``reduction``. The defaults are those of the
-    authors' code and torchdistill's ``DISTLoss`` (whose value this equals);
-    ``eps`` guards the correlation of a constant row or column, as there.
+    authors' code (``DIST_KD``, ``dist_kd.py``), and so is the correlation:
+    after centring, :math:`\rho(a, b) = a \cdot b / (\|a\| \|b\| + \epsilon)`,
+    so a constant row or column (a zero vector) correlates 0. torchdistill's
+    ``DISTLoss`` calls :func:`torch.nn.functional.cosine_similarity` instead,
+    which clamps each norm at ``eps`` rather than adding ``eps`` to their
+    product; the two agree as ``eps`` goes to 0, and differ where the centred
+    probabilities are small (a near-uniform softmax, a few samples).
 
     Args:
         teacher_logits: the teacher's logits ``(N, C)``, ``N >= 2``, ``C >= 2``.
@@ -222,7 +227,7 @@ def dist_loss(
         beta: weight of the inter-class term (number >= 0 or 0-d tensor).
         gamma: weight of the intra-class term (number >= 0 or 0-d tensor).
         temperature: ``tau > 0``, a number or a 0-d tensor.
-        eps: lower bound of the norms in the correlation (a positive number).
+        eps: added to the product of the norms in the correlation (a positive number).
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -258,10 +263,14 @@ def dist_loss(
 
 
 def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Pearson correlation of each row of ``a`` with the same row of ``b``."""
+    """Pearson correlation of each row of ``a`` with the same row of ``b``, as the DIST authors compute it.
+
+    ``a . b / (|a| |b| + eps)`` after centring (not :func:`torch.nn.functional.cosine_similarity`,
+    which divides by ``max(|a|, eps) * max(|b|, eps)``).
+    """
     a = a - a.mean(dim=-1, keepdim=True)
     b = b - b.mean(dim=-1, keepdim=True)
-    return F.cosine_similarity(a, b, dim=-1, eps=eps)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
 def standardize_logits(logits: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
@@ -392,7 +401,7 @@ class DISTLoss(nn.Module):
         beta: weight of the inter-class term.
         gamma: weight of the intra-class term.
         temperature: softening temperature ``tau > 0``.
-        eps: lower bound of the norms in the correlation.
+        eps: added to the product of the norms in the correlation (as in the authors' code).
 
     Example:
         >>> import torch
