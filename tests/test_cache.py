@@ -229,14 +229,18 @@ def test_topk_storage_matches_the_formula_and_feeds_a_topk_loss(models, data, tm
     cache = build(fn, t, data, tmp_path / "c", topk={1: k}, topk_temperature=T)
     idx = torch.tensor([3, 40, 11])
     hidden, top = cache[idx].values
-    assert torch.equal(hidden, fn(fd.state(t), fd.state(s), data[idx])[0].teacher)
+    # the cache holds the teacher's forward on the build's batches of 8; this 3-sample forward may sum in
+    # another order: float32 rounding, a few ulps of values below 10 (2.4e-7 seen), so a 1e-6 tolerance
+    torch.testing.assert_close(hidden, fn(fd.state(t), fd.state(s), data[idx])[0].teacher, rtol=0, atol=1e-6)
     assert isinstance(top, TopK) and top.indices.dtype == torch.int64
-    # independently: float64 softmax of the teacher's logits, sorted
+    # independently: float64 softmax of the teacher's logits, sorted (the same rounding gap, plus the
+    # float32 log_softmax of the build: 1e-6)
     with torch.no_grad():
         logp = torch.log_softmax(t(data[idx]).double() / T, -1)
-    want, order = logp.sort(dim=-1, descending=True)
-    assert torch.equal(top.indices, order[:, :k])
+    want = logp.sort(dim=-1, descending=True).values
     torch.testing.assert_close(top.logprobs.double(), want[:, :k], rtol=0, atol=1e-6)
+    # the indices point at those values (compared by value: two logits within rounding may swap)
+    torch.testing.assert_close(logp.gather(-1, top.indices), want[:, :k], rtol=0, atol=1e-6)
     # the pair's teacher output is the TopK; a top-k KL written from the formula consumes it
     pairs = fn(cache[idx], fd.state(s), data[idx])
     z_s = pairs[1].student.detach()
@@ -428,7 +432,7 @@ def test_another_teacher_is_refused(models, data, tmp_path):
     ):
         build(fd.distill(retrained, s), retrained, data, tmp_path / "c")
     with pytest.raises(
-        ValueError, match=r"other settings: teacher points of the mapping: \[\"''\"\] then, \[\"'1'\"\] now"
+        ValueError, match=r"""other settings: teacher points of the mapping: \['""'\] then, \['"1"'\] now"""
     ):
         build(fd.distill(t, s, fd.Mapping(t, s).add("1", "1")), t, data, tmp_path / "c")
 
@@ -520,7 +524,7 @@ def test_indexing_forms_and_errors(models, data, tmp_path):
         cache[[-1]]
     with pytest.raises(TypeError, match=r"cache\[\[i\]\] for one sample"):
         cache[3]
-    with pytest.raises(TypeError, match=r"must be a 1-D integer tensor or a list of ints, got torch.float32"):
+    with pytest.raises(TypeError, match=r"must be a 1-D integer tensor, .* got a tensor of torch.float32"):
         cache[torch.tensor([1.0])]
     with pytest.raises(IndexError, match=r"built without augmentation: index it with cache\[indices\] only"):
         cache[torch.arange(2), torch.zeros(2, dtype=torch.long)]

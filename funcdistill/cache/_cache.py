@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from funcdistill._frozen import Frozen, init
-from funcdistill.cache import _augment, _build, _fingerprint, _layout, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _store
 from funcdistill.cache._outputs import BuiltFor, TeacherOutputs
 
 __all__ = ["TeacherCache"]
@@ -213,13 +213,9 @@ class TeacherCache(Frozen):
             raise FileNotFoundError(
                 f"no teacher cache at {folder} (no {_store.INDEX}); build one with TeacherCache.build."
             )
-        index = _store.read_json(index_path, "index")
-        if index.get("version") != _store.VERSION:
-            raise ValueError(
-                f"{index_path} is version {index.get('version')!r}; this funcdistill reads {_store.VERSION}."
-            )
-        for record in index["shards"]:
-            _store.check_size(folder, record)
+        index = _store.read_json(index_path, "index")  # and its format version
+        _index.check(index, index_path)
+        _index.check_shards(folder, index, index_path)
         _check_augment(index, augment, folder)
         if teacher_state is not None:
             _check_weights(index, teacher_state, folder)
@@ -255,7 +251,7 @@ class TeacherCache(Frozen):
 
     @property
     def points(self) -> tuple[str, ...]:
-        """The teacher points whose outputs it holds (``repr`` of each point)."""
+        """The teacher points whose outputs it holds, shown as their ``repr`` (the index records stable keys)."""
         return self.built_for.points
 
     @property
@@ -288,8 +284,16 @@ class TeacherCache(Frozen):
     def __getitem__(self, key: Any) -> TeacherOutputs:
         """The stored teacher outputs of ``cache[indices]`` or, with augmentation draws, ``cache[indices, draws]``.
 
-        ``indices`` is a 1-D integer tensor, a list, a range or a slice of
-        sample indices; ``draws`` gives each sample's draw (``0 .. K-1``).
+        ``indices`` is a 1-D integer tensor, a list or tuple of ints, a range
+        or a slice of sample indices; ``draws`` gives each sample's draw
+        (``0 .. K-1``), in the same forms.
+
+        Raises:
+            TypeError: ``indices`` or ``draws`` is of another kind (a single
+                int: write ``cache[[i]]``).
+            IndexError: an index is out of range, or draws are missing or
+                given to a cache without augmentation.
+            ValueError: a shard read for the first time is damaged.
         """
         indices, draws = self._key(key)
         read = self._gather(indices, draws, self._names)
@@ -396,22 +400,38 @@ def _reopen(path: str, augment: Any, verify: bool) -> TeacherCache:
     return TeacherCache.open(path, augment=augment, verify=verify)
 
 
+ACCEPTED = "a 1-D integer tensor, a list or tuple of ints, a range or a slice"
+"""What ``cache[...]`` takes as sample indices (and as draws)."""
+
+
 def _as_indices(key: Any, n: int, what: str) -> torch.Tensor:
     if isinstance(key, slice):
         return torch.arange(n)[key]
-    if isinstance(key, (int, bool)) and not isinstance(key, torch.Tensor):
-        raise TypeError(f"{what} must be a list, range or 1-D tensor (cache[[i]] for one sample), got {key!r}.")
-    t = key if isinstance(key, torch.Tensor) else torch.as_tensor(list(key) if isinstance(key, range) else key)
-    if t.dim() != 1 or (t.numel() and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex())):
-        raise TypeError(
-            f"{what} must be a 1-D integer tensor or a list of ints, got {t.dtype} of shape {list(t.shape)}."
-        )
+    if isinstance(key, (int, bool)):
+        raise TypeError(f"{what} must be {ACCEPTED} (cache[[i]] for one sample), got the {type(key).__name__} {key!r}.")
+    if isinstance(key, torch.Tensor):
+        t = key
+    elif isinstance(key, (list, tuple, range)) or hasattr(key, "__array__"):  # numpy arrays too
+        try:
+            t = torch.as_tensor(list(key) if isinstance(key, range) else key)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or (t.numel() and not _integer(t)):
+            raise TypeError(f"{what} must be {ACCEPTED}; got a {type(key).__name__} that is not all ints.") from None
+    else:
+        raise TypeError(f"{what} must be {ACCEPTED}, got {type(key).__name__}.")
+    if t.dim() != 1 or (t.numel() and not _integer(t)):
+        raise TypeError(f"{what} must be {ACCEPTED}, got a tensor of {t.dtype} of shape {list(t.shape)}.")
     if t.dtype != torch.int64 or t.device.type != "cpu":
         t = t.to("cpu", torch.int64)
     lo, hi = _bounds(t)
     if lo < 0 or hi >= n:
         raise IndexError(f"{what} must be in 0..{n - 1}, got {lo if lo < 0 else hi}.")
     return t
+
+
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _bounds(t: torch.Tensor) -> tuple[int, int]:
