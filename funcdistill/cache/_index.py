@@ -47,9 +47,10 @@ def check(index: dict[str, Any], path: Path) -> None:
         ValueError: naming ``path`` and every field that is wrong.
     """
     problems: list[str] = []
-    _top_level(index, problems)
-    if not problems:
+    bad = _top_level(index, problems)
+    if bad.isdisjoint({"entries", "points"}):
         _entries(index, problems)
+    if bad.isdisjoint({"shards", "samples", "shard_size"}):
         _shards(index, problems)
     _raise(problems, f"the teacher cache index {path} is damaged")
 
@@ -111,29 +112,38 @@ def _need(data: dict[str, Any], field: str, ok: Any, want: str, problems: list[s
 
 def _short(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _top_level(index: dict[str, Any], problems: list[str]) -> None:
-    _need(index, "samples", lambda v: _int(v, 1), "a positive int", problems)
-    _need(index, "draws", lambda v: _int(v, 0), "an int >= 0", problems)
-    _need(index, "shard_size", lambda v: _int(v, 1), "a positive int", problems)
-    _need(index, "augment", lambda v: v is None or isinstance(v, str), "null or a name", problems)
-    _need(index, "entries", lambda v: isinstance(v, list), "a list", problems)
-    _need(index, "shards", lambda v: isinstance(v, list) and v, "a non-empty list", problems)
-    if _need(index, "points", lambda v: isinstance(v, list), "a list", problems):
+def _top_level(index: dict[str, Any], problems: list[str]) -> set[str]:
+    """Check the top-level fields; return the names of those that are wrong."""
+    fields = (
+        ("samples", lambda v: _int(v, 1), "a positive int"),
+        ("draws", lambda v: _int(v, 0), "an int >= 0"),
+        ("shard_size", lambda v: _int(v, 1), "a positive int"),
+        ("augment", lambda v: v is None or isinstance(v, str), "null or a name"),
+        ("points", lambda v: isinstance(v, list), "a list"),
+        ("entries", lambda v: isinstance(v, list), "a list"),
+        ("shards", lambda v: isinstance(v, list) and v, "a non-empty list"),
+        ("teacher", lambda v: isinstance(v, dict), "an object"),
+    )
+    bad = {field for field, ok, want in fields if not _need(index, field, ok, want, problems)}
+    if "points" not in bad:
         for i, key in enumerate(index["points"]):
             try:
                 _keys.parse_key(key)
             except ValueError as error:
                 problems.append(f"field 'points[{i}]': {error}")
+                bad.add("points")
         if len(set(map(repr, index["points"]))) != len(index["points"]):
             problems.append("field 'points' names a point twice")
-    if _need(index, "teacher", lambda v: isinstance(v, dict), "an object", problems):
+            bad.add("points")
+    if "teacher" not in bad:
         teacher = index["teacher"]
         _need(teacher, "class", lambda v: isinstance(v, str), "a class name", problems, "teacher.")
         _need(teacher, "weights", lambda v: isinstance(v, str), "a SHA-256", problems, "teacher.")
         _need(teacher, "structure", _is_structure, "a list of [name, shape, dtype]", problems, "teacher.")
+    return bad
 
 
 def _is_structure(value: Any) -> bool:
@@ -174,9 +184,8 @@ def _entries(index: dict[str, Any], problems: list[str]) -> None:
         topk_ok = _need(entry, "topk", lambda v: v is None or _int(v, 1), "null or a positive int", problems, where)
         leaves_ok = _need(entry, "leaves", lambda v: isinstance(v, list), "a list", problems, where)
         if leaves_ok and topk_ok:
-            for j, leaf in enumerate(entry["leaves"]):
-                _leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems)
-            if not problems:
+            oks = [_leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems) for j, leaf in enumerate(entry["leaves"])]
+            if all(oks):
                 names += _layout.tensor_names(entry)
         if _need(entry, "treespec", lambda v: isinstance(v, str), "a string", problems, where) and leaves_ok:
             try:
@@ -190,20 +199,22 @@ def _entries(index: dict[str, Any], problems: list[str]) -> None:
         problems.append("fields 'entries[...].leaves[...].name' are not distinct tensor names")
 
 
-def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str]) -> None:
+def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str]) -> bool:
+    """Check one leaf record of a layout entry; return whether it is sound."""
     if leaf is None:
-        return
+        return True
     if not isinstance(leaf, dict):
         problems.append(f"field '{where}' is {_short(leaf)}, not null or an object")
-        return
+        return False
     where += "."
-    _need(leaf, "name", lambda v: isinstance(v, str) and v, "a tensor name", problems, where)
-    _need(leaf, "shape", _is_shape, "a list of sizes", problems, where)
-    _need(leaf, "dtype", _is_dtype, "a dtype name", problems, where)
-    _need(leaf, "stored", _is_dtype, "a dtype name", problems, where)
-    if topk is not None:
-        _need(leaf, "index_dtype", lambda v: _is_dtype(v, floating=False), "an integer dtype name", problems, where)
-        _need(leaf, "shape", lambda v: len(v) >= 1 and v[-1] >= topk, f"classes >= topk ({topk})", problems, where)
+    ok = _need(leaf, "name", lambda v: isinstance(v, str) and v, "a tensor name", problems, where)
+    ok &= _need(leaf, "shape", _is_shape, "a list of sizes", problems, where)
+    ok &= _need(leaf, "dtype", _is_dtype, "a dtype name", problems, where)
+    ok &= _need(leaf, "stored", _is_dtype, "a dtype name", problems, where)
+    if topk is not None and ok:
+        ok &= _need(leaf, "index_dtype", lambda v: _is_dtype(v, floating=False), "an integer dtype name", problems, where)
+        ok &= _need(leaf, "shape", lambda v: len(v) >= 1 and v[-1] >= topk, f"classes >= topk ({topk})", problems, where)
+    return ok
 
 
 def _shards(index: dict[str, Any], problems: list[str]) -> None:

@@ -63,7 +63,7 @@ def parse_key(key: str) -> str | Point:
         Point('head', io='input')
     """
     if not isinstance(key, str):
-        raise ValueError(f"a point key is a string, got {type(key).__name__}.")
+        raise ValueError(f"{key!r} is not a teacher point key (a string such as '\"name\" io=\"input\"').")
     try:
         name, at = _DECODER.raw_decode(key)
         fields: dict[str, Any] = {}
