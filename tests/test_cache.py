@@ -524,7 +524,7 @@ def test_indexing_forms_and_errors(models, data, tmp_path):
         cache[[-1]]
     with pytest.raises(TypeError, match=r"cache\[\[i\]\] for one sample"):
         cache[3]
-    with pytest.raises(TypeError, match=r"must be a 1-D integer tensor, .* got a tensor of torch.float32"):
+    with pytest.raises(TypeError, match=r"must be a 1-D integer tensor, .* got a Tensor of torch.float32, shape \[1\]"):
         cache[torch.tensor([1.0])]
     with pytest.raises(IndexError, match=r"built without augmentation: index it with cache\[indices\] only"):
         cache[torch.arange(2), torch.zeros(2, dtype=torch.long)]

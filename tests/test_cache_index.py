@@ -70,7 +70,9 @@ def test_swapped_shard_records_are_refused(made):
         ix["shards"][0], ix["shards"][1] = ix["shards"][1], ix["shards"][0]
 
     edit(folder, swap)
-    with pytest.raises(ValueError, match=DAMAGED + r"field 'shards\[0\]\.first' is 8, where shard_size 8 puts shard 0 at 0"):
+    with pytest.raises(
+        ValueError, match=DAMAGED + r"field 'shards\[0\]\.first' is 8, where shard_size 8 puts shard 0 at 0"
+    ):
         TeacherCache.open(folder)
 
 
@@ -141,7 +143,8 @@ def test_a_shard_outside_the_folder_is_refused(made, outside):
     edit(folder, lambda ix: ix["shards"][0].update(file=name))
     with pytest.raises(
         ValueError,
-        match=DAMAGED + rf"field 'shards\[0\]\.file' is {re.escape(repr(name))}, not a plain file name in the cache's folder",
+        match=DAMAGED
+        + rf"field 'shards\[0\]\.file' is {re.escape(repr(name))}, not a plain file name in the cache's folder",
     ):
         TeacherCache.open(folder)
 
@@ -175,7 +178,9 @@ def test_a_changed_shape_name_or_dtype_is_refused_by_the_headers(made):
 def test_a_damaged_point_key_is_named(made):
     folder, _ = made
     edit(folder, lambda ix: ix["points"].__setitem__(0, "Point('1')"))
-    with pytest.raises(ValueError, match=DAMAGED + r"""field 'points\[0\]': "Point\('1'\)" is not a teacher point key"""):
+    with pytest.raises(
+        ValueError, match=DAMAGED + r"""field 'points\[0\]': "Point\('1'\)" is not a teacher point key"""
+    ):
         TeacherCache.open(folder)
 
 
@@ -187,12 +192,15 @@ def test_the_format_version_is_checked(made):
     assert json.loads((folder / "index.json").read_text())["version"] == 2
     edit(folder, lambda ix: ix.update(version=3))
     with pytest.raises(
-        ValueError, match=r"index\.json was written by a newer funcdistill \(teacher cache format 3; this one reads "
-        r"format 2\): upgrade funcdistill"
+        ValueError,
+        match=r"index\.json was written by a newer funcdistill \(teacher cache format 3; this one reads "
+        r"format 2\): upgrade funcdistill",
     ):
         TeacherCache.open(folder)
     edit(folder, lambda ix: ix.update(version=1))
-    with pytest.raises(ValueError, match=r"index\.json is teacher cache format 1, .* by their repr; .* Rebuild the cache"):
+    with pytest.raises(
+        ValueError, match=r"index\.json is teacher cache format 1, .* by their repr; .* Rebuild the cache"
+    ):
         TeacherCache.open(folder)
     edit(folder, lambda ix: ix.pop("version"))
     with pytest.raises(ValueError, match=r"index\.json is damaged: its field 'version' is missing\. Rebuild the cache"):
@@ -220,7 +228,10 @@ def test_point_keys_are_pinned():
         (fd.Point("encoder.layer.0"), '"encoder.layer.0"'),  # a Point with defaults is its name
         (fd.Point("head", io="input"), '"head" io="input"'),
         (fd.Point("blocks.0", call="all"), '"blocks.0" call="all"'),
-        (fd.Point("layer", io="input", call=-1, arg="attention_mask"), '"layer" io="input" call=-1 arg="attention_mask"'),
+        (
+            fd.Point("layer", io="input", call=-1, arg="attention_mask"),
+            '"layer" io="input" call=-1 arg="attention_mask"',
+        ),
         (fd.Point("fc", io="input", arg=0), '"fc" io="input" arg=0'),
         ("café", '"caf\\u00e9"'),
     ]
@@ -228,7 +239,16 @@ def test_point_keys_are_pinned():
         assert point_key(point) == key
         assert parse_key(key) == (point.name if isinstance(point, fd.Point) and point.plain else point)
     assert display('"head" io="input"') == "Point('head', io='input')"
-    for bad in ['"head"  io="input"', '"x" call=2 io="input"', '"x" io="output"', "'x'", "Point('x')", '"x" arg=0', "", 3]:
+    for bad in [
+        '"head"  io="input"',
+        '"x" call=2 io="input"',
+        '"x" io="output"',
+        "'x'",
+        "Point('x')",
+        '"x" arg=0',
+        "",
+        3,
+    ]:
         with pytest.raises(ValueError, match=r"is not (in the canonical form of )?a teacher point key"):
             parse_key(bad)
 
@@ -285,7 +305,9 @@ def test_draw_kinds_are_checked_the_same_way(tmp_path):
     t, s = mlp(0, 32).eval(), mlp(1, 12)
     x = torch.randn(N, 6, generator=torch.Generator().manual_seed(2))
     cache = build(fd.distill(t, s), t, x, tmp_path / "c", augment=jitter, draws=2)
-    with pytest.raises(TypeError, match=r"draws must be a 1-D integer tensor, a list or tuple of ints, a range or a slice"):
+    with pytest.raises(
+        TypeError, match=r"draws must be a 1-D integer tensor, a list or tuple of ints, a range or a slice"
+    ):
         cache[[0, 1], None]
     assert cache[[0, 1], (1, 0)].values[0].shape == (2, CLASSES)
 
@@ -342,7 +364,8 @@ def test_an_overflowing_value_is_a_build_error_naming_the_pair_and_the_value(tmp
 def test_overflowing_topk_logprobs_are_a_build_error(tmp_path):
     fn, t, x = scaled(1e5)  # logit gaps of ~1e4..1e5: log-probabilities far below -65504
     with pytest.raises(
-        ValueError, match=r"the teacher output at '' \(pair 0\), its top-k log-probabilities, does not fit its storage dtype float16"
+        ValueError,
+        match=r"the teacher output at '' \(pair 0\), its top-k log-probabilities, does not fit its storage dtype float16",
     ):
         build(fn, t, x, tmp_path / "c", dtype=torch.float16, topk=3)
 

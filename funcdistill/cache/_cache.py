@@ -186,9 +186,11 @@ class TeacherCache(Frozen):
     ) -> TeacherCache:
         """Open a finished cache.
 
-        Every shard's size is checked now; its SHA-256 is checked the first
-        time it is read (``verify=False`` skips that), so a damaged file is an
-        error naming it, never wrong outputs.
+        The index is checked now, against itself and against each shard's
+        size and safetensors header (its first sample, tensor names, shapes
+        and dtypes; no data is read); each shard's SHA-256 is checked the
+        first time it is read (``verify=False`` skips that). So a damaged
+        file is an error naming it, never wrong outputs.
 
         Args:
             path: the cache's folder.
@@ -199,8 +201,10 @@ class TeacherCache(Frozen):
 
         Raises:
             FileNotFoundError: there is no cache at ``path``.
-            ValueError: the build is unfinished, a file is damaged, truncated or
-                missing, ``augment`` is not the recorded one, or
+            ValueError: the build is unfinished; the index is damaged (naming
+                its wrong fields), of another format version, or names a shard
+                outside the folder; a shard is truncated, missing or does not
+                match the index; ``augment`` is not the recorded one; or
                 ``teacher_state`` differs from the teacher it was built with.
         """
         folder = Path(path)
@@ -410,26 +414,31 @@ ACCEPTED = "a 1-D integer tensor, a list or tuple of ints, a range or a slice"
 def _as_indices(key: Any, n: int, what: str) -> torch.Tensor:
     if isinstance(key, slice):
         return torch.arange(n)[key]
+    t = _index_tensor(key, what)
+    if t.dtype != torch.int64 or t.device.type != "cpu":
+        t = t.to("cpu", torch.int64)
+    lo, hi = _bounds(t)
+    if lo < 0 or hi >= n:
+        raise IndexError(f"{what} must be in 0..{n - 1}, got {lo if lo < 0 else hi}.")
+    return t
+
+
+def _index_tensor(key: Any, what: str) -> torch.Tensor:
+    """``key`` as a 1-D integer tensor, or a TypeError naming the accepted kinds."""
+    kind = type(key).__name__
     if isinstance(key, (int, bool)):
-        raise TypeError(f"{what} must be {ACCEPTED} (cache[[i]] for one sample), got the {type(key).__name__} {key!r}.")
+        raise TypeError(f"{what} must be {ACCEPTED} (cache[[i]] for one sample), got the {kind} {key!r}.")
     if isinstance(key, torch.Tensor):
         t = key
     elif isinstance(key, (list, tuple, range)) or hasattr(key, "__array__"):  # numpy arrays too
         try:
             t = torch.as_tensor(list(key) if isinstance(key, range) else key)
         except (TypeError, ValueError, RuntimeError):
-            t = None
-        if t is None or (t.numel() and not _integer(t)):
-            raise TypeError(f"{what} must be {ACCEPTED}; got a {type(key).__name__} that is not all ints.") from None
+            raise TypeError(f"{what} must be {ACCEPTED}; got a {kind} that is not all ints.") from None
     else:
-        raise TypeError(f"{what} must be {ACCEPTED}, got {type(key).__name__}.")
+        raise TypeError(f"{what} must be {ACCEPTED}, got {kind}.")
     if t.dim() != 1 or (t.numel() and not _integer(t)):
-        raise TypeError(f"{what} must be {ACCEPTED}, got a tensor of {t.dtype} of shape {list(t.shape)}.")
-    if t.dtype != torch.int64 or t.device.type != "cpu":
-        t = t.to("cpu", torch.int64)
-    lo, hi = _bounds(t)
-    if lo < 0 or hi >= n:
-        raise IndexError(f"{what} must be in 0..{n - 1}, got {lo if lo < 0 else hi}.")
+        raise TypeError(f"{what} must be {ACCEPTED}, got a {kind} of {t.dtype}, shape {list(t.shape)}.")
     return t
 
 

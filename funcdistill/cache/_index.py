@@ -148,11 +148,7 @@ def _top_level(index: dict[str, Any], problems: list[str]) -> set[str]:
 
 def _is_structure(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(e, list)
-        and len(e) == 3
-        and isinstance(e[0], str)
-        and _is_shape(e[1])
-        and isinstance(e[2], str)
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and _is_shape(e[1]) and isinstance(e[2], str)
         for e in value
     )
 
@@ -184,7 +180,9 @@ def _entries(index: dict[str, Any], problems: list[str]) -> None:
         topk_ok = _need(entry, "topk", lambda v: v is None or _int(v, 1), "null or a positive int", problems, where)
         leaves_ok = _need(entry, "leaves", lambda v: isinstance(v, list), "a list", problems, where)
         if leaves_ok and topk_ok:
-            oks = [_leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems) for j, leaf in enumerate(entry["leaves"])]
+            oks = [
+                _leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems) for j, leaf in enumerate(entry["leaves"])
+            ]
             if all(oks):
                 names += _layout.tensor_names(entry)
         if _need(entry, "treespec", lambda v: isinstance(v, str), "a string", problems, where) and leaves_ok:
@@ -212,8 +210,12 @@ def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str]) -> bool:
     ok &= _need(leaf, "dtype", _is_dtype, "a dtype name", problems, where)
     ok &= _need(leaf, "stored", _is_dtype, "a dtype name", problems, where)
     if topk is not None and ok:
-        ok &= _need(leaf, "index_dtype", lambda v: _is_dtype(v, floating=False), "an integer dtype name", problems, where)
-        ok &= _need(leaf, "shape", lambda v: len(v) >= 1 and v[-1] >= topk, f"classes >= topk ({topk})", problems, where)
+        ok &= _need(
+            leaf, "index_dtype", lambda v: _is_dtype(v, floating=False), "an integer dtype name", problems, where
+        )
+        ok &= _need(
+            leaf, "shape", lambda v: len(v) >= 1 and v[-1] >= topk, f"classes >= topk ({topk})", problems, where
+        )
     return ok
 
 
@@ -241,11 +243,15 @@ def _shards(index: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"field 'samples' is {samples}, but the shards' counts add up to {held}")
     need = -(-samples // size)
     if len(shards) != need:
-        problems.append(f"field 'shards' has {len(shards)} records, where samples {samples} in shards of {size} need {need}")
+        problems.append(
+            f"field 'shards' has {len(shards)} records, where samples {samples} in shards of {size} need {need}"
+        )
     for i, record in enumerate(shards):
         first, count = i * size, min(size, samples - i * size)
         if record["first"] != first:
-            problems.append(f"field 'shards[{i}].first' is {record['first']}, where shard_size {size} puts shard {i} at {first}")
+            problems.append(
+                f"field 'shards[{i}].first' is {record['first']}, where shard_size {size} puts shard {i} at {first}"
+            )
         elif record["count"] != count:
             problems.append(f"field 'shards[{i}].count' is {record['count']}, where shard {i} holds {count} samples")
     files = [r["file"] for r in shards]
@@ -274,7 +280,9 @@ def _compare(name: str, found: dict[str, Any], want: dict[str, tuple[list[int], 
         if got != shape:
             problems.append(f"{name}: tensor {key!r} is {got}, where the index gives {shape}")
         elif dtype_name(found[key][:0].dtype) != dtype:
-            problems.append(f"{name}: tensor {key!r} is {dtype_name(found[key][:0].dtype)}, where the index gives {dtype}")
+            problems.append(
+                f"{name}: tensor {key!r} is {dtype_name(found[key][:0].dtype)}, where the index gives {dtype}"
+            )
     extra = sorted(set(found) - set(want))
     if extra:
         problems.append(f"{name} has tensors the index does not list: {', '.join(map(repr, extra[:3]))}")

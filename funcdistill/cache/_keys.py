@@ -63,7 +63,7 @@ def parse_key(key: str) -> str | Point:
         Point('head', io='input')
     """
     if not isinstance(key, str):
-        raise ValueError(f"{key!r} is not a teacher point key (a string such as '\"name\" io=\"input\"').")
+        raise ValueError(f'{key!r} is not a teacher point key (a string such as \'"name" io="input"\').')
     try:
         name, at = _DECODER.raw_decode(key)
         fields: dict[str, Any] = {}
@@ -74,7 +74,7 @@ def parse_key(key: str) -> str | Point:
             fields[field], at = _DECODER.raw_decode(key, at + len(field) + 2)
         point: str | Point = Point(name, **fields)
     except (ValueError, TypeError):
-        raise ValueError(f"{key!r} is not a teacher point key (such as '\"name\" io=\"input\" call=2').") from None
+        raise ValueError(f'{key!r} is not a teacher point key (such as \'"name" io="input" call=2\').') from None
     if isinstance(point, Point) and point.plain and point.arg is None:
         point = name
     if point_key(point) != key:  # fields out of order, defaults written out, other spacing or escapes
