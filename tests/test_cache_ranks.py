@@ -55,8 +55,8 @@ def worker(rank: int, port: int, folder: str) -> None:
             shard_size=SHARD,
             progress=False,
         )
-        with torch.no_grad():
-            ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x))  # every rank sees every shard
+        with torch.no_grad():  # every rank sees every shard; built in batches of 4, so float32 rounding apart
+            ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
         Path(folder, f"read-{rank}.json").write_text(json.dumps({"read": sorted(set(data.read)), "ok": ok}))
     finally:
         dist.destroy_process_group()

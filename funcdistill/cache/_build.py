@@ -24,7 +24,7 @@ import torch
 
 from funcdistill._pytree import tree_map
 from funcdistill._state import state
-from funcdistill.cache import _augment, _fingerprint, _layout, _store
+from funcdistill.cache import _augment, _fingerprint, _keys, _layout, _store
 
 __all__: list[str] = []
 
@@ -66,7 +66,7 @@ class Options:
         self.progress = bool(kw["progress"])
         self.device = _device(fn, teacher_state, kw["device"])
         self.keys = list(dict.fromkeys(t for t, _, _ in fn._plan))
-        self.points = [repr(k) for k in self.keys]
+        self.points = [_keys.point_key(k) for k in self.keys]  # stable keys, not reprs
         self.storage = _storage(fn, self.keys, kw["dtype"], kw["topk"], _temperature(kw["topk_temperature"]))
         if any(m.training for m in fn._teacher.model.modules()):
             raise ValueError(
@@ -301,7 +301,8 @@ class _Runner:
             ]
         out: dict[str, torch.Tensor] = {}
         for k, entry in zip(o.keys, self.entries):
-            out.update(_layout.to_tensors(entry, captured[k], n, first))
+            pairs = [i for i, (t, _, _) in enumerate(o.fn._plan) if t == k]
+            out.update(_layout.to_tensors(entry, captured[k], n, first, pairs=pairs))
         return out
 
 

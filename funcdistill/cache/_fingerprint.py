@@ -1,7 +1,8 @@
 """What a teacher cache was built for: the teacher's points, its state's layout, its weights.
 
-A cache records the teacher points of the mapping it was built with (as
-``repr(point)``, so names and :class:`funcdistill.Point` values alike), the
+A cache records the teacher points of the mapping it was built with (by
+their stable keys, :mod:`funcdistill.cache._keys`: names and
+:class:`funcdistill.Point` values alike), the
 teacher's class and the name, shape and dtype of every state entry (its
 *structure*), and a SHA-256 of the teacher state it ran with (its *weights*).
 A distill function that maps a teacher point the cache does not hold, or whose
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from funcdistill._state import state
+from funcdistill.cache._keys import point_key
 
 __all__: list[str] = []
 
@@ -39,8 +41,8 @@ def to_dtype(name: str) -> torch.dtype:
 
 
 def teacher_points(fn: Any) -> tuple[str, ...]:
-    """The distinct teacher points of a distill function, as ``repr`` strings, in mapping order."""
-    return tuple(dict.fromkeys(repr(t) for t, _, _ in fn._plan))
+    """The distinct teacher points of a distill function, as stable keys, in mapping order."""
+    return tuple(dict.fromkeys(point_key(t) for t, _, _ in fn._plan))
 
 
 def structure(fn: Any) -> Structure:

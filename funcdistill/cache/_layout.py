@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from funcdistill._pytree import torch_pytree
+from funcdistill.cache import _precision
 from funcdistill.cache._fingerprint import dtype_name, to_dtype
+from funcdistill.cache._keys import display
 from funcdistill.cache._outputs import TopK
 
 __all__: list[str] = []
@@ -27,13 +29,14 @@ __all__: list[str] = []
 Entry = dict[str, Any]
 
 
-def describe(index: int, point: str, output: Any, batch: int, *, storage: dict[str, Any]) -> Entry:
-    """The layout entry of one teacher point, from its output on a first batch of ``batch`` samples.
+def describe(index: int, key: str, output: Any, batch: int, *, storage: dict[str, Any]) -> Entry:
+    """The layout entry of one teacher point (its stable ``key``), from its output on a first batch of ``batch`` samples.
 
     ``storage`` holds the point's storage ``dtype`` name (or ``None``), ``topk`` and ``temperature``.
     """
     dtype = None if storage["dtype"] is None else to_dtype(storage["dtype"])
     topk = storage["topk"]
+    point = display(key)
     leaves, spec = torch_pytree.tree_flatten(output)
     try:
         treespec = torch_pytree.treespec_dumps(spec)
@@ -43,7 +46,7 @@ def describe(index: int, point: str, output: Any, batch: int, *, storage: dict[s
             "output is a tensor, or a tuple, list or dict of tensors."
         ) from None
     entry: Entry = {
-        "point": point,
+        "point": key,
         "treespec": treespec,
         "topk": topk,
         "temperature": storage["temperature"],
@@ -69,7 +72,7 @@ def describe(index: int, point: str, output: Any, batch: int, *, storage: dict[s
 
 
 def _describe_topk(entry: Entry, leaves: list[Any], k: int) -> None:
-    point = entry["point"]
+    point = display(entry["point"])
     if len(leaves) != 1 or leaves[0] is None or not leaves[0].is_floating_point() or leaves[0].dim() < 2:
         raise ValueError(
             f"topk storage needs logits: one floating tensor of shape (batch, ..., classes), but the "
@@ -101,10 +104,16 @@ def _check_batch_first(point: str, j: int, leaf: Any, batch: int) -> None:
         )
 
 
-def to_tensors(entry: Entry, output: Any, batch: int, first: int) -> dict[str, torch.Tensor]:
-    """The tensors to store for one teacher point of a batch (checked against the recorded layout)."""
+def to_tensors(entry: Entry, output: Any, batch: int, first: int, *, pairs: list[int]) -> dict[str, torch.Tensor]:
+    """The tensors to store for one teacher point of a batch (checked against the recorded layout).
+
+    ``pairs`` are the indices of the mapping's pairs that read this point, for
+    the message when a value does not fit its storage dtype
+    (:func:`~funcdistill.cache._precision.check`).
+    """
     leaves = torch_pytree.tree_leaves(output)
-    point = entry["point"]
+    point = display(entry["point"])
+    where = f"the teacher output at {point} (pair{'s' if len(pairs) > 1 else ''} {', '.join(map(str, pairs))})"
     if len(leaves) != len(entry["leaves"]):
         raise ValueError(
             f"the teacher output at {point} changed structure at sample {first}: {len(leaves)} leaves "
@@ -125,25 +134,38 @@ def to_tensors(entry: Entry, output: Any, batch: int, first: int) -> dict[str, t
                 f"per sample at sample {first}, where the first batch had {spec['shape']} {spec['dtype']}; a "
                 "cache needs the same shape for every sample (pad the inputs to one length)."
             )
+        stored = to_dtype(spec["stored"])
         if entry["topk"] is None:
-            out[spec["name"]] = leaf.detach().to("cpu", to_dtype(spec["stored"]))
+            _precision.check(leaf, stored, where=where, pair=pairs[0], first=first)
+            out[spec["name"]] = leaf.detach().to("cpu", stored)
             continue
         logprobs = torch.log_softmax(leaf.detach().to("cpu", torch.float32) / entry["temperature"], dim=-1)
         values, indices = logprobs.topk(entry["topk"], dim=-1)
-        out[spec["name"] + ".logprobs"] = values.to(to_dtype(spec["stored"]))
+        _precision.check(values, stored, where=f"{where}, its top-k log-probabilities,", pair=pairs[0], first=first)
+        out[spec["name"] + ".logprobs"] = values.to(stored)
         out[spec["name"] + ".indices"] = indices.to(to_dtype(spec["index_dtype"]))
     return out
 
 
 def tensor_names(entry: Entry) -> list[str]:
     """Names of the stored tensors of one teacher point."""
-    names = []
+    return list(stored_tensors(entry, 0, 0))
+
+
+def stored_tensors(entry: Entry, count: int, draws: int) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype name) of the stored tensors of one teacher point in a shard of ``count`` samples."""
+    lead = [count, draws] if draws else [count]
+    out = {}
     for spec in entry["leaves"]:
-        if spec is not None:
-            names += (
-                [spec["name"]] if entry["topk"] is None else [spec["name"] + ".logprobs", spec["name"] + ".indices"]
-            )
-    return names
+        if spec is None:
+            continue
+        if entry["topk"] is None:
+            out[spec["name"]] = (lead + spec["shape"], spec["stored"])
+        else:
+            shape = lead + spec["shape"][:-1] + [entry["topk"]]
+            out[spec["name"] + ".logprobs"] = (shape, spec["stored"])
+            out[spec["name"] + ".indices"] = (shape, spec["index_dtype"])
+    return out
 
 
 def load_spec(entry: Entry) -> Any:

@@ -20,6 +20,7 @@ from funcdistill._capture import constant_under_compile
 from funcdistill._frozen import Frozen, init
 from funcdistill._pytree import register_node, tree_map
 from funcdistill.cache import _fingerprint
+from funcdistill.cache._keys import display, point_key
 
 __all__ = ["BuiltFor", "TeacherOutputs", "TopK", "teacher_outputs"]
 
@@ -38,17 +39,24 @@ class TopK(NamedTuple):
 
 
 class BuiltFor(Frozen):
-    """What a cache was built for: its path, the teacher points it holds, the teacher's state layout."""
+    """What a cache was built for: its path, the teacher points it holds, the teacher's state layout.
 
-    __slots__ = ("path", "points", "teacher", "_accepted")
+    ``keys`` are the points' stable keys, as the index records them (what a
+    distill function's points are matched by); ``points`` shows them as
+    ``repr`` strings, for messages.
+    """
+
+    __slots__ = ("path", "keys", "points", "teacher", "_accepted")
     _immutable_name = "a teacher cache's record"
     path: str
+    keys: tuple[str, ...]
     points: tuple[str, ...]
     teacher: tuple[str, _fingerprint.Structure]
     _accepted: dict[int, tuple[Any, tuple[int, ...]]]
 
-    def __init__(self, path: str, points: tuple[str, ...], teacher: tuple[str, _fingerprint.Structure]):
-        init(self, path=path, points=tuple(points), teacher=teacher, _accepted={})
+    def __init__(self, path: str, keys: tuple[str, ...], teacher: tuple[str, _fingerprint.Structure]):
+        keys = tuple(keys)
+        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, _accepted={})
 
     def positions(self, fn: Any) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
@@ -136,11 +144,11 @@ def teacher_outputs(outputs: TeacherOutputs, fn: Any) -> dict[Any, Any]:
 
 def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
     where = f"the teacher cache at {built_for.path}"
-    missing = _fingerprint.missing_points(built_for.points, fn)
+    missing = _fingerprint.missing_points(built_for.keys, fn)
     if missing:
         raise ValueError(
             f"{where} holds the teacher outputs at {', '.join(built_for.points)}; this distill function "
-            f"also maps teacher point(s) {', '.join(missing)}, which it does not hold. Build a cache with "
+            f"also maps teacher point(s) {', '.join(map(display, missing))}, which it does not hold. Build a cache with "
             "this distill function (TeacherCache.build(fn, ...)), or distill with the mapping the cache "
             "was built for."
         )
@@ -150,7 +158,7 @@ def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
             f"{where} was built for another teacher: {difference}. Use a distill function of the teacher "
             "the cache was built for, or build a cache for this teacher (TeacherCache.build(fn, ...))."
         )
-    return tuple(built_for.points.index(repr(t)) for t, _, _ in fn._plan)
+    return tuple(built_for.keys.index(point_key(t)) for t, _, _ in fn._plan)
 
 
 # traced code calls the check at trace time and keeps its result as a constant of the graph

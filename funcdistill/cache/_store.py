@@ -30,7 +30,8 @@ import torch
 __all__: list[str] = []
 
 FORMAT = "funcdistill.TeacherCache"
-VERSION = 1
+VERSION = 2
+"""The cache's file format: 1 keyed teacher points by their ``repr``; 2 by stable keys (``_keys``)."""
 INDEX = "index.json"
 BUILD = "build.json"
 _CHUNK = 1 << 22
@@ -104,7 +105,39 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a funcdistill teacher cache {what} (no 'format': {FORMAT!r}).")
+    if what in _VERSIONED or "version" in data:
+        check_version(data, path)
     return data
+
+
+_VERSIONED = ("index", "build record")
+
+
+def check_version(data: dict[str, Any], path: Path) -> None:
+    """Raise unless ``data`` (an index or build record) is in the format this funcdistill reads.
+
+    Every index and build record funcdistill has written carries a ``version``,
+    so one without it is damaged. Format 1 is not read: its point keys were
+    ``repr`` strings; such a cache is rebuilt.
+    """
+    version = data.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise ValueError(
+            f"{path} was written by a newer funcdistill (teacher cache format {version}; this one reads "
+            f"format {VERSION}): upgrade funcdistill (pip install -U funcdistill) to read it."
+        )
+    if version == 1:
+        raise ValueError(
+            f"{path} is teacher cache format 1, written by an older funcdistill that keyed teacher points "
+            f"by their repr; this one reads format {VERSION}. Rebuild the cache (delete the folder and run "
+            "TeacherCache.build again)."
+        )
+    if version != VERSION:
+        what = "is missing" if "version" not in data else f"is {version!r}, not a format number"
+        raise ValueError(f"{path} is damaged: its field 'version' {what}. {REBUILD}")
+
+
+REBUILD = "Rebuild the cache (delete the folder and run TeacherCache.build again)."
 
 
 def sha256_file(path: Path) -> str:
