@@ -304,3 +304,13 @@ def test_crd_errors():
         L.CRDLoss(L.crd_head(3, 2), lambda x: x)
     with pytest.raises(ValueError, match="crd_head: embed_dim must be at least 1, got 0"):
         L.crd_head(3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8])
+def test_crd_takes_indices_of_any_integer_dtype(dtype):
+    # a teacher cache or a compact dataset may hold indices narrower than int64; the same rows are selected
+    crd_state, index, negatives, t, s = _setup()
+    loss, new_state = L.crd_loss(t, s, crd_state, index.to(dtype), negatives.to(dtype))
+    ref_loss, ref_state = L.crd_loss(t, s, crd_state, index, negatives)
+    assert torch.equal(loss, ref_loss)  # the same arithmetic on the same values: exact
+    assert all(torch.equal(a, b) for a, b in zip(new_state, ref_state))

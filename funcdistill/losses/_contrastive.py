@@ -216,6 +216,7 @@ def crd_loss(
     check_positive(name, "temperature", temperature, allow_tensor=True)
     check_fraction(name, "momentum", momentum)
     check_positive(name, "eps", eps)
+    index, negatives = index.long(), negatives.long()  # any integer dtype indexes (a cache may store int16)
     t = F.normalize(teacher_embed, dim=1)
     s = F.normalize(student_embed, dim=1)
     contrast = torch.cat([index.unsqueeze(1), negatives], dim=1)
