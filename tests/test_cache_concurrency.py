@@ -69,7 +69,9 @@ class Job:
 
 
 def build_job(tmp: Path, name: str, folder: Path, seed: int, *options: str) -> Job:
-    return Job(tmp, name, "build", str(folder), str(seed), "--signal", str(tmp / "signal"), "--go", str(tmp / "go"), *options)
+    return Job(
+        tmp, name, "build", str(folder), str(seed), "--signal", str(tmp / "signal"), "--go", str(tmp / "go"), *options
+    )
 
 
 def waits_or_ends(job: Job) -> None:
@@ -170,4 +172,6 @@ def test_a_killed_holder_does_not_keep_the_folder_locked(tmp_path):
 def test_a_bad_timeout_is_refused(tmp_path, timeout):
     t = cache_jobs.teacher(0)
     with pytest.raises(ValueError, match=r"timeout must be a number of seconds \(0 or more\), or None"):
-        TeacherCache.build(fd.distill(t, cache_jobs.student()), fd.state(t), cache_jobs.data(), tmp_path, timeout=timeout)
+        TeacherCache.build(
+            fd.distill(t, cache_jobs.student()), fd.state(t), cache_jobs.data(), tmp_path, timeout=timeout
+        )

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from funcdistill import _sharded
 from funcdistill._pytree import tree_map
 from funcdistill._state import state
-from funcdistill import _sharded
 from funcdistill.cache import _augment, _fingerprint, _layout, _lock, _ranks, _store
 from funcdistill.cache._ranks import Ranks
 
