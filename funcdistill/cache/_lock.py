@@ -40,7 +40,7 @@ __all__: list[str] = []
 LOCK = "build.lock"
 HOLDER = "build.holder.json"
 SLICE_S = 5.0  # rank 0 tells the other ranks how the wait goes at least this often
-_HELD, _WAIT, _EXPIRED = "held", "wait", "expired"
+_HELD, _WAIT, _EXPIRED, _FAILED = "held", "wait", "expired", "failed"
 log = logging.getLogger("funcdistill.cache")
 
 
@@ -68,20 +68,31 @@ def held(folder: Path, ranks: Any, *, timeout: float | None) -> Iterator[None]:
         TimeoutError: (on every rank) ``timeout`` expired; the message names the holder.
     """
     filelock = _filelock()
-    lock = filelock.FileLock(str(folder / LOCK)) if ranks.rank == 0 else None
+    mine = ranks.rank == 0 or not ranks.distributed
+    lock = filelock.FileLock(str(folder / LOCK)) if mine else None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         first = True
         while True:
-            state, message = (_HELD, "") if lock is None else _attempt(lock, folder, deadline, first, timeout)
+            state, message, error = _HELD, "", None
+            if lock is not None:
+                try:
+                    state, message = _attempt(lock, folder, deadline, first, timeout)
+                except Exception as e:  # noqa: BLE001 - re-raised here, and told to the other ranks
+                    state, message, error = _FAILED, f"{type(e).__name__}: {e}", e
             state, message = ranks.broadcast((state, message))
-            if state == _HELD:
-                break
+            if error is not None:
+                raise error
+            if state == _FAILED:
+                raise RuntimeError(f"rank 0 could not take the build lock of the teacher cache {folder}: {message}")
             if state == _EXPIRED:
                 raise TimeoutError(message)
+            if state == _HELD:
+                break
             first = False
         if lock is not None:
-            _store.write_json(folder / HOLDER, _me(ranks))
+            with contextlib.suppress(OSError):  # who holds it is for messages only
+                _store.write_json(folder / HOLDER, _me(ranks))
         yield
     finally:
         if lock is not None and lock.is_locked:
