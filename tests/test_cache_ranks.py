@@ -72,8 +72,8 @@ def each_rank_builds_its_shards(rank: int, folder: Path, holder: int) -> None:
     teacher, student, x = setup()
     data = Recorded(x)
     cache = build(teacher, student, data, folder)
-    with torch.no_grad():
-        ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x))  # every rank sees every shard
+    with torch.no_grad():  # every rank sees every shard; built in batches of 4, so float32 rounding apart
+        ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
     Path(folder, f"read-{rank}.json").write_text(json.dumps({"read": sorted(set(data.read)), "ok": ok}))
 
 
