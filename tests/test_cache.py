@@ -286,7 +286,7 @@ def test_bytes_and_files(models, data, tmp_path):
     fn = fd.distill(t, s, mapping(t, s))
     cache = build(fn, t, data, tmp_path / "c", shard_size=16)
     files = sorted(os.listdir(tmp_path / "c"))
-    assert files == ["index.json"] + [f"shard-0000{i}.safetensors" for i in range(4)]
+    assert files == ["build.lock", "index.json"] + [f"shard-0000{i}.safetensors" for i in range(4)]
     assert cache.nbytes == sum((tmp_path / "c" / f).stat().st_size for f in files if f.endswith(".safetensors"))
     assert cache.bytes_per_sample == cache.nbytes / N
     # the shards are plain safetensors files: safetensors itself reads them

@@ -1,19 +1,37 @@
-"""TeacherCache.build under torch.distributed: 2 processes, gloo, CPU; each rank writes its own shards."""
+"""TeacherCache.build under torch.distributed: 2 processes, gloo, CPU.
+
+One process group runs every check (a spawn costs seconds); each rank writes
+what each check raised, and one test per check reads it. Each rank writes its
+own shards; ranks given different builds are refused before anything is
+written; a teacher sharded with FSDP2 is cached as its unsharded copy would be;
+a build lock held by another process stops every rank, naming the holder.
+"""
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import socket
+import traceback
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import funcdistill as fd
+from tests.test_cache_concurrency import Job
 
 WORLD, N, SHARD = 2, 40, 8
+CHECKS: dict[str, object] = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
 
 
 def free_port() -> int:
@@ -22,9 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup() -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+def setup(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(5, 15), nn.ReLU(), nn.Linear(15, 3)).eval()  # odd rows: uneven FSDP shards
     student = nn.Sequential(nn.Linear(5, 3))
     return teacher, student, torch.randn(N, 5, generator=torch.Generator().manual_seed(1))
 
@@ -41,35 +59,129 @@ class Recorded(torch.utils.data.Dataset):
         return self.x[i]
 
 
-def worker(rank: int, port: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def build(teacher: nn.Module, student: nn.Module, data, folder: Path, **kw) -> fd.TeacherCache:
+    options = {"batch_size": 4, "shard_size": SHARD, "progress": False, **kw}
+    return fd.TeacherCache.build(fd.distill(teacher, student), fd.state(teacher), data, folder, **options)
+
+
+# --- the checks (run on every rank) -------------------------------------------------
+
+
+@check
+def each_rank_builds_its_shards(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    data = Recorded(x)
+    cache = build(teacher, student, data, folder)
+    with torch.no_grad():  # every rank sees every shard; built in batches of 4, so float32 rounding apart
+        ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
+    Path(folder, f"read-{rank}.json").write_text(json.dumps({"read": sorted(set(data.read)), "ok": ok}))
+
+
+@check
+def ranks_given_other_builds_are_refused(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup(seed=rank)  # rank 1: another seed (a stale checkpoint, say)
+    with pytest.raises(
+        ValueError,
+        match=r"the 2 ranks of this TeacherCache.build were given different builds.*\n  teacher weights \(SHA-256 "
+        r"of the teacher state\): rank 0 sha256:[0-9a-f]{12}; rank 1 sha256:[0-9a-f]{12}\n.*Nothing was written",
+    ):
+        build(teacher, student, x, folder)
+    teacher, student, x = setup()
+    with pytest.raises(ValueError, match=r"number of samples \(len\(dataset\)\): rank 0 40; rank 1 39\n"):
+        build(teacher, student, x[: N - rank], folder)
+    with pytest.raises(ValueError, match=r"shard_size: rank 0 8; rank 1 4\n"):
+        build(teacher, student, x, folder, shard_size=SHARD // (1 + rank))
+    assert not folder.exists()
+
+
+@check
+def an_fsdp2_teacher_is_cached_as_unsharded(rank: int, folder: Path, holder: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    teacher, student, x = setup()
+    plain = copy.deepcopy(teacher)
+    fully_shard(teacher[0]), fully_shard(teacher[2]), fully_shard(teacher)
+    data = x[:24]  # shards of 8: rank 0 builds two (4 teacher calls), rank 1 one (3 calls): the ranks keep step
+    cache = build(teacher, student, data, folder)
+    with torch.no_grad():
+        reference = plain(data)
+    # the full weights are gathered bit for bit, but batches of 4 here and of 24 there may take other kernels
+    torch.testing.assert_close(cache[torch.arange(24)].values[0], reference)
+    fd.TeacherCache.open(folder, teacher_state=fd.state(plain))  # fingerprinted as the full, unsharded weights
+    fd.TeacherCache.open(folder, teacher_state=fd.state(teacher))  # and from the shards (a collective)
+    with pytest.raises(ValueError, match="built with another teacher state"):
+        fd.TeacherCache.open(folder, teacher_state=fd.state(setup(seed=1)[0]))
+    idx = torch.tensor([3, 17])
+    ((t_out, _, _),) = fd.distill(plain, student)(cache[idx], fd.state(student), data[idx])  # the unsharded fn takes it
+    torch.testing.assert_close(t_out, reference[idx])
+
+
+@check
+def a_lock_held_elsewhere_stops_every_rank(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    with pytest.raises(TimeoutError, match=rf"gave up after 0.3 s .* by process {holder} on host"):
+        build(teacher, student, x, folder / "held", timeout=0.3)
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),  # a collective one rank never joins fails, rather than hangs
+    )
+    results = {}
+    holder = int(Path(out, "holder.pid").read_text())
     try:
-        teacher, student, x = setup()
-        data = Recorded(x)
-        cache = fd.TeacherCache.build(
-            fd.distill(teacher, student),
-            fd.state(teacher),
-            data,
-            folder,
-            batch_size=4,
-            shard_size=SHARD,
-            progress=False,
-        )
-        with torch.no_grad():  # every rank sees every shard; built in batches of 4, so float32 rounding apart
-            ok = torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
-        Path(folder, f"read-{rank}.json").write_text(json.dumps({"read": sorted(set(data.read)), "ok": ok}))
+        for name, fn in CHECKS.items():
+            try:
+                fn(rank, Path(out, name), holder)
+                results[name] = "ok"
+            except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test of this check
+                results[name] = traceback.format_exc()
+            dist.barrier()
     finally:
+        Path(out, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
 
 
-def test_each_rank_builds_its_shards_and_all_open_the_whole_cache(tmp_path):
-    folder = tmp_path / "cache"
-    mp.spawn(worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
-    results = [json.loads((folder / f"read-{r}.json").read_text()) for r in range(WORLD)]
-    assert all(r["ok"] for r in results)
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ranks")
+    holder = Job(out, "holder", "hold", str(out / "a_lock_held_elsewhere_stops_every_rank" / "held"), stdin=True)
+    try:
+        holder.until(lambda: "held" in holder.stdout(), "the holder holds the lock")
+        Path(out, "holder.pid").write_text(str(holder.pid))
+        mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    finally:
+        holder.proc.stdin.close()
+        holder.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(out) -> list[dict[str, str]]:
+    return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(WORLD)]
+
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_two_ranks(results, name):
+    for rank, res in enumerate(results):
+        assert res.get(name) == "ok", f"rank {rank}:\n{res.get(name)}"
+
+
+def test_each_rank_builds_its_shards_and_all_open_the_whole_cache(out, results):
+    folder = out / "each_rank_builds_its_shards"
+    reads = [json.loads((folder / f"read-{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r["ok"] for r in reads)
     # shard s (samples 8s .. 8s+7) is built by rank s % 2; both read the first batch for the layout
-    assert results[0]["read"] == [*range(0, 8), *range(16, 24), *range(32, 40)]
-    assert results[1]["read"] == [*range(0, 4), *range(8, 16), *range(24, 32)]
+    assert reads[0]["read"] == [*range(0, 8), *range(16, 24), *range(32, 40)]
+    assert reads[1]["read"] == [*range(0, 4), *range(8, 16), *range(24, 32)]
     index = json.loads((folder / "index.json").read_text())
     assert [s["file"] for s in index["shards"]] == [f"shard-0000{i}.safetensors" for i in range(5)]
     assert not list(folder.glob("progress-rank*.json"))

@@ -9,7 +9,10 @@ file, so a build that stops (an exception, a kill, a power cut) is resumed by
 calling it again with the same arguments: finished shards are kept and their
 samples are not read again. Under :mod:`torch.distributed`, rank ``r`` of
 ``w`` builds the shards ``s`` with ``s % w == r``; rank 0 writes the index once
-every rank is done.
+every rank is done. Before anything is written the ranks check that they were
+given the same build (:mod:`~funcdistill.cache._ranks`), and the whole build
+holds the folder's lock (:mod:`~funcdistill.cache._lock`), so builds into one
+folder take turns.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from typing import Any
 
 import torch
 
+from funcdistill import _sharded
 from funcdistill._pytree import tree_map
 from funcdistill._state import state
-from funcdistill.cache import _augment, _fingerprint, _keys, _layout, _store
+from funcdistill.cache import _augment, _fingerprint, _keys, _layout, _lock, _ranks, _store
+from funcdistill.cache._ranks import Ranks
 
 __all__: list[str] = []
 
@@ -75,10 +80,9 @@ class Options:
                 "teacher in eval mode (teacher.eval()) before building the cache."
             )
 
-    def meta(self) -> dict[str, Any]:
-        """What the cache is built for, without the output layout (known after the first batch)."""
+    def settings(self) -> dict[str, Any]:
+        """What the cache is built for, but the teacher's weights and the output layout."""
         structure = _fingerprint.structure(self.fn)
-        full = {**state(self.fn._teacher.model), **dict(self.teacher_state)}
         meta = {
             "format": _store.FORMAT,
             "version": _store.VERSION,
@@ -89,12 +93,26 @@ class Options:
             "points": self.points,
             "storage": self.storage,
             "teacher": {
-                "class": type(self.fn._teacher.model).__name__,
+                "class": _fingerprint.teacher_class(self.fn._teacher.model),
                 "structure": [list(e) for e in structure],
-                "weights": _fingerprint.weights(full),
             },
         }
         return json.loads(json.dumps(meta))  # as it reads back from the file (lists, not tuples)
+
+    def weights(self) -> str:
+        """SHA-256 of the whole teacher state (the model's own entries, then those given); collective for DTensors."""
+        return _fingerprint.weights({**state(self.fn._teacher.model), **dict(self.teacher_state)})
+
+    def meta(self) -> dict[str, Any]:
+        """What the cache is built for, without the output layout (known after the first batch)."""
+        meta = self.settings()
+        meta["teacher"]["weights"] = self.weights()
+        return meta
+
+    def sharded(self) -> bool:
+        """Whether the teacher runs on DTensor shards (FSDP2), whose forward is a collective of every rank."""
+        tensors = [*self.teacher_state.values(), *state(self.fn._teacher.model).values()]
+        return any(type(t) is not torch.Tensor and _sharded._is_dtensor(t) for t in tensors)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -154,11 +172,61 @@ def _storage(fn: Any, keys: list[Any], dtype: Any, topk: Any, temperature: float
     ]
 
 
-def build(options: Options) -> None:
-    """Run the build (or resume it); on return the index is written."""
+def build(options: Options, *, timeout: float | None = None) -> None:
+    """Run the build (or resume it, or find it done) holding the folder's build lock; on return the index is written.
+
+    The ranks compare what they were given first (before anything is written,
+    and before the fingerprint's collectives for a sharded teacher).
+    """
+    timeout = _timeout(timeout)
+    ranks = Ranks.current()
+    meta = options.settings()
+    _ranks.agree(ranks, {k: _ranks.short(v) for k, v in _given(options, meta).items()}, _GIVEN)
+    meta["teacher"]["weights"] = options.weights()
+    _ranks.agree(ranks, {"weights": f"sha256:{meta['teacher']['weights'][:12]}"}, _WEIGHTS)
     folder = options.folder
     folder.mkdir(parents=True, exist_ok=True)
-    meta = options.meta()
+    with _lock.held(folder, ranks, timeout=timeout):
+        _build_locked(options, meta, ranks)
+
+
+_GIVEN = {
+    "samples": "number of samples (len(dataset))",
+    "draws": "augmentation draws",
+    "seed": "augmentation seed",
+    "augment": "augmentation function",
+    "points": "teacher points of the mapping",
+    "storage": "storage (dtype, topk) per teacher point",
+    "teacher": "teacher (class, state names, shapes and dtypes)",
+    "batch_size": "batch_size",
+    "inputs": "inputs",
+    "shard_size": "shard_size",
+}
+_WEIGHTS = {"weights": "teacher weights (SHA-256 of the teacher state)"}
+
+
+def _given(options: Options, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a rank was given, field by field, for comparing the ranks."""
+    return {
+        **{k: meta[k] for k in ("samples", "draws", "seed", "augment", "points", "storage", "teacher")},
+        "batch_size": options.batch_size,
+        "inputs": options.inputs,
+        "shard_size": options.shard_size,
+    }
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(
+            f"timeout must be a number of seconds (0 or more), or None to wait as long as it takes, got {value!r}."
+        )
+    return float(value)
+
+
+def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
+    folder = options.folder
     index = folder / _store.INDEX
     if index.exists():
         _same_settings(folder, _store.read_json(index, "index"), meta, options)
@@ -168,11 +236,10 @@ def build(options: Options) -> None:
     if recorded.exists():
         layout = _store.read_json(recorded, "build record")
         _same_settings(folder, layout, meta, options)
-    ranks = Ranks.current()
     ranks.barrier()  # every rank decides "fresh or resumed" on the same files, before rank 0 writes the record
     shard_size = options.shard_size or (layout["shard_size"] if layout else None)
-    runner = _Runner(options, meta, layout, shard_size)
-    runner.run(ranks)
+    runner = _Runner(options, meta, layout, shard_size, ranks)
+    runner.run()
     ranks.barrier()
     if ranks.rank == 0:
         _write_index(folder, runner.layout(), ranks.world)
@@ -208,19 +275,30 @@ def _same_settings(folder: Path, recorded: dict[str, Any], meta: dict[str, Any],
 class _Runner:
     """The shard loop of one rank."""
 
-    def __init__(self, options: Options, meta: dict[str, Any], layout: dict[str, Any] | None, shard_size: int | None):
+    def __init__(
+        self,
+        options: Options,
+        meta: dict[str, Any],
+        layout: dict[str, Any] | None,
+        shard_size: int | None,
+        ranks: Ranks,
+    ):
         self.o = options
         self.meta = meta
         self.entries: list[dict[str, Any]] | None = None if layout is None else layout["entries"]
         self.shard_size = shard_size
+        self.ranks = ranks
+        # an FSDP2 teacher's forward gathers its shards: every rank must run as many forwards (see _drain)
+        self.lockstep = ranks.distributed and options.sharded()
+        self.spare: tuple[Any, ...] | None = None  # inputs of this rank's last forward, for _drain
 
     def layout(self) -> dict[str, Any]:
         """``build.json``: the settings, the shard size and the output layout."""
         assert self.entries is not None and self.shard_size is not None  # set by run()
         return {**self.meta, "shard_size": self.shard_size, "entries": self.entries}
 
-    def run(self, ranks: Any) -> None:
-        o = self.o
+    def run(self) -> None:
+        o, ranks = self.o, self.ranks
         folder = o.folder
         done, by_rank = _finished(folder)
         pending_first: dict[int, dict[str, torch.Tensor]] = {}
@@ -240,6 +318,7 @@ class _Runner:
                 record = self._shard(s, first, count, pending_first.pop(first, None), bar)
                 mine[record["file"]] = record
                 _store.write_json(folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine})
+            self._drain()
         finally:
             if bar is not None:
                 bar.close()
@@ -290,10 +369,37 @@ class _Runner:
         out["seeds"] = draw_seeds
         return out
 
-    def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
+    def _forward(self, args: tuple) -> dict[Any, Any]:
+        """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
         o = self.o
+        if self.lockstep:
+            self.ranks.anyone(True, o.device)
+            self.spare = args
         with torch.no_grad():
             _, captured, _, _ = o.fn._teacher.run(o.teacher_state, args, {})
+        return captured
+
+    def _drain(self) -> None:
+        """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
+
+        Each forward of an FSDP2 teacher all-gathers its shards, a collective of
+        every rank, but ranks have different numbers of shards (and a resumed
+        build different ones left), so before each forward a rank says it has
+        one (an all-reduce), and a rank that is done joins the others' forwards
+        until none is left, as ``torch.distributed.algorithms.Join`` does.
+        """
+        if not self.lockstep:
+            return
+        o = self.o
+        while self.ranks.anyone(False, o.device):
+            if self.spare is None:
+                self.spare = _to(_collate([o.dataset[0]], o.inputs), o.device)
+            with torch.no_grad():
+                o.fn._teacher.run(o.teacher_state, self.spare, {})
+
+    def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
+        o = self.o
+        captured = self._forward(args)
         if self.entries is None:
             self.entries = [
                 _layout.describe(i, p, captured[k], n, storage=st)
@@ -388,24 +494,3 @@ def _bar(total: int, show: bool) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, desc="teacher cache", unit="sample", dynamic_ncols=True)
-
-
-class Ranks:
-    """This process's rank and the number of ranks (``torch.distributed`` when initialised, else 0 of 1)."""
-
-    def __init__(self, rank: int, world: int, distributed: bool):
-        self.rank, self.world, self.distributed = rank, world, distributed
-
-    @classmethod
-    def current(cls) -> Ranks:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), True)
-        return cls(0, 1, False)
-
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()

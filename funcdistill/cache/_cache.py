@@ -104,12 +104,16 @@ class TeacherCache(Frozen):
         shard_size: int | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        timeout: float | None = None,
     ) -> TeacherCache:
         """Run the teacher of ``fn`` once over ``dataset`` and store its outputs at ``path``; return the cache.
 
         Calling it again with the same arguments resumes a build that stopped
         (finished shards are kept and their samples not read again), and
-        opens a finished cache without running anything.
+        opens a finished cache without running anything. Builds into one
+        folder take turns (a file lock): a build that finds another one
+        running waits for it (logging who holds it), then opens its cache or
+        refuses it when it was built with other settings.
 
         Args:
             fn: the distill function (:func:`funcdistill.distill`); its teacher
@@ -148,12 +152,17 @@ class TeacherCache(Frozen):
                 there (after augmentation, which runs on the CPU); by default
                 the device of the teacher state. Outputs are stored from the CPU.
             progress: show a progress bar (needs tqdm; rank 0 only).
+            timeout: seconds to wait for another build of ``path`` to finish;
+                ``None`` waits as long as it takes, ``0`` refuses at once.
 
         Raises:
             TypeError, ValueError: a bad argument (the message says which and
                 the fix); ``path`` holds a cache or an unfinished build made
                 with other settings (another teacher, mapping, storage or
-                dataset size).
+                dataset size); under ``torch.distributed``, the ranks were
+                given different builds (the message names the ranks).
+            TimeoutError: another build of ``path`` still runs after
+                ``timeout`` seconds (the message says which process).
         """
         options = _build.Options(
             fn,
@@ -172,7 +181,7 @@ class TeacherCache(Frozen):
             device=device,
             progress=progress,
         )
-        _build.build(options)
+        _build.build(options, timeout=timeout)
         return cls.open(path, augment=augment)
 
     @classmethod

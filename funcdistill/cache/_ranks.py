@@ -1,0 +1,118 @@
+"""The ranks of a build under ``torch.distributed``: who this process is, and that all ranks agree.
+
+Every rank calls ``TeacherCache.build`` with the same arguments and writes its
+own shards, so a rank given another teacher state (a wrong seed, a stale
+checkpoint), another dataset or other options would write outputs that do not
+belong with the others. :func:`agree` compares what each rank was given
+(``all_gather_object``) before anything is written, and raises on every rank,
+naming the ranks that differ. Outside ``torch.distributed`` this process is
+rank 0 of 1 and every collective here is the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+__all__: list[str] = []
+
+
+class Ranks:
+    """This process's rank and the number of ranks (``torch.distributed`` when initialised, else 0 of 1)."""
+
+    def __init__(self, rank: int, world: int, distributed: bool):
+        self.rank, self.world, self.distributed = rank, world, distributed
+
+    @classmethod
+    def current(cls) -> Ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), True)
+        return cls(0, 1, False)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, by rank (a picklable value)."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def anyone(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on some rank (an all-reduce of one number on ``device``)."""
+        if not self.distributed:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def short(value: Any) -> str:
+    """A value as the message shows it: its ``repr`` when short, else the start of a digest of it.
+
+    Example:
+        >>> short(64), short(list(range(100)))[:7]
+        ('64', 'sha256:')
+    """
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+def agree(ranks: Ranks, given: dict[str, str], labels: dict[str, str]) -> None:
+    """Raise on every rank when the ranks were given different ``given`` values (digests, by field).
+
+    Args:
+        ranks: the ranks.
+        given: this rank's value of each field, as a short string (a digest).
+        labels: what each field is, for the message.
+
+    Example:
+        >>> agree(Ranks(0, 1, False), {"weights": "3fa2"}, {"weights": "teacher weights"})
+    """
+    every = ranks.gather(given)
+    problems = []
+    for field, label in labels.items():
+        groups: dict[str, list[int]] = {}
+        for rank, values in enumerate(every):
+            groups.setdefault(values[field], []).append(rank)
+        if len(groups) > 1:
+            problems.append(f"{label}: " + "; ".join(_group(rs, value) for value, rs in groups.items()))
+    if problems:
+        raise ValueError(
+            f"the {ranks.world} ranks of this TeacherCache.build were given different builds, so their shards "
+            "would not belong together:\n  "
+            + "\n  ".join(problems)
+            + "\nEvery rank must call TeacherCache.build with the same teacher state (the same checkpoint and "
+            "seed), dataset and arguments. Nothing was written."
+        )
+
+
+def _group(ranks: list[int], value: str) -> str:
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    return f"{who} {value}"
