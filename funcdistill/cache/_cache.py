@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from funcdistill._frozen import Frozen, init
-from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _store
 from funcdistill.cache._outputs import BuiltFor, TeacherOutputs
 
 __all__ = ["TeacherCache"]
@@ -220,6 +220,13 @@ class TeacherCache(Frozen):
         index_path = folder / _store.INDEX
         if not index_path.exists():
             if (folder / _store.BUILD).exists():
+                running = _lock.building(folder)
+                if running is not None:
+                    raise ValueError(
+                        f"the teacher cache in {folder} is still being built, by {running}; wait for that build "
+                        "to finish, or call TeacherCache.build with the same arguments, which waits for it and "
+                        "opens the result."
+                    )
                 raise ValueError(
                     f"the teacher cache build in {folder} is unfinished; run TeacherCache.build again with "
                     "the same arguments to finish it."

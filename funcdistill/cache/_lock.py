@@ -145,3 +145,19 @@ def holder(folder: Path) -> str:
     started = datetime.fromtimestamp(since).isoformat(sep=" ", timespec="seconds")
     ranks = f", rank 0 of {world}" if world > 1 else ""
     return f"process {pid} on host {host}{ranks} (since {started}, {time.time() - since:.0f} s ago)"
+
+
+def building(folder: Path) -> str | None:
+    """Who is building into ``folder`` right now (its lock is held), or ``None`` when no build runs.
+
+    Asks the lock itself, not the holder record, which a killed build leaves behind.
+    """
+    if not (folder / LOCK).exists():
+        return None
+    lock = _filelock().FileLock(str(folder / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except _filelock().Timeout:
+        return holder(folder)
+    lock.release()
+    return None
