@@ -116,7 +116,9 @@ def test_two_build_or_opens_of_one_cache_at_once_both_succeed(tmp_path):
     a = build_job(tmp_path, "a", folder, 0, "--pause-index")
     b = build_job(tmp_path, "b", folder, 0, "--after", str(tmp_path / "signal"))
     pause_first(tmp_path, a)
-    with pytest.raises(ValueError, match=rf"is still being built, by process {a.pid} on host .* call TeacherCache.build"):
+    with pytest.raises(
+        ValueError, match=rf"is still being built, by process {a.pid} on host .* call TeacherCache.build"
+    ):
         TeacherCache.open(folder)  # open alone does not wait: it says who builds, and what waits for it
     waits_or_ends(b)
     (tmp_path / "go").touch()
