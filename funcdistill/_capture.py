@@ -44,7 +44,7 @@ from torch.func import functional_call
 from funcdistill import _dryrun, _names, _sharded, _taps
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves, tree_map
-from funcdistill._state import StateSpec, state
+from funcdistill._state import StateSpec, uncached_state
 
 __all__: list[str] = []
 
@@ -148,8 +148,10 @@ class _Shadow:
         self.aliases = {k: tuple(v[1:]) for k, v in slots.items() if len(v) > 1}
         self.own_list = [self.own[n] for n in spec._names]
         self.meta = [n for n in spec._names if self.own[n].is_meta]
-        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing
-        held = state(self.module)
+        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing.
+        # Read without state()'s per-module cache: its entry would keep this shadow (and its thread's
+        # clones) alive for good, since the shadow's hooks refer back to it.
+        held = uncached_state(self.module)
         self.state_keys = list(held)
         self.state_ids = list(map(id, held.values()))
         return self

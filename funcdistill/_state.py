@@ -69,6 +69,16 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
     return out
 
 
+def uncached_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`state` returns, without keeping a plan for ``module``.
+
+    For modules that must not be kept alive by the plan cache: a plan holds the
+    submodules, so a module whose submodules refer back to it (a shadow, through
+    its hooks) would never be freed from the cache's weak keys.
+    """
+    return _Plan(module).read(True)
+
+
 _NONE_ID = id(None)
 _SPEC = attrgetter("shape", "dtype", "device")
 _TRAINING = attrgetter("training")
