@@ -452,26 +452,20 @@ class StateSpec:
         )
 
     def _swapped_hint(self, given: AbcMapping) -> str:
+        """The "look swapped" hint: only for a state that fits the other model and not this one."""
         other = self.other
-        if other is None or not other._fits(given):
+        if other is None or not other._fits(given) or self._fits(given):
             return ""
         return (
-            f" This looks like the {other.role}'s state (its names and shapes are the "
-            f"{other.role}'s): teacher_state and student_state look swapped."
+            f" This looks like the {other.role}'s state (every entry has a name, shape, dtype and "
+            f"device of the {other.role}'s): teacher_state and student_state look swapped."
         )
 
     def _fits(self, given: AbcMapping) -> bool:
-        """Every entry of ``given`` is one of this model's, with its shape (payload entries aside)."""
+        """Every entry of ``given`` is one of this model's, as a call checks it (payload entries aside)."""
         names = [k for k in given if isinstance(k, str) and not k.startswith(f"{_payloads.PREFIX}.")]
-        if not names:
-            return False
-        for k in names:
-            if k not in self.live:
-                return False
-            v, ref = given[k], self.live_tensor(k)
-            if isinstance(v, torch.Tensor) and ref is not None and v.shape != ref.shape:
-                return False
-        return True
+        names = [k for k in names if k not in self.ignored]
+        return bool(names) and all(k in self.live and self._problem(k, given[k]) is None for k in names)
 
 
 def _all_names(model: nn.Module) -> frozenset[str]:
