@@ -109,7 +109,7 @@ class _Shadow:
         "units",
     )
 
-    def __init__(self, model: nn.Module, points: tuple[str | Point, ...]):
+    def __init__(self, model: nn.Module, points: tuple[str | Point, ...], role: str):
         self.sink: dict[Any, Any] | None = None  # the values the taps keep, during a call
         self.stop: frozenset[Any] | None = None
         self.counts: dict[Any, int] | None = None  # calls per point, during a call or a dry run
@@ -125,7 +125,7 @@ class _Shadow:
             by_name[node] = module.get_submodule(f"_funcdistill_tap_{i}")
         for point in points:
             if point != WHOLE:
-                _taps.register(self, by_name[_taps.name_of(point)], point, len(points))
+                _taps.register(self, by_name[_taps.name_of(point)], point, len(points), role)
         self.module = module
         pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
         self.shadows = [m for m, _ in pairs]
@@ -234,7 +234,7 @@ class Capture:
         self.gathers = _taps.needs_whole_forward(self.points)  # some point keeps every call's value
         whole = self.whole or self.gathers
         self.stop_at = frozenset(self.points) if truncate and not whole else None
-        self._args = (model, self.points)
+        self._args = (model, self.points, role)
         _sharded.check(model, role)
         main = _Shadow(*self._args)
         self.spec = StateSpec(role, model, main.module, clone_buffers=clone_buffers, dtype=dtype)
@@ -423,9 +423,23 @@ class Capture:
                 if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
                         f"the {_taps.what(point)} of {self.role} module {_taps.name_of(point)!r} contains "
-                        f"a {type(leaf).__name__}, not only tensors; map a point whose value is a tensor or a "
-                        f"tuple/list/dict of tensors (None entries are allowed){_taps.arg_hint(point)}."
+                        f"a {type(leaf).__name__}, not only tensors; "
+                        + (_CACHE_FIX if _is_transformers_cache(leaf) else "")
+                        + "map a point whose value is a tensor or a tuple/list/dict of tensors (None entries "
+                        f"are allowed){_taps.arg_hint(point)}."
                     )
+
+
+_CACHE_FIX = (
+    "it is the key/value cache of a transformers model, returned because use_cache is on (the "
+    "config's default). Pass use_cache=False with the inputs, fn(teacher_state, student_state, ..., "
+    "use_cache=False) (both models get it), or set model.config.use_cache = False; or "
+)
+
+
+def _is_transformers_cache(value: Any) -> bool:
+    """Whether ``value`` is a ``transformers`` cache (``DynamicCache`` and the like), without importing it."""
+    return type(value).__module__.startswith("transformers") and any(c.__name__ == "Cache" for c in type(value).__mro__)
 
 
 def constant_under_compile(fn: Any) -> Any:
