@@ -568,6 +568,34 @@ def test_distill_fn_is_immutable_and_has_a_repr(models):
     assert repr(fn) == "<distill fn: teacher=Net, student=Net, 1 pairs, nograd_teacher=True>"
 
 
+def test_student_state_dict_in_a_backward_loop_points_to_state(models):
+    t, s = models
+    t.eval()
+    fn = distill(t, s, Mapping(t, s).add("head", "head"), mutable=False)  # a training student: drop statistics
+    x = image()
+    with pytest.raises(
+        ValueError,
+        match=r"student_state holds detached views of the student's parameters \('features.0.weight' and \d+ more\), "
+        r"as student.state_dict\(\) gives them, .*loss.backward\(\) would fail with 'element 0 of tensors does not "
+        r"require grad'.*Pass funcdistill.state\(student\), the live parameters, in a loss.backward\(\) loop",
+    ):
+        fn(state(t), s.state_dict(), x)
+    (p,) = fn(state(t), state(s), x)  # the fix it gives: the step works
+    torch.nn.functional.mse_loss(p.student, p.teacher).backward()
+    assert s.head.weight.grad is not None
+    # not refused: without grad mode, inside torch.func, detached copies, the teacher's state_dict(), a frozen student
+    with torch.no_grad():
+        fn(state(t), s.state_dict(), x)
+    grad(lambda ss: fn(t.state_dict(), ss, x)[0].student.sum())(
+        {k: v.detach() for k, v in state(s, buffers=False).items()}
+    )
+    fn(t.state_dict(), {k: v.detach().clone() for k, v in state(s).items()}, x)  # an EMA-style copy, evaluated
+    s.eval()  # BatchNorm in training mode cannot run under vmap
+    vmap(lambda xb: fn(t.state_dict(), s.state_dict(), xb)[0].student)(x.unsqueeze(1))
+    s.requires_grad_(False)
+    fn(t.state_dict(), s.state_dict(), x)
+
+
 # --- inputs, adapters and BatchNorm: no silent traps -------------------------------
 
 
