@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funcdistill import _dryrun, _names, _sharded, _taps
+from funcdistill import _dryrun, _failures, _names, _sharded, _taps
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves, tree_map
 from funcdistill._state import StateSpec, uncached_state
@@ -297,7 +297,7 @@ class Capture:
             except _Stop:
                 output = None
             except Exception as error:
-                self._reraise(error, swaps, shadow, args, kwargs)
+                self._reraise(error, swaps, shadow, args, kwargs, compiling)
                 raise
             captured, counts, versions = shadow.sink, shadow.counts, shadow.versions
         finally:
@@ -380,28 +380,35 @@ class Capture:
 
     # --- errors -----------------------------------------------------------------------
 
-    def _reraise(self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict) -> None:
-        """Raise a clearer error than ``error`` when the inputs' dtype differs from the model's."""
+    def _reraise(
+        self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict, compiling: bool
+    ) -> None:
+        """Raise a clearer error than the forward's ``error``: which model failed, on what, and what to do.
+
+        Returns (for the caller to raise ``error`` itself) for funcdistill's own
+        errors and while compiling.
+        """
+        if compiling or _failures.raised_by_funcdistill(error):
+            return
         if shadow.units is not None:
             _sharded.reraise(error, self.role)
+        model = _names.describe(self.model)
         state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None)
-        input_dtype = next(
-            (x.dtype for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()),
-            None,
-        )
-        if state_dtype is None or input_dtype is None or state_dtype == input_dtype:
-            return
-        fix = (
-            f"pass distill(..., teacher_dtype={input_dtype}) to run the teacher in the inputs' "
-            f"dtype, or convert the teacher (teacher.to({input_dtype}))"
-            if self.role == "teacher"
-            else f"convert the student (student.to({input_dtype})) or the inputs (x.to({state_dtype}))"
-        )
-        raise TypeError(
-            f"the {self.role} {_names.describe(self.model)} failed on inputs of dtype "
-            f"{input_dtype} while its state is {state_dtype} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); {fix}."
-        ) from error
+        typed = _failures.dtype_error(error, self.role, model, {"state": state_dtype, **self._dtypes()}, args, kwargs)
+        if typed is not None:
+            raise _failures.mark(typed) from error
+        wrapped = _failures.failed(error, self.role, model, args, kwargs)
+        if wrapped is not error:
+            raise wrapped from error
+
+    def _dtypes(self) -> dict[str, torch.dtype | None]:
+        """The student's floating dtype, and the teacher's as it runs (``None`` when ``teacher_dtype`` casts)."""
+        other = self.spec.other
+        if other is None:
+            return {}
+        if self.role == "teacher":
+            return {"student": _floating_dtype(other), "teacher": None if self.dtype else _floating_dtype(self.spec)}
+        return {"teacher": None if other.dtype is not None else _floating_dtype(other)}
 
     def _check(self, captured: dict[Any, Any], counts: dict[Any, int]) -> None:
         if len(captured) != len(self.points) or not all(n == 1 for n in counts.values()):
@@ -452,6 +459,12 @@ def constant_under_compile(fn: Any) -> Any:
     """
     fn._dynamo_marked_constant = True
     return fn
+
+
+def _floating_dtype(spec: StateSpec) -> torch.dtype | None:
+    """The dtype of a model's first floating tensor (``None`` when it has none)."""
+    tensors = (spec.live_tensor(name) for name in spec._names)
+    return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
