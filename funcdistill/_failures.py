@@ -10,7 +10,7 @@ inputs and the model's state is a ``TypeError`` with advice that works for both
 models; any other error is raised again as an exception of the same builtin
 type whose message names the model and the inputs' shapes, chained to the
 original (``raise ... from error``). An error of another type keeps its type
-and gets the same text as a note (:pep:`678`).
+and gets the same text as a note (:pep:`678`, Python 3.11+).
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def failed(error: Exception, role: str, model: str, args: tuple, kwargs: dict) -
     )
     if type(error) in _PLAIN:
         return mark(type(error)(text))
-    error.add_note(f"funcdistill: {text}")
+    add_note = getattr(error, "add_note", None)  # Python 3.11+; on 3.10 the error goes through as it is
+    if add_note is not None:
+        add_note(f"funcdistill: {text}")
     return mark(error)
 
 
