@@ -41,10 +41,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funcdistill import _dryrun, _names, _sharded, _taps
+from funcdistill import _dryrun, _failures, _names, _sharded, _taps
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves, tree_map
-from funcdistill._state import StateSpec, state
+from funcdistill._state import StateSpec, uncached_state
 
 __all__: list[str] = []
 
@@ -109,7 +109,7 @@ class _Shadow:
         "units",
     )
 
-    def __init__(self, model: nn.Module, points: tuple[str | Point, ...]):
+    def __init__(self, model: nn.Module, points: tuple[str | Point, ...], role: str):
         self.sink: dict[Any, Any] | None = None  # the values the taps keep, during a call
         self.stop: frozenset[Any] | None = None
         self.counts: dict[Any, int] | None = None  # calls per point, during a call or a dry run
@@ -125,7 +125,7 @@ class _Shadow:
             by_name[node] = module.get_submodule(f"_funcdistill_tap_{i}")
         for point in points:
             if point != WHOLE:
-                _taps.register(self, by_name[_taps.name_of(point)], point, len(points))
+                _taps.register(self, by_name[_taps.name_of(point)], point, len(points), role)
         self.module = module
         pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in nodes]
         self.shadows = [m for m, _ in pairs]
@@ -148,8 +148,10 @@ class _Shadow:
         self.aliases = {k: tuple(v[1:]) for k, v in slots.items() if len(v) > 1}
         self.own_list = [self.own[n] for n in spec._names]
         self.meta = [n for n in spec._names if self.own[n].is_meta]
-        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing
-        held = state(self.module)
+        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing.
+        # Read without state()'s per-module cache: its entry would keep this shadow (and its thread's
+        # clones) alive for good, since the shadow's hooks refer back to it.
+        held = uncached_state(self.module)
         self.state_keys = list(held)
         self.state_ids = list(map(id, held.values()))
         return self
@@ -232,7 +234,7 @@ class Capture:
         self.gathers = _taps.needs_whole_forward(self.points)  # some point keeps every call's value
         whole = self.whole or self.gathers
         self.stop_at = frozenset(self.points) if truncate and not whole else None
-        self._args = (model, self.points)
+        self._args = (model, self.points, role)
         _sharded.check(model, role)
         main = _Shadow(*self._args)
         self.spec = StateSpec(role, model, main.module, clone_buffers=clone_buffers, dtype=dtype)
@@ -295,7 +297,7 @@ class Capture:
             except _Stop:
                 output = None
             except Exception as error:
-                self._reraise(error, swaps, shadow, args, kwargs)
+                self._reraise(error, swaps, shadow, args, kwargs, compiling)
                 raise
             captured, counts, versions = shadow.sink, shadow.counts, shadow.versions
         finally:
@@ -378,28 +380,35 @@ class Capture:
 
     # --- errors -----------------------------------------------------------------------
 
-    def _reraise(self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict) -> None:
-        """Raise a clearer error than ``error`` when the inputs' dtype differs from the model's."""
+    def _reraise(
+        self, error: Exception, swaps: dict, shadow: _Shadow, args: tuple, kwargs: dict, compiling: bool
+    ) -> None:
+        """Raise a clearer error than the forward's ``error``: which model failed, on what, and what to do.
+
+        Returns (for the caller to raise ``error`` itself) for funcdistill's own
+        errors and while compiling.
+        """
+        if compiling or _failures.raised_by_funcdistill(error):
+            return
         if shadow.units is not None:
             _sharded.reraise(error, self.role)
+        model = _names.describe(self.model)
         state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None)
-        input_dtype = next(
-            (x.dtype for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.is_floating_point()),
-            None,
-        )
-        if state_dtype is None or input_dtype is None or state_dtype == input_dtype:
-            return
-        fix = (
-            f"pass distill(..., teacher_dtype={input_dtype}) to run the teacher in the inputs' "
-            f"dtype, or convert the teacher (teacher.to({input_dtype}))"
-            if self.role == "teacher"
-            else f"convert the student (student.to({input_dtype})) or the inputs (x.to({state_dtype}))"
-        )
-        raise TypeError(
-            f"the {self.role} {_names.describe(self.model)} failed on inputs of dtype "
-            f"{input_dtype} while its state is {state_dtype} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); {fix}."
-        ) from error
+        typed = _failures.dtype_error(error, self.role, model, {"state": state_dtype, **self._dtypes()}, args, kwargs)
+        if typed is not None:
+            raise _failures.mark(typed) from error
+        wrapped = _failures.failed(error, self.role, model, args, kwargs)
+        if wrapped is not error:
+            raise wrapped from error
+
+    def _dtypes(self) -> dict[str, torch.dtype | None]:
+        """The student's floating dtype, and the teacher's as it runs (``None`` when ``teacher_dtype`` casts)."""
+        other = self.spec.other
+        if other is None:
+            return {}
+        if self.role == "teacher":
+            return {"student": _floating_dtype(other), "teacher": None if self.dtype else _floating_dtype(self.spec)}
+        return {"teacher": None if other.dtype is not None else _floating_dtype(other)}
 
     def _check(self, captured: dict[Any, Any], counts: dict[Any, int]) -> None:
         if len(captured) != len(self.points) or not all(n == 1 for n in counts.values()):
@@ -421,9 +430,23 @@ class Capture:
                 if leaf is not None and not isinstance(leaf, torch.Tensor):
                     raise TypeError(
                         f"the {_taps.what(point)} of {self.role} module {_taps.name_of(point)!r} contains "
-                        f"a {type(leaf).__name__}, not only tensors; map a point whose value is a tensor or a "
-                        f"tuple/list/dict of tensors (None entries are allowed){_taps.arg_hint(point)}."
+                        f"a {type(leaf).__name__}, not only tensors; "
+                        + (_CACHE_FIX if _is_transformers_cache(leaf) else "")
+                        + "map a point whose value is a tensor or a tuple/list/dict of tensors (None entries "
+                        f"are allowed){_taps.arg_hint(point)}."
                     )
+
+
+_CACHE_FIX = (
+    "it is the key/value cache of a transformers model, returned because use_cache is on (the "
+    "config's default). Pass use_cache=False with the inputs, fn(teacher_state, student_state, ..., "
+    "use_cache=False) (both models get it), or set model.config.use_cache = False; or "
+)
+
+
+def _is_transformers_cache(value: Any) -> bool:
+    """Whether ``value`` is a ``transformers`` cache (``DynamicCache`` and the like), without importing it."""
+    return type(value).__module__.startswith("transformers") and any(c.__name__ == "Cache" for c in type(value).__mro__)
 
 
 def constant_under_compile(fn: Any) -> Any:
@@ -436,6 +459,12 @@ def constant_under_compile(fn: Any) -> Any:
     """
     fn._dynamo_marked_constant = True
     return fn
+
+
+def _floating_dtype(spec: StateSpec) -> torch.dtype | None:
+    """The dtype of a model's first floating tensor (``None`` when it has none)."""
+    tensors = (spec.live_tensor(name) for name in spec._names)
+    return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:

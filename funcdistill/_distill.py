@@ -109,14 +109,19 @@ def distill(
         ValueError: the mapping names an unknown point, or was built for other models.
 
     The function raises, when called: ``TypeError`` for a state that is not a
-    dict, non-string keys, a one-shot iterator input, or inputs whose dtype
-    the model cannot take (pointing to ``teacher_dtype``); ``ValueError`` for
-    state entries the model does not have or with another shape, dtype or
-    device (saying when it looks like the other model's state), and for an
-    adapter left out of a differentiated student state; ``RuntimeError`` for
-    a mapped module that never runs, runs several times with no call selected
-    (map one call with :class:`~funcdistill.Point`), or runs fewer times than a
-    Point's call index needs.
+    dict, non-string keys, a one-shot iterator input, inputs whose dtype
+    a model cannot take (with advice that runs both models), or a mapped value
+    that is not tensors (a transformers cache: pass ``use_cache=False``);
+    ``ValueError`` for state entries the model does not have or with another
+    shape, dtype or device (saying when it looks like the other model's
+    state), ``student.state_dict()`` in a grad-enabled call (pass
+    :func:`funcdistill.state`), and an adapter left out of a differentiated
+    student state; ``RuntimeError`` for a mapped module that never runs, runs
+    several times with no call selected (map one call with
+    :class:`~funcdistill.Point`), or runs fewer times than a Point's call
+    index needs, and for an input point of a module called with keywords
+    only. A model's own error in its forward comes back saying which model
+    failed and the inputs' shapes, chained to the original.
 
     Example:
         >>> import torch

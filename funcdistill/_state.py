@@ -69,6 +69,16 @@ def state(module: nn.Module, mapping: Any = None, *, buffers: bool = True) -> di
     return out
 
 
+def uncached_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`state` returns, without keeping a plan for ``module``.
+
+    For modules that must not be kept alive by the plan cache: a plan holds the
+    submodules, so a module whose submodules refer back to it (a shadow, through
+    its hooks) would never be freed from the cache's weak keys.
+    """
+    return _Plan(module).read(True)
+
+
 _NONE_ID = id(None)
 _SPEC = attrgetter("shape", "dtype", "device")
 _TRAINING = attrgetter("training")
@@ -190,6 +200,7 @@ class StateSpec:
         "stat_buffers",
         "ignored",
         "other",
+        "grad_check",
         "_names",
         "_tables",
         "_attrs",
@@ -210,6 +221,7 @@ class StateSpec:
         self.dtype = dtype
         self.clone_buffers = clone_buffers
         self.other: StateSpec | None = None  # the other model's spec, for "looks swapped"
+        self.grad_check = role == "student"  # refuse detached copies of its parameters (state_dict())
         # name -> (live owner module, its _parameters or _buffers dict, attribute)
         self.live: dict[str, tuple[nn.Module, dict, str]] = {}
         groups: dict[int, list[str]] = {}
@@ -277,6 +289,8 @@ class StateSpec:
                 swaps = self._checked(swaps, given)
             elif self.tied:
                 swaps = self._checked(swaps, given)
+            if swaps and self.grad_check and not next(iter(swaps.values())).requires_grad:
+                self._check_detached(swaps)  # a rare path: the first entry given does not require grad
         if len(given) < len(own):
             self._fill(given, held, swaps)
         cloned = []
@@ -289,6 +303,37 @@ class StateSpec:
         if self.dtype is not None:
             self._cast(own, swaps)
         return swaps, cloned
+
+    def _check_detached(self, swaps: dict[str, torch.Tensor]) -> None:
+        """Refuse ``student.state_dict()`` (detached views of the parameters) where gradients are expected.
+
+        Only in a grad-enabled call outside ``torch.func`` transforms and
+        ``torch.compile``, when no entry given requires grad while some are
+        detached views of live parameters that do: the student's outputs would
+        not require grad, and ``loss.backward()`` would fail later with torch's
+        "element 0 of tensors does not require grad". Copies (``clone()``) of
+        the parameters, as a functional loop or an EMA evaluation passes them,
+        are not refused.
+        """
+        if (
+            not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(v.requires_grad for v in swaps.values())
+        ):
+            return
+        views = [k for k, v in swaps.items() if _detached_view(v, self.live_tensor(k))]
+        if views:
+            raise ValueError(
+                f"student_state holds detached views of the student's parameters ({views[0]!r}"
+                + (f" and {len(views) - 1} more" if len(views) > 1 else "")
+                + "), as student.state_dict() gives them, while the parameters require grad: the "
+                "student's outputs would not require grad, and loss.backward() would fail with "
+                "'element 0 of tensors does not require grad' (or train nothing but adapters). Pass "
+                "funcdistill.state(student), the live parameters, in a loss.backward() loop; to run "
+                "the student without gradients, call under torch.no_grad() or freeze it "
+                "(student.requires_grad_(False))."
+            )
 
     def _any_training(self) -> bool:
         if torch.compiler.is_compiling():
@@ -442,26 +487,30 @@ class StateSpec:
         )
 
     def _swapped_hint(self, given: AbcMapping) -> str:
+        """The "look swapped" hint: only for a state that fits the other model and not this one."""
         other = self.other
-        if other is None or not other._fits(given):
+        if other is None or not other._fits(given) or self._fits(given):
             return ""
         return (
-            f" This looks like the {other.role}'s state (its names and shapes are the "
-            f"{other.role}'s): teacher_state and student_state look swapped."
+            f" This looks like the {other.role}'s state (every entry has a name, shape, dtype and "
+            f"device of the {other.role}'s): teacher_state and student_state look swapped."
         )
 
     def _fits(self, given: AbcMapping) -> bool:
-        """Every entry of ``given`` is one of this model's, with its shape (payload entries aside)."""
+        """Every entry of ``given`` is one of this model's, as a call checks it (payload entries aside)."""
         names = [k for k in given if isinstance(k, str) and not k.startswith(f"{_payloads.PREFIX}.")]
-        if not names:
-            return False
-        for k in names:
-            if k not in self.live:
-                return False
-            v, ref = given[k], self.live_tensor(k)
-            if isinstance(v, torch.Tensor) and ref is not None and v.shape != ref.shape:
-                return False
-        return True
+        names = [k for k in names if k not in self.ignored]
+        return bool(names) and all(k in self.live and self._problem(k, given[k]) is None for k in names)
+
+
+def _detached_view(v: torch.Tensor, live: torch.Tensor | None) -> bool:
+    """Whether ``v`` is a detached view of ``live``, a tensor that requires grad (``state_dict()``'s values)."""
+    if live is None or not live.requires_grad or v.requires_grad:
+        return False
+    try:
+        return v.data_ptr() == live.data_ptr() != 0 and v.shape == live.shape
+    except RuntimeError:  # no storage (a tensor subclass such as DTensor): not a plain detached view
+        return False
 
 
 def _all_names(model: nn.Module) -> frozenset[str]:

@@ -52,22 +52,26 @@ def needs_whole_forward(points: tuple[str | Point, ...]) -> bool:
     return any(isinstance(p, Point) and p.whole_forward for p in points)
 
 
-def register(owner: Any, module: nn.Module, point: str | Point, n_points: int) -> None:
+def register(owner: Any, module: nn.Module, point: str | Point, n_points: int, role: str) -> None:
     """Register ``point``'s tap on ``module``; it writes to ``owner.sink``/``owner.counts``.
 
     ``owner`` is a shadow with ``sink`` (values, or ``None`` outside a call),
     ``counts`` (calls per point, or ``None``), ``versions`` (where to note the
     version counter of each value kept, or ``None``) and ``stop`` (points after
-    which to raise :class:`Stop`, or ``None``).
+    which to raise :class:`Stop`, or ``None``). ``role`` (``"teacher"``, ...) is for messages.
     """
     keep = select(point)
     if isinstance(point, Point) and point.io == "input":
-        read = _input_reader(point, module)
+        read = _input_reader(point, module, role)
         module.register_forward_pre_hook(
             lambda m, args, kwargs: _seen(owner, point, keep, n_points, read(args, kwargs)), with_kwargs=True
         )
     else:
         module.register_forward_hook(lambda m, args, output: _seen(owner, point, keep, n_points, output))
+
+
+class PointError(RuntimeError):
+    """A point cannot be read in this call (raised by its tap, during the forward; not the model's error)."""
 
 
 class Stop(BaseException):
@@ -126,13 +130,22 @@ def check_versions(versions: list[tuple[Any, torch.Tensor, int]], role: str) -> 
         )
 
 
-def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], Any]:
-    """What ``io="input"`` reads from a call's ``(args, kwargs)``."""
+def _input_reader(point: Point, module: nn.Module, role: str) -> Callable[[tuple, dict], Any]:
+    """What ``io="input"`` reads from a call's ``(args, kwargs)``.
+
+    Without ``arg``: the one positional argument, or the tuple of them; a call
+    with no positional argument is an error (an empty tuple would be a silent
+    wrong value: a loss summed over it is 0).
+    """
     arg = point.arg
     if arg is None:
-        return lambda args, kwargs: args[0] if len(args) == 1 else tuple(args)
+        return lambda args, kwargs: (
+            args[0] if len(args) == 1 else tuple(args) if args else _no_positional(point, module, role, kwargs)
+        )
     if isinstance(arg, int):
-        return lambda args, kwargs: args[arg] if arg < len(args) else _missing(point, module, len(args), list(kwargs))
+        return lambda args, kwargs: (
+            args[arg] if arg < len(args) else _missing(point, module, role, len(args), list(kwargs))
+        )
     position = _positions(module).get(arg)
 
     def read(args: tuple, kwargs: dict) -> Any:
@@ -140,7 +153,7 @@ def _input_reader(point: Point, module: nn.Module) -> Callable[[tuple, dict], An
             return kwargs[arg]
         if position is not None and position < len(args):
             return args[position]
-        return _missing(point, module, len(args), list(kwargs))
+        return _missing(point, module, role, len(args), list(kwargs))
 
     return read
 
@@ -152,11 +165,23 @@ def _positions(module: nn.Module) -> dict[str, int]:
     return {p.name: i for i, p in enumerate(q for q in params if q.kind in kinds)}
 
 
-def _missing(point: Point, module: nn.Module, n_args: int, keywords: list[str] | None = None) -> Any:
+def _missing(point: Point, module: nn.Module, role: str, n_args: int, keywords: list[str] | None = None) -> Any:
     got = f"{n_args} positional argument(s)" + (f" and keyword(s) {keywords}" if keywords else "")
-    raise RuntimeError(
-        f"{point!r}: the {type(module).__name__} at {name_of(point)!r} was called with {got}, "
+    raise PointError(
+        f"{role} {point!r}: the {type(module).__name__} at {name_of(point)!r} was called with {got}, "
         f"without argument {point.arg!r}; map an argument that the forward passes."
+    )
+
+
+def _no_positional(point: Point, module: nn.Module, role: str, kwargs: dict) -> Any:
+    where = f"{role} {point!r}: the {type(module).__name__} at {name_of(point)!r} was called with"
+    if not kwargs:
+        raise PointError(f"{where} no arguments, so it has no input to read; map another point.")
+    keywords = tuple(kwargs)
+    raise PointError(
+        f"{where} keyword arguments only {keywords}, and io='input' without arg reads the positional ones; "
+        f"read one keyword with {Point(point.name, io='input', call=point.call, arg=keywords[0])!r}"
+        + (" (or another of them)." if len(keywords) > 1 else ".")
     )
 
 

@@ -1,4 +1,5 @@
 import copy
+import sys
 import threading
 
 import pytest
@@ -566,6 +567,95 @@ def test_distill_fn_is_immutable_and_has_a_repr(models):
     with pytest.raises(AttributeError, match="a distill function is immutable"):
         fn.mapping = None
     assert repr(fn) == "<distill fn: teacher=Net, student=Net, 1 pairs, nograd_teacher=True>"
+
+
+def test_student_state_dict_in_a_backward_loop_points_to_state(models):
+    t, s = models
+    t.eval()
+    fn = distill(t, s, Mapping(t, s).add("head", "head"), mutable=False)  # a training student: drop statistics
+    x = image()
+    with pytest.raises(
+        ValueError,
+        match=r"student_state holds detached views of the student's parameters \('features.0.weight' and \d+ more\), "
+        r"as student.state_dict\(\) gives them, .*loss.backward\(\) would fail with 'element 0 of tensors does not "
+        r"require grad'.*Pass funcdistill.state\(student\), the live parameters, in a loss.backward\(\) loop",
+    ):
+        fn(state(t), s.state_dict(), x)
+    (p,) = fn(state(t), state(s), x)  # the fix it gives: the step works
+    torch.nn.functional.mse_loss(p.student, p.teacher).backward()
+    assert s.head.weight.grad is not None
+    # not refused: without grad mode, inside torch.func, detached copies, the teacher's state_dict(), a frozen student
+    with torch.no_grad():
+        fn(state(t), s.state_dict(), x)
+    grad(lambda ss: fn(t.state_dict(), ss, x)[0].student.sum())(
+        {k: v.detach() for k, v in state(s, buffers=False).items()}
+    )
+    fn(t.state_dict(), {k: v.detach().clone() for k, v in state(s).items()}, x)  # an EMA-style copy, evaluated
+    s.eval()  # BatchNorm in training mode cannot run under vmap
+    vmap(lambda xb: fn(t.state_dict(), s.state_dict(), xb)[0].student)(x.unsqueeze(1))
+    s.requires_grad_(False)
+    fn(t.state_dict(), s.state_dict(), x)
+
+
+def test_a_forward_that_fails_on_the_inputs_names_the_model_and_the_shapes():
+    torch.manual_seed(0)
+    t, s = mlp((4, 8, 3)).eval(), mlp((5, 6, 3))  # the student takes 5 features, the teacher 4
+    fn = distill(t, s)
+    message = (
+        r"the {role} Sequential failed on its inputs \(input 0: shape \({shape}\), torch.float32\): RuntimeError: "
+        r"mat1 and mat2 shapes cannot be multiplied .*check that the {role} takes inputs of these shapes"
+    )
+    with pytest.raises(RuntimeError, match=message.format(role="teacher", shape="2, 5")) as info:
+        fn({}, {}, torch.randn(2, 5))
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, chained
+    with pytest.raises(RuntimeError, match=message.format(role="student", shape="2, 4")):
+        fn({}, {}, torch.randn(2, 4))
+
+    class Custom(Exception):
+        pass
+
+    class Raises(nn.Module):
+        def __init__(self, error):
+            super().__init__()
+            self.lin, self.error = nn.Linear(4, 3), error
+
+        def forward(self, x):
+            raise self.error
+
+    custom = Custom("odd input")  # a type of its own keeps its type, with the same text as a note
+    with pytest.raises(Custom) as info:
+        distill(t, Raises(custom))({}, {}, torch.randn(2, 4))
+    assert info.value is custom
+    if sys.version_info >= (3, 11):  # notes (PEP 678) are new in 3.11
+        assert "funcdistill: the student Raises failed on its inputs (input 0: shape (2, 4)" in custom.__notes__[0]
+    interrupt = KeyboardInterrupt()  # a BaseException goes through untouched
+    with pytest.raises(KeyboardInterrupt) as info:
+        distill(t, Raises(interrupt))({}, {}, torch.randn(2, 4))
+    assert info.value is interrupt and not getattr(interrupt, "__notes__", None)
+
+
+def test_the_dtype_advice_for_a_failed_forward_makes_both_models_run():
+    torch.manual_seed(0)
+    t, s = mlp((4, 8, 3)).eval(), mlp((4, 6, 3))
+    x = torch.randn(2, 4, dtype=torch.float64)  # float64 inputs, float32 models
+    with pytest.raises(
+        TypeError,
+        match=r"the teacher Sequential failed on inputs of dtype torch.float64 while its state is torch.float32 "
+        r"\(RuntimeError: .*\); convert the inputs to the student's dtype, x.to\(torch.float32\)\.$",
+    ):
+        distill(t, s)({}, {}, x)
+    distill(t, s)({}, {}, x.to(torch.float32))  # the advice works
+    t64 = copy.deepcopy(t).double()  # a float64 teacher runs on them; the student fails
+    with pytest.raises(
+        TypeError,
+        match=r"the student Sequential failed on inputs of dtype torch.float64 while its state is torch.float32 "
+        r".*convert the inputs to the student's dtype, x.to\(torch.float32\), and pass "
+        r"distill\(\.\.\., teacher_dtype=torch.float32\) so that the teacher runs in it too; or convert the "
+        r"student \(student.to\(torch.float64\)\)",
+    ):
+        distill(t64, s)({}, {}, x)
+    distill(t64, s, teacher_dtype=torch.float32)({}, {}, x.to(torch.float32))  # the advice works
+    distill(t64, copy.deepcopy(s).double())({}, {}, x)  # and so does the other
 
 
 # --- inputs, adapters and BatchNorm: no silent traps -------------------------------

@@ -91,7 +91,7 @@ def test_the_other_models_state_is_recognised(models):
     fn = distill(t, s)
     with pytest.raises(
         ValueError,
-        match=r"student_state does not fit the student Net: .*This looks like the teacher's state \(its names and shapes are the teacher's\): teacher_state and student_state look swapped\. Pass funcdistill.state\(student\)",
+        match=r"student_state does not fit the student Net: .*This looks like the teacher's state \(every entry has a name, shape, dtype and device of the teacher's\): teacher_state and student_state look swapped\. Pass funcdistill.state\(student\)",
     ):
         fn(state(t), state(t), image())
     with pytest.raises(
@@ -104,6 +104,28 @@ def test_the_other_models_state_is_recognised(models):
         match=r"student_state has 6 key\(s\) that are not parameters or buffers of the student Net: .*This looks like the teacher's state",
     ):
         distill(t, s)(state(t), state(t), image())
+
+
+def test_the_swap_hint_only_when_the_state_fits_the_other_model_and_not_this_one():
+    torch.manual_seed(0)
+    t, s = Net(width=4, depth=1).eval(), Net(width=4, depth=1)  # one architecture: same names and shapes
+    fn = distill(t, s)
+    on_meta = {k: v.to("meta") for k, v in state(s).items()}  # fits neither model: both are on cpu
+    with pytest.raises(ValueError, match=r"'features.0.weight' is on meta, the model's is on cpu") as info:
+        fn(state(t), on_meta, image())
+    assert "swapped" not in str(info.value)
+    t.double()  # now the teacher's state fits the teacher only, by dtype
+    fn = distill(t, s, teacher_dtype=torch.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"student_state does not fit the student Net: 'features.0.weight' has dtype torch.float64, .*"
+        r"This looks like the teacher's state .*: teacher_state and student_state look swapped",
+    ):
+        fn(state(t), state(t), image())
+    a, b = Tied(), Tied()  # fits both models; the problem is the tie, not the model
+    with pytest.raises(ValueError, match=r"'b.weight' is tied to 'a.weight'") as info:
+        distill(a, b)(state(a), {"a.weight": torch.eye(3), "b.weight": torch.eye(3) * 2}, torch.ones(1, 3))
+    assert "swapped" not in str(info.value)
 
 
 def test_non_string_keys_and_non_tensor_values(models):

@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from funcdistill import Mapping, Point, distill, state
-from tests.models import Unrolled
+from tests.models import Scaled, Unrolled
 
 
 def unrolled(model, x):
@@ -291,3 +291,36 @@ def test_a_value_modified_in_place_later_is_refused_not_returned():
             grad(lambda p, fn=fn: fn(state(t), p, x)[0].student.sum())(state(s))
     (pair,) = distill(t, s, Mapping(t, s).add("1", "1"))(state(t), state(s), x)  # the in-place op's own output
     torch.testing.assert_close(pair.student, torch.relu(s[0](x)))
+
+
+class _ByKeyword(torch.nn.Module):
+    """Calls its ``sub`` with keyword arguments only, as transformers layers call their attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub = Scaled(4)
+
+    def forward(self, x):
+        return self.sub(h=torch.tanh(x), scale=x.mean(-1, keepdim=True))
+
+
+def test_the_input_of_a_module_called_with_keywords_only_is_an_error_not_an_empty_tuple():
+    torch.manual_seed(0)
+    t, s = _ByKeyword().eval(), _ByKeyword()
+    x = torch.randn(2, 4)
+    match = (
+        r"{role} Point\('sub', io='input'\): the Scaled at 'sub' was called with keyword arguments only "
+        r"\('h', 'scale'\), and io='input' without arg reads the positional ones; read one keyword with "
+        r"Point\('sub', io='input', arg='h'\) \(or another of them\)\."
+    )
+    for truncate in (True, False):
+        fn = distill(t, s, Mapping(t, s).add(Point("sub", io="input"), "sub"), truncate=truncate)
+        with pytest.raises(RuntimeError, match=match.format(role="teacher")):
+            fn(state(t), state(s), x)
+    fn = distill(t, s, Mapping(t, s).add("sub", Point("sub", io="input")))
+    with pytest.raises(RuntimeError, match=match.format(role="student")):
+        fn(state(t), state(s), x)
+    # the fix the message gives reads the keyword
+    fn = distill(t, s, Mapping(t, s).add(Point("sub", io="input", arg="h"), Point("sub", io="input", arg="h")))
+    (pair,) = fn(state(t), state(s), x)
+    torch.testing.assert_close(pair.student, torch.tanh(x))

@@ -236,3 +236,60 @@ def test_albert_each_application_of_the_shared_layer():
     grads = grad(loss)(fd.state(s, buffers=False))
     assert float(grads[f"{SHARED}.ffn.weight"].abs().sum()) > 0
     assert float(grads["pooler.weight"].abs().sum()) == 0
+
+
+def tiny_llamas():
+    """A Llama teacher and student from configs (random weights, nothing downloaded); use_cache left at its default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(hidden):
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        return LlamaForCausalLM(config)
+
+    torch.manual_seed(0)
+    return llama(16).eval(), llama(8).eval()
+
+
+def test_a_mapped_output_holding_a_transformers_cache_names_use_cache_false():
+    t, s = tiny_llamas()
+    assert t.config.use_cache  # the default: the output holds a DynamicCache
+    ids = torch.randint(0, 64, (2, 5))
+    fn = fd.distill(t, s)  # pairs the whole outputs
+    with pytest.raises(
+        TypeError,
+        match=r"the output of teacher module '' contains a DynamicCache, not only tensors; it is the key/value "
+        r"cache of a transformers model.*Pass use_cache=False with the inputs, fn\(teacher_state, "
+        r"student_state, \.\.\., use_cache=False\)",
+    ):
+        fn(fd.state(t), fd.state(s), input_ids=ids)
+    (pair,) = fn(fd.state(t), fd.state(s), input_ids=ids, use_cache=False)  # the fix it gives
+    torch.testing.assert_close(pair.student.logits, s(input_ids=ids).logits)
+
+
+def test_the_input_of_an_attention_called_with_keywords_only_is_an_error_naming_them():
+    t, s = tiny_llamas()
+    ids = torch.randint(0, 64, (2, 5))
+    attention = "model.layers.0.self_attn"  # LlamaDecoderLayer calls it with keyword arguments only
+    point = fd.Point(attention, io="input")
+    fn = fd.distill(t, s, fd.Mapping(t, s).add(point, point))
+    with pytest.raises(
+        RuntimeError,
+        match=r"teacher Point\('model.layers.0.self_attn', io='input'\): the LlamaAttention at "
+        r"'model.layers.0.self_attn' was called with keyword arguments only \('hidden_states', .*\), and "
+        r"io='input' without arg reads the positional ones; read one keyword with "
+        r"Point\('model.layers.0.self_attn', io='input', arg='hidden_states'\)",
+    ):
+        fn(fd.state(t), fd.state(s), input_ids=ids)
+    point = fd.Point(attention, io="input", arg="hidden_states")
+    fn = fd.distill(t, s, fd.Mapping(t, s).add(point, point))
+    (pair,) = fn(fd.state(t), fd.state(s), input_ids=ids)
+    layer = s.model.layers[0]
+    torch.testing.assert_close(pair.student, layer.input_layernorm(s.model.embed_tokens(ids)))
