@@ -258,7 +258,7 @@ def test_core_distill_asks_for_to_functional():
         funcdistill.distill(teacher, student, m)
     assert (
         len(
-            funcdistill.distill(teacher, student, m.to_functional())(
+            funcdistill.distill(teacher, student, m.to_functional(), mutable=False)(
                 funcdistill.state(teacher), funcdistill.state(student), torch.randn(2, 3)
             )
         )
