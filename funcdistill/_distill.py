@@ -376,7 +376,7 @@ class BufferUpdateWarning(UserWarning):
         ...     warnings.simplefilter("always")
         ...     _ = fd.distill(t, s)(fd.state(t), fd.state(s), torch.ones(3, 2))
         >>> caught[0].category.__name__, str(caught[0].message)[:52]
-        ('BufferUpdateWarning', "the student has modules in training mode that update")
+        ('BufferUpdateWarning', 'the student has modules in training mode that update')
     """
 
 
