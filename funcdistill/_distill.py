@@ -362,9 +362,9 @@ class BufferUpdateWarning(UserWarning):
     of its training-mode modules with buffers, and says what to do: put a
     teacher in eval mode, build the function with ``mutable=True`` to keep a
     student's updates, or with ``mutable=False`` to drop them silently. Filter
-    it by this class, e.g. to make it an error in a test run::
-
-        warnings.simplefilter("error", funcdistill.BufferUpdateWarning)
+    it by this class, e.g. make it an error in a test run with
+    ``warnings.simplefilter("error", funcdistill.BufferUpdateWarning)`` (or
+    pytest's ``filterwarnings = ["error::funcdistill.BufferUpdateWarning"]``).
 
     Example:
         >>> import warnings

@@ -245,7 +245,7 @@ def test_inplace_buffers_update_the_models_statistics_like_a_plain_forward(model
         x = image(4)
         fn({}, state(s, buffers=False), x)
         ref(x)
-    for name, b in ref.named_buffers():
+    for name, b in ref.named_buffers():  # exact: the same forwards on the same batches, in this process
         assert torch.equal(dict(s.named_buffers())[name], b), name
     assert_same_state(t, teacher_before)  # eval-mode teacher: nothing to update
 
