@@ -1,5 +1,4 @@
 import copy
-import re
 import threading
 
 import pytest
@@ -637,7 +636,7 @@ _STUDENT_ADVICE = r"To keep the student's updates, build the function with disti
             r"^the teacher has modules in training mode that update buffers \(such as BatchNorm running "
             r"statistics\): 'features\.1\.bn' \(BatchNorm2d\), 'features\.2\.bn' \(BatchNorm2d\)\. .*"
             r"the teacher keeps its old statistics\. .*" + _TEACHER_ADVICE + r".*mutable=False",
-            _STUDENT_ADVICE,
+            "student's updates",
         ),
         (
             False,
@@ -646,7 +645,7 @@ _STUDENT_ADVICE = r"To keep the student's updates, build the function with disti
             r"statistics\): 'features\.1\.bn' \(BatchNorm2d\)\. .*the student keeps its old statistics\. "
             + _STUDENT_ADVICE
             + r".*mutable=False",
-            _TEACHER_ADVICE,
+            "teacher.eval()",
         ),
         (
             True,
@@ -668,7 +667,7 @@ def test_dropped_updates_warning_names_the_models_in_training_mode(
         distill(t, s)(state(t), state(s), image())
     (warning,) = caught
     assert warning.filename == __file__  # points at the caller's line
-    assert not_says is None or not re.search(not_says, str(warning.message))
+    assert not_says is None or not_says not in str(warning.message)  # no advice for the other model
 
 
 def test_dropped_updates_warning_counts_the_modules_it_does_not_name():
