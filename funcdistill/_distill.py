@@ -20,7 +20,7 @@ from funcdistill._pytree import tree_leaves
 from funcdistill._state import state
 from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
 
-__all__ = ["BoundPayload", "Buffers", "DistillFn", "distill"]
+__all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]
 
 
 class Buffers(NamedTuple):
@@ -301,7 +301,9 @@ class DistillFn(Frozen):
                 )
         _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:
-            _warn_dropped_buffers(t_dropped, s_dropped)
+            _warn_dropped_buffers(
+                self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
+            )
         if self.teacher_dtype is None and not self._bound:
             pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
         else:
@@ -357,17 +359,71 @@ def _check_inputs(args: tuple, kwargs: dict) -> None:
             )
 
 
-def _warn_dropped_buffers(teacher: bool, student: bool) -> None:
-    who = " and ".join(r for r, flag in (("teacher", teacher), ("student", student)) if flag)
+class BufferUpdateWarning(UserWarning):
+    """A distill call dropped buffer updates (BatchNorm statistics) of a model in training mode.
+
+    Issued only by a distill function built with ``mutable=None`` (the
+    default). The message names the model (teacher, student or both) and some
+    of its training-mode modules with buffers, and says what to do: put a
+    teacher in eval mode, build the function with ``mutable=True`` to keep a
+    student's updates, or with ``mutable=False`` to drop them silently. Filter
+    it by this class, e.g. make it an error in a test run with
+    ``warnings.simplefilter("error", funcdistill.BufferUpdateWarning)`` (or
+    pytest's ``filterwarnings = ["error::funcdistill.BufferUpdateWarning"]``).
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from torch import nn
+        >>> import funcdistill as fd
+        >>> t, s = nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = fd.distill(t, s)(fd.state(t), fd.state(s), torch.ones(3, 2))
+        >>> caught[0].category.__name__, str(caught[0].message)[:52]
+        ('BufferUpdateWarning', 'the student has modules in training mode that update')
+    """
+
+
+def _training_buffer_modules(model: nn.Module, most: int = 2) -> str:
+    """Names of up to ``most`` modules in training mode that hold buffers, norm layers first."""
+    found = [
+        (n, m) for n, m in model.named_modules() if m.training and next(m.buffers(recurse=False), None) is not None
+    ]
+    found.sort(key=lambda nm: not isinstance(nm[1], nn.modules.batchnorm._NormBase))
+    shown = ", ".join(f"{repr(n) if n else 'the model itself'} ({type(m).__name__})" for n, m in found[:most])
+    return shown + (f" and {len(found) - most} more" if len(found) > most else "")
+
+
+def _warn_dropped_buffers(teacher: nn.Module | None, student: nn.Module | None) -> None:
+    """Warn that a ``mutable=None`` call dropped the buffer updates of the given model(s)."""
+    models = [(role, m) for role, m in (("teacher", teacher), ("student", student)) if m is not None]
+    if len(models) == 1:
+        ((role, model),) = models
+        who, where, keeps = f"the {role} has", _training_buffer_modules(model), f"the {role} keeps its"
+    else:
+        who, keeps = "the teacher and the student have", "both keep their"
+        where = "; ".join(f"{role} {_training_buffer_modules(m)}" for role, m in models)
+    advice = []
+    if teacher is not None:
+        advice.append(
+            "A teacher's statistics are normally frozen: put the teacher in eval mode (teacher.eval()), "
+            "so that it normalises with its running statistics and updates nothing (if they are meant to "
+            "follow the batches, distill(..., mutable=True) returns them as buffers.teacher)."
+        )
+    if student is not None:
+        advice.append(
+            "To keep the student's updates, build the function with distill(..., mutable=True), which "
+            "returns (pairs, buffers): thread buffers.student into the next call's student state, or in a "
+            "loss.backward() loop write them back after the step with "
+            "student.load_state_dict(buffers.student, strict=False)."
+        )
+    advice.append("Or build it with mutable=False to drop the updates without this warning.")
     warnings.warn(
-        f"the {who} has modules in training mode that update buffers (BatchNorm running "
-        "statistics); this distill function returns only the pairs, so those updates are "
-        "dropped and the models keep their old statistics. Build it with "
-        "distill(..., mutable=True) to get them back as (pairs, buffers), and in a "
-        "loss.backward() loop write them back after the step: "
-        "student.load_state_dict(buffers.student, strict=False). Pass mutable=False to drop "
-        "them without this warning, or put the modules in eval mode.",
-        UserWarning,
+        f"{who} modules in training mode that update buffers (such as BatchNorm running statistics): "
+        f"{where}. This distill function (mutable=None) returns only the pairs, so the updates are "
+        f"dropped and {keeps} old statistics. " + " ".join(advice),
+        BufferUpdateWarning,
         stacklevel=3,
     )
 

@@ -26,7 +26,7 @@ def _hand_written_student_grads(teacher, student, mapping, x):
 @given(model_pairs())
 def test_student_grads_match_hooks_and_teacher_gets_none(case):
     teacher, student, mapping, x = case
-    fn = fd.distill(teacher, student, mapping)
+    fn = fd.distill(teacher, student, mapping, mutable=False)  # random modes: dropping BatchNorm updates is fine
     params = fd.state(teacher, buffers=False), fd.state(student, buffers=False)
     g_t, g_s = torch.func.grad(lambda tp, sp: feature_loss(fn(tp, sp, x)), argnums=(0, 1))(*params)
     assert all(torch.count_nonzero(g) == 0 for g in g_t.values())
@@ -38,7 +38,8 @@ def test_student_grads_match_hooks_and_teacher_gets_none(case):
 @given(model_pairs())
 def test_backward_never_reaches_the_teacher(case):
     teacher, student, mapping, x = case
-    loss = feature_loss(fd.distill(teacher, student, mapping)(fd.state(teacher), fd.state(student), x))
+    fn = fd.distill(teacher, student, mapping, mutable=False)  # random modes: dropping BatchNorm updates is fine
+    loss = feature_loss(fn(fd.state(teacher), fd.state(student), x))
     if loss.requires_grad:  # not when only the student's input is mapped
         loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -91,8 +92,8 @@ def test_add_never_mutates(m, t, s, p):
 def test_truncated_calls_equal_full_calls(case):
     teacher, student, mapping, x = case
     teacher.eval()  # same statistics on every call
-    fn = fd.distill(teacher, student, mapping)
-    full = fd.distill(teacher, student, mapping, truncate=False)
+    fn = fd.distill(teacher, student, mapping, mutable=False)  # the student may train: its updates are not the point
+    full = fd.distill(teacher, student, mapping, truncate=False, mutable=False)
     fn(fd.state(teacher), fd.state(student), x)  # the checking call
     for cut, ref in zip(fn(fd.state(teacher), fd.state(student), x), full(fd.state(teacher), fd.state(student), x)):
         torch.testing.assert_close(cut.teacher, ref.teacher)

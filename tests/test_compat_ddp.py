@@ -106,6 +106,7 @@ def run_variant(rank: int, wrap_mapping: bool) -> None:
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
             per_rank = gathered(got)
+            # exact when synced: after the all-reduce every rank holds the same bytes
             assert torch.equal(per_rank[0], per_rank[1]) is sync, (step, sync)
             if step == 0:
                 torch.testing.assert_close(per_rank[0], expected_first, rtol=1e-5, atol=1e-6)

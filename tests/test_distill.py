@@ -55,7 +55,7 @@ def test_pairs_come_in_mapping_order_with_payloads(models):
         .add("", "", payload=None)
     )
     x = image()
-    pairs = distill(t, s, m)(state(t), state(s), x)
+    pairs = distill(t, s, m, mutable=False)(state(t), state(s), x)
     assert [p.payload for p in pairs] == ["deep", "stem", None]
     ref_t, ref_s = (
         reference_features(t, ["features.2", "features.0"], x),
@@ -71,7 +71,7 @@ def test_pairs_come_in_mapping_order_with_payloads(models):
 def test_no_mapping_pairs_final_outputs(models):
     t, s = models
     x = image()
-    (pair,) = distill(t, s)(state(t), state(s), x)
+    (pair,) = distill(t, s, mutable=False)(state(t), state(s), x)
     torch.testing.assert_close(pair.teacher, t(x))
     torch.testing.assert_close(pair.student, s(x))
     assert pair.payload is None
@@ -112,7 +112,7 @@ def kd(pairs):
 
 def test_teacher_gets_no_gradient_under_grad(models):
     t, s = models
-    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""))
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""), mutable=False)
     x = image()
     params = state(t, buffers=False), state(s, buffers=False)
     gt, gs = grad(lambda ts, ss: kd(fn(ts, ss, x)), argnums=(0, 1))(*params)
@@ -122,7 +122,7 @@ def test_teacher_gets_no_gradient_under_grad(models):
 
 def test_teacher_gets_no_gradient_under_backward(models):
     t, s = models
-    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""))
+    fn = distill(t, s, Mapping(t, s).add("features.1", "features.1").add("", ""), mutable=False)
     kd(fn(state(t), state(s), image())).backward()
     assert all(p.grad is None for p in t.parameters())
     assert all(p.grad is not None for p in s.parameters())
@@ -131,7 +131,7 @@ def test_teacher_gets_no_gradient_under_backward(models):
 def test_student_gradients_match_hand_written_reference(models):
     t, s = models
     x = image()
-    fn = distill(t, s, Mapping(t, s).add("features.2", "features.1").add("", ""))
+    fn = distill(t, s, Mapping(t, s).add("features.2", "features.1").add("", ""), mutable=False)
     got = grad(lambda ss: kd(fn(state(t), ss, x)))(state(s, buffers=False))
 
     ref_s = copy.deepcopy(s)
@@ -161,19 +161,19 @@ def saved_bytes(fn):
 def test_teacher_saves_nothing_for_backward(models):
     t, s = models
     x = image()
-    fn = distill(t, s, Mapping(t, s).add("", ""))
+    fn = distill(t, s, Mapping(t, s).add("", ""), mutable=False)
     target = torch.zeros(2, 3)
     with_teacher = saved_bytes(lambda: ((fn(state(t), state(s), x)[0].student - target) ** 2).mean())
     student_alone = saved_bytes(lambda: ((s(x) - target) ** 2).mean())
     assert with_teacher == student_alone > 0
-    grad_teacher = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False)
+    grad_teacher = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False, mutable=False)
     assert saved_bytes(lambda: ((grad_teacher(state(t), state(s), x)[0].student - target) ** 2).mean()) > student_alone
 
 
 def test_nograd_teacher_false_lets_gradients_reach_the_teacher(models):
     t, s = models
     x = image()
-    fn = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False)
+    fn = distill(t, s, Mapping(t, s).add("", ""), nograd_teacher=False, mutable=False)
     gt = grad(lambda ts: fn(ts, state(s), x)[0].teacher.sum())(state(t, buffers=False))
     ref = copy.deepcopy(t)
     ref(x).sum().backward()
@@ -195,7 +195,8 @@ def test_call_changes_no_module_tensor_flag_or_hook(models):
     ts, ss = state(t), state(s)
     ts_items, ss_items = list(ts.items()), list(ss.items())
     fn = distill(t, s, Mapping(t, s).add("features.1.bn", "features.1").add("", ""))
-    kd(fn(ts, ss, x)).backward()
+    with pytest.warns(fd.BufferUpdateWarning, match="^the teacher and the student have"):  # the default drops
+        kd(fn(ts, ss, x)).backward()
     assert_same_state(t, snaps[0]) and None
     assert_same_state(s, snaps[1])
     assert ([m.training for m in t.modules()], [m.training for m in s.modules()]) == modes
@@ -244,14 +245,14 @@ def test_inplace_buffers_update_the_models_statistics_like_a_plain_forward(model
         x = image(4)
         fn({}, state(s, buffers=False), x)
         ref(x)
-    for name, b in ref.named_buffers():
+    for name, b in ref.named_buffers():  # exact: the same forwards on the same batches, in this process
         assert torch.equal(dict(s.named_buffers())[name], b), name
     assert_same_state(t, teacher_before)  # eval-mode teacher: nothing to update
 
 
 def test_mode_is_read_from_the_live_model_at_each_call(models):
     t, s = models
-    fn = distill(t, s)
+    fn = distill(t, s, mutable=False)
     x = image()
     t.train()
     t_train = fn(state(t), state(s), x)[0].teacher
@@ -264,7 +265,7 @@ def test_mode_is_read_from_the_live_model_at_each_call(models):
 def test_missing_state_entries_come_from_the_live_model(models):
     t, s = models
     t.eval()
-    fn = distill(t, s)
+    fn = distill(t, s, mutable=False)
     x = image()
     params_only = dict(t.named_parameters())
     torch.testing.assert_close(fn(params_only, {}, x)[0].teacher, t(x))
@@ -697,7 +698,7 @@ def test_dropped_batchnorm_updates_warn_until_mutable_is_chosen(models):
     t.eval(), s.train()
     x = image()
     with pytest.warns(
-        UserWarning,
+        fd.BufferUpdateWarning,
         match=r"the student has modules in training mode that update buffers .*distill\(\.\.\., mutable=True\).*student.load_state_dict\(buffers.student, strict=False\)",
     ):
         distill(t, s)(state(t), state(s), x)
@@ -709,6 +710,61 @@ def test_dropped_batchnorm_updates_warn_until_mutable_is_chosen(models):
         distill(t, s, mutable=True)(state(t), state(s), x)
         s.eval()
         distill(t, s)(state(t), state(s), x)  # nothing to drop
+
+
+# what each case's message must say, and what it must not (advice for the other model)
+_TEACHER_ADVICE = r"put the teacher in eval mode \(teacher\.eval\(\)\)"
+_STUDENT_ADVICE = r"To keep the student's updates, build the function with distill\(\.\.\., mutable=True\)"
+
+
+@pytest.mark.parametrize(
+    "teacher_trains, student_trains, says, not_says",
+    [
+        (
+            True,
+            False,
+            r"^the teacher has modules in training mode that update buffers \(such as BatchNorm running "
+            r"statistics\): 'features\.1\.bn' \(BatchNorm2d\), 'features\.2\.bn' \(BatchNorm2d\)\. .*"
+            r"the teacher keeps its old statistics\. .*" + _TEACHER_ADVICE + r".*mutable=False",
+            "student's updates",
+        ),
+        (
+            False,
+            True,
+            r"^the student has modules in training mode that update buffers \(such as BatchNorm running "
+            r"statistics\): 'features\.1\.bn' \(BatchNorm2d\)\. .*the student keeps its old statistics\. "
+            + _STUDENT_ADVICE
+            + r".*mutable=False",
+            "teacher.eval()",
+        ),
+        (
+            True,
+            True,
+            r"^the teacher and the student have modules in training mode .*: teacher 'features\.1\.bn' "
+            r"\(BatchNorm2d\), 'features\.2\.bn' \(BatchNorm2d\); student 'features\.1\.bn' \(BatchNorm2d\)\. "
+            r".*both keep their old statistics\. .*" + _TEACHER_ADVICE + ".*" + _STUDENT_ADVICE + r".*mutable=False",
+            None,
+        ),
+    ],
+    ids=["teacher", "student", "both"],
+)
+def test_dropped_updates_warning_names_the_models_in_training_mode(
+    models, teacher_trains, student_trains, says, not_says
+):
+    t, s = models
+    t.train(teacher_trains), s.train(student_trains)
+    with pytest.warns(fd.BufferUpdateWarning, match=says) as caught:
+        distill(t, s)(state(t), state(s), image())
+    (warning,) = caught
+    assert warning.filename == __file__  # points at the caller's line
+    assert not_says is None or not_says not in str(warning.message)  # no advice for the other model
+
+
+def test_dropped_updates_warning_counts_the_modules_it_does_not_name():
+    s = nn.Sequential(*[nn.BatchNorm1d(2) for _ in range(5)])
+    t = nn.Sequential(nn.Linear(2, 2)).eval()
+    with pytest.warns(fd.BufferUpdateWarning, match=r": '0' \(BatchNorm1d\), '1' \(BatchNorm1d\) and 3 more\. "):
+        distill(t, s)(state(t), state(s), torch.randn(4, 2))
 
 
 def test_the_readme_backward_loop_keeps_batchnorm_statistics(models):

@@ -6,7 +6,18 @@ import funcdistill
 
 def test_public_names_stay_what_they_are():
     assert sorted(funcdistill.__all__) == sorted(
-        ["BoundPayload", "Buffers", "DistillFn", "Mapping", "Pair", "Point", "TeacherCache", "distill", "state"]
+        [
+            "BoundPayload",
+            "BufferUpdateWarning",
+            "Buffers",
+            "DistillFn",
+            "Mapping",
+            "Pair",
+            "Point",
+            "TeacherCache",
+            "distill",
+            "state",
+        ]
     )
     for name in funcdistill.__all__:
         assert getattr(funcdistill, name).__module__.startswith("funcdistill")

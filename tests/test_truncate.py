@@ -176,7 +176,7 @@ def test_a_training_teacher_runs_in_full_and_draws_like_a_plain_forward():
             t[2:](t_ref)
         torch.testing.assert_close(p.teacher, t_ref)
         torch.testing.assert_close(p.student, s[:2](x))
-    for later in outputs[1:]:
+    for later in outputs[1:]:  # exact: the same call, inputs and seed, in this process
         assert torch.equal(later[0], outputs[0][0]) and torch.equal(later[1], outputs[0][1])
 
 
