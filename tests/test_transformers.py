@@ -234,8 +234,8 @@ def test_albert_each_application_of_the_shared_layer():
         return (p.teacher - p.student).pow(2).mean()
 
     grads = grad(loss)(fd.state(s, buffers=False))
-    assert float(grads[f"{SHARED}.ffn.weight"].abs().sum()) > 0
-    assert float(grads["pooler.weight"].abs().sum()) == 0
+    assert float(grads[f"{SHARED}.ffn.weight"].detach().abs().sum()) > 0
+    assert float(grads["pooler.weight"].detach().abs().sum()) == 0
 
 
 def tiny_llamas():
