@@ -13,17 +13,9 @@ from torch.func import grad, vmap
 
 from funcdistill import Mapping, distill, state
 from funcdistill import losses as L
+from tests.conftest import close
 
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def close(a, b, tol=1e-5):
-    torch.testing.assert_close(
-        torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol
-    )
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 # ---------------------------------------------------------------- KD (Hinton 2015)

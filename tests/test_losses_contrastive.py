@@ -17,9 +17,7 @@ DOUBLE = torch.float64
 M, D, N, K = 20, 6, 5, 7  # training-set size, embedding width, batch, negatives
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _setup(dtype=DOUBLE):

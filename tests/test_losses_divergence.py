@@ -17,10 +17,7 @@ from torch.func import grad, vmap
 from funcdistill import Mapping, distill, state
 from funcdistill import losses as L
 
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def logits(*shape):

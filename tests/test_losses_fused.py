@@ -17,9 +17,7 @@ from funcdistill import losses as L
 TOKENS, HT, HS, V = (2, 5), 6, 4, 13  # 10 tokens
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def heads(dtype=torch.float64, vocab=(V, V)):

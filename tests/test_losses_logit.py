@@ -10,19 +10,13 @@ import torch
 from torch.func import grad, vmap
 
 from funcdistill import losses as L
+from tests.conftest import value_and_grads
 from tests.torchdistill_losses import mid_level
 
 DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def _value_and_grads(fn, t, s):
-    value = fn(t, s)
-    return (value, *torch.autograd.grad(value, (t, s)))
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _assert_same(got, expected, tol=1e-10):
@@ -85,8 +79,8 @@ def test_dist_matches_paper_formula_values_and_gradients():
         ({"beta": 0.5, "gamma": 2.0, "temperature": 4.0, "eps": 1e-30}, {"beta": 0.5, "gamma": 2.0, "tau": 4.0}),
     ):
         _assert_same(
-            _value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s),
-            _value_and_grads(lambda a, b, r=ref: _dist_reference(a, b, **r), t, s),
+            value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s),
+            value_and_grads(lambda a, b, r=ref: _dist_reference(a, b, **r), t, s),
         )
     assert torch.autograd.gradcheck(lambda a, b: L.dist_loss(a, b, temperature=2.0), (t, s))
 
@@ -108,8 +102,8 @@ def test_dist_equals_the_authors_code(scale):
     t, s = t.requires_grad_(), s.requires_grad_()
     for options in ({}, {"beta": 2.0, "gamma": 0.5, "tau": 4.0, "eps": 1e-6}):
         kwargs = {("temperature" if k == "tau" else k): v for k, v in options.items()}
-        ours = _value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s)
-        _assert_same(ours, _value_and_grads(lambda a, b, o=options: _dist_authors(b, a, **o), t, s), tol=1e-12)
+        ours = value_and_grads(lambda a, b, kw=kwargs: L.dist_loss(a, b, **kw), t, s)
+        _assert_same(ours, value_and_grads(lambda a, b, o=options: _dist_authors(b, a, **o), t, s), tol=1e-12)
     if scale < 1:  # the batch tells the formulas apart: torchdistill's clamped norms give another value
         clamped = _dist_authors(s, t, cosine=torch.nn.functional.cosine_similarity)
         assert abs(float(L.dist_loss(t, s).detach()) - float(clamped.detach())) > 1e-3
@@ -127,7 +121,7 @@ def test_dist_matches_torchdistill_as_eps_goes_to_0():
             return ref({"student": {"output": b}}, {"teacher": {"output": a}})
 
         ours = functools.partial(L.dist_loss, beta=beta, gamma=gamma, temperature=tau, eps=1e-30)
-        _assert_same(_value_and_grads(ours, t, s), _value_and_grads(theirs, t, s))
+        _assert_same(value_and_grads(ours, t, s), value_and_grads(theirs, t, s))
 
 
 def test_dist_identical_affine_and_extreme_inputs():
@@ -194,10 +188,10 @@ def test_standardize_matches_authors_formula_values_and_gradients():
 
     t, s = _logits(n=3, c=5)
     _assert_same(
-        _value_and_grads(
+        value_and_grads(
             lambda a, b: L.kd_loss(L.standardize_logits(a), L.standardize_logits(b), temperature=2.0), t, s
         ),
-        _value_and_grads(lambda a, b: L.kd_loss(authors(a), authors(b), temperature=2.0), t, s),
+        value_and_grads(lambda a, b: L.kd_loss(authors(a), authors(b), temperature=2.0), t, s),
     )
     assert torch.autograd.gradcheck(L.standardize_logits, (t,))
     tokens = torch.randn(2, 3, 5, dtype=DOUBLE)
@@ -214,7 +208,7 @@ def test_standardized_kd_matches_torchdistill_times_t_squared():
         return T**2 * ref({"student": {"output": b}}, {"teacher": {"output": a}})
 
     loss = L.LogitStandardization(L.KDLoss(temperature=T))
-    _assert_same(_value_and_grads(loss, t, s), _value_and_grads(theirs, t, s))
+    _assert_same(value_and_grads(loss, t, s), value_and_grads(theirs, t, s))
 
 
 def test_standardized_dkd_and_kd_ignore_scale_and_shift():

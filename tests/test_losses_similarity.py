@@ -9,25 +9,19 @@ import torch
 from torch.func import grad
 
 from funcdistill import losses as L
+from tests.conftest import value_and_grads
 from tests.torchdistill_losses import mid_level
 
 DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def _pair(n=5, d_t=7, d_s=3, **kw):
     t = torch.randn(n, d_t, dtype=DOUBLE, **kw)
     s = torch.randn(n, d_s, dtype=DOUBLE, **kw)
     return t.requires_grad_(), s.requires_grad_()
-
-
-def _value_and_grads(fn, t, s):
-    value = fn(t, s)
-    return (value, *torch.autograd.grad(value, (t, s)))
 
 
 def _assert_same(got, expected):
@@ -55,9 +49,9 @@ def _pkt_reference(t, s, eps=1e-7, total=False):
 
 def test_pkt_matches_loop_reference_values_and_gradients():
     t, s = _pair()
-    _assert_same(_value_and_grads(L.pkt_loss, t, s), _value_and_grads(_pkt_reference, t, s))
-    total = _value_and_grads(lambda a, b: L.pkt_loss(a, b, reduction="sum"), t, s)
-    _assert_same(total, _value_and_grads(lambda a, b: _pkt_reference(a, b, total=True), t, s))
+    _assert_same(value_and_grads(L.pkt_loss, t, s), value_and_grads(_pkt_reference, t, s))
+    total = value_and_grads(lambda a, b: L.pkt_loss(a, b, reduction="sum"), t, s)
+    _assert_same(total, value_and_grads(lambda a, b: _pkt_reference(a, b, total=True), t, s))
     terms = L.pkt_loss(t, s, reduction="none")
     assert terms.shape == (5, 5)
     torch.testing.assert_close(terms.mean(), L.pkt_loss(t, s))
@@ -77,7 +71,7 @@ def test_pkt_matches_torchdistill():
         def theirs(a, b, ref=ref):
             return ref({"student": {"output": b}}, {"teacher": {"output": a}})
 
-        _assert_same(_value_and_grads(functools.partial(L.pkt_loss, eps=eps), t, s), _value_and_grads(theirs, t, s))
+        _assert_same(value_and_grads(functools.partial(L.pkt_loss, eps=eps), t, s), value_and_grads(theirs, t, s))
 
 
 def test_pkt_identical_scaled_and_extreme_inputs():
@@ -130,9 +124,9 @@ def _sp_reference(t, s, p=2, total=False):
 def test_sp_matches_loop_reference_values_and_gradients():
     t = torch.randn(4, 3, 2, 2, dtype=DOUBLE, requires_grad=True)  # feature maps, flattened
     s = torch.randn(4, 5, dtype=DOUBLE, requires_grad=True)
-    _assert_same(_value_and_grads(L.sp_loss, t, s), _value_and_grads(_sp_reference, t, s))
-    total = _value_and_grads(lambda a, b: L.sp_loss(a, b, reduction="sum"), t, s)
-    _assert_same(total, _value_and_grads(lambda a, b: _sp_reference(a, b, total=True), t, s))
+    _assert_same(value_and_grads(L.sp_loss, t, s), value_and_grads(_sp_reference, t, s))
+    total = value_and_grads(lambda a, b: L.sp_loss(a, b, reduction="sum"), t, s)
+    _assert_same(total, value_and_grads(lambda a, b: _sp_reference(a, b, total=True), t, s))
     assert L.sp_loss(t, s, reduction="none").shape == (4, 4)
     assert torch.autograd.gradcheck(lambda a, b: L.sp_loss(a, b, reduction="none"), (t, s))
 
@@ -149,9 +143,9 @@ def test_sp_against_torchdistill_which_normalises_rows_in_l1():
         def theirs(a, b, ref=ref):
             return ref({"student": {"output": b}}, {"teacher": {"output": a}})
 
-        expected = _value_and_grads(lambda a, b, total=total: _sp_reference(a, b, p=1, total=total), t, s)
-        _assert_same(_value_and_grads(theirs, t, s), expected)
-        ours = _value_and_grads(lambda a, b, total=total: _sp_reference(a, b, p=2, total=total), t, s)
+        expected = value_and_grads(lambda a, b, total=total: _sp_reference(a, b, p=1, total=total), t, s)
+        _assert_same(value_and_grads(theirs, t, s), expected)
+        ours = value_and_grads(lambda a, b, total=total: _sp_reference(a, b, p=2, total=total), t, s)
         mine = L.sp_loss(t, s, reduction="sum" if total else "mean")
         torch.testing.assert_close(mine, ours[0])
         assert abs(float(mine.detach()) - float(expected[0].detach())) > 1e-3

@@ -32,9 +32,7 @@ BF16_ONCE = {"rtol": 2.0**-8, "atol": 1e-6}  # one rounding to bfloat16 (8 signi
 BF16, F32_T = torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seed")
 
 
 def exact_head(leading, dtype, *, scale=1):
