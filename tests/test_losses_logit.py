@@ -1,16 +1,20 @@
-"""DIST and logit standardization against the papers' formulas in float64, torchdistill 1.1.5, extremes."""
+"""KD, DKD, DIST and logit standardization: hand-computed values, the papers' formulas, torchdistill 1.1.5, extremes."""
 
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.func import grad, vmap
 
+from funcdistill import Mapping, distill, state
 from funcdistill import losses as L
-from tests.conftest import value_and_grads
+from tests.conftest import close, value_and_grads
 from tests.torchdistill_losses import mid_level
 
 DOUBLE = torch.float64
@@ -28,6 +32,184 @@ def _logits(n=5, c=6):
     t = torch.randn(n, c, dtype=DOUBLE) * 3
     s = torch.randn(n, c, dtype=DOUBLE) * 3
     return t.requires_grad_(), s.requires_grad_()
+
+
+# ---------------------------------------------------------------- KD (Hinton 2015)
+
+
+def test_kd_hand_computed_and_asymmetric():
+    # teacher softmax = [1/4, 3/4], student softmax = [1/2, 1/2]
+    t = torch.tensor([[0.0, math.log(3.0)]])
+    s = torch.zeros(1, 2)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    close(L.kd_loss(t, s), expected)
+    # teacher first: swapping the arguments gives the other KL direction
+    reverse = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    close(L.kd_loss(s, t), reverse)
+    assert abs(expected - reverse) > 1e-3
+    # at T = 2 the same distributions come from doubled logits, and the loss is scaled by T^2 = 4
+    close(L.kd_loss(2 * t, 2 * s, temperature=2.0), 4 * expected)
+
+
+def test_kd_matches_torch_kl_div():
+    t, s = torch.randn(6, 10), torch.randn(6, 10)
+    T = 3.0
+    ref = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
+    close(L.kd_loss(t, s, temperature=T), ref)
+
+
+def test_kd_gradient_is_T_times_probability_difference():
+    t, s = torch.randn(4, 5), torch.randn(4, 5)
+    T = 2.5
+    g = grad(lambda x: L.kd_loss(t, x, temperature=T))(s)
+    expected = T * (F.softmax(s / T, -1) - F.softmax(t / T, -1)) / 4  # batchmean over 4 rows
+    close(g, expected)
+
+
+def test_kd_reductions_on_token_logits():
+    t, s = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    per_token = L.kd_loss(t, s, reduction="none")
+    assert per_token.shape == (2, 3)
+    for b in range(2):
+        for i in range(3):
+            close(per_token[b, i], L.kd_loss(t[b, i : i + 1], s[b, i : i + 1]))
+    close(L.kd_loss(t, s, reduction="sum"), per_token.sum())
+    close(L.kd_loss(t, s, reduction="mean"), per_token.sum() / 6)
+    close(L.kd_loss(t, s, reduction="batchmean"), per_token.sum() / 2)
+
+
+def test_kd_vmap_over_temperatures_matches_loop():
+    t, s = torch.randn(5, 4), torch.randn(5, 4)
+    temps = torch.tensor([0.5, 1.0, 2.0, 8.0])
+    swept = vmap(lambda T: L.kd_loss(t, s, temperature=T))(temps)
+    looped = torch.stack([L.kd_loss(t, s, temperature=float(T)) for T in temps])
+    close(swept, looped)
+    assert len(set(looped.tolist())) == 4
+
+
+def test_kd_masked_teacher_class_gives_finite_loss_and_gradient():
+    t = torch.tensor([[2.0, float("-inf"), 0.0]], requires_grad=True)
+    s = torch.tensor([[1.0, 3.0, -1.0]], requires_grad=True)
+    loss = L.kd_loss(t, s)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+    p_t = F.softmax(t.detach(), -1)[0]
+    log_s = F.log_softmax(s.detach(), -1)[0]
+    expected = sum(float(p_t[i] * (p_t[i].log() - log_s[i])) for i in (0, 2))
+    close(loss, expected)
+
+
+def test_kd_errors():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"kd_loss: teacher and student shapes differ: \(2, 3\) vs \(2, 4\)"):
+        L.kd_loss(x, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="temperature must be a positive finite number, got 0"):
+        L.kd_loss(x, x, temperature=0)
+    with pytest.raises(TypeError, match="temperature must be a positive number or a 0-d tensor, got str"):
+        L.kd_loss(x, x, temperature="4")
+    with pytest.raises(ValueError, match=r"tensor temperature must be 0-d .*got shape \(3,\)"):
+        L.kd_loss(x, x, temperature=torch.ones(3))
+    with pytest.raises(TypeError, match=r"student_logits must be a tensor, got tuple \(a module that returns a tuple"):
+        L.kd_loss(x, (x,))
+    with pytest.raises(
+        TypeError,
+        match=r"teacher_logits must be a tensor, got dict \(a model output object: pass the field you mean, e.g. output.logits\)",
+    ):
+        L.kd_loss({"logits": x}, x)
+    with pytest.raises(ValueError, match="KDLoss: temperature must be a positive finite number, got -1"):
+        L.KDLoss(temperature=-1.0)
+
+
+# ---------------------------------------------------------------- DKD (Zhao 2022)
+
+
+def _dkd_reference(t, s, y, alpha, beta, T):
+    """Per-sample DKD written from the paper's definitions, in plain Python floats."""
+    out = []
+    for row_t, row_s, g in zip(t.tolist(), s.tolist(), y.tolist()):
+
+        def softmax(row):
+            e = [math.exp(v / T) for v in row]
+            return [v / sum(e) for v in e]
+
+        pt, ps = softmax(row_t), softmax(row_s)
+        bt, bs = [pt[g], 1 - pt[g]], [ps[g], 1 - ps[g]]
+        tckd = sum(a * math.log(a / b) for a, b in zip(bt, bs))
+        nt = [p / (1 - pt[g]) for i, p in enumerate(pt) if i != g]
+        ns = [p / (1 - ps[g]) for i, p in enumerate(ps) if i != g]
+        nckd = sum(a * math.log(a / b) for a, b in zip(nt, ns))
+        out.append((alpha * tckd + beta * nckd) * T * T)
+    return out
+
+
+def test_dkd_matches_paper_definition():
+    t, s = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    y = torch.tensor([0, 5, 2, 2, 3])
+    got = L.dkd_loss(t, s, y, alpha=0.7, beta=3.0, temperature=2.0, reduction="none")
+    expected = _dkd_reference(t, s, y, 0.7, 3.0, 2.0)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+    close(L.dkd_loss(t, s, y, alpha=0.7, beta=3.0, temperature=2.0), sum(expected) / 5)
+
+
+def test_dkd_decomposes_classic_kd():
+    # Eq. (1) of the paper: KD = TCKD + (1 - p_target_teacher) * NCKD, per sample
+    t, s = torch.randn(8, 10), torch.randn(8, 10)
+    y = torch.randint(0, 10, (8,))
+    T = 3.0
+    tckd = L.dkd_loss(t, s, y, alpha=1.0, beta=0.0, temperature=T, reduction="none")
+    nckd = L.dkd_loss(t, s, y, alpha=0.0, beta=1.0, temperature=T, reduction="none")
+    p_target = F.softmax(t / T, -1).gather(1, y[:, None]).squeeze(1)
+    close(L.kd_loss(t, s, temperature=T, reduction="none"), tckd + (1 - p_target) * nckd)
+
+
+def test_dkd_gradients_finite_for_both_sides_and_vmap():
+    t = torch.randn(4, 5, requires_grad=True)
+    s = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([1, 0, 4, 4])
+    L.dkd_loss(t, s, y).backward()
+    assert torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all()
+    assert s.grad.abs().sum() > 0
+    per_sample = vmap(lambda a, b, c: L.dkd_loss(a, b, c, reduction="none"))(t.detach(), s.detach(), y)
+    close(per_sample, L.dkd_loss(t.detach(), s.detach(), y, reduction="none"))
+    temps = torch.tensor([1.0, 4.0])
+    swept = vmap(lambda T: L.dkd_loss(t.detach(), s.detach(), y, temperature=T))(temps)
+    close(swept, torch.stack([L.dkd_loss(t.detach(), s.detach(), y, temperature=float(T)) for T in temps]))
+
+
+def test_dkd_errors():
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        L.dkd_loss(x, x, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"target has shape \(3, 1\) .* shape \(3,\)"):
+        L.dkd_loss(x, x, torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        L.dkd_loss(torch.randn(3, 1), torch.randn(3, 1), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got -1"):
+        L.dkd_loss(x, x, torch.zeros(3, dtype=torch.long), beta=-1.0)
+
+
+def test_dkd_as_payload_with_labels():
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    student = nn.Sequential(nn.Linear(6, 4))
+    mapping = Mapping(teacher, student).add("", "", L.DKDLoss(beta=2.0, temperature=2.0))
+    fn = distill(teacher, student, mapping)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+
+    def loss(ss):
+        return sum(payload(t, s, y) for t, s, payload in fn(state(teacher), ss, x))
+
+    with torch.no_grad():
+        expected = L.dkd_loss(teacher(x), student(x), y, beta=2.0, temperature=2.0)
+    close(loss(state(student)), expected)
+    grads = grad(loss)(state(student))
+    assert grads["0.weight"].abs().sum() > 0
+    # a loop that calls payloads with two arguments: bind the labels per batch
+    (pair,) = fn(state(teacher), state(student), x)
+    two_args = functools.partial(pair.payload, target=y)
+    close(two_args(pair.teacher, pair.student), expected)
+    bound = functools.partial(L.dkd_loss, target=y, beta=2.0, temperature=2.0)
+    close(bound(pair.teacher, pair.student), expected)
 
 
 # ---------------------------------------------------------------- DIST (Huang et al. 2022)
