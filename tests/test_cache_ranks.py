@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import socket
 import traceback
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import funcdistill as fd
+from tests.conftest import free_port
 from tests.test_cache_concurrency import Job
 
 WORLD, N, SHARD = 2, 40, 8
@@ -32,12 +32,6 @@ CHECKS: dict[str, object] = {}
 def check(fn):
     CHECKS[fn.__name__] = fn
     return fn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import socket
 
 import pytest
 import torch
@@ -23,15 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import funcdistill
 from funcdistill.compat import Mapping, distill
+from tests.conftest import free_port
 
 WORLD = 2
 SCHEDULE = (True, True, False, True)  # synchronised step or not (no_sync)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def models() -> tuple[nn.Module, nn.Module]:

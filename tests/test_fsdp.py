@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import funcdistill as fd
+from tests.conftest import free_port
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -427,12 +427,6 @@ def worker(rank: int, port: int, out: str) -> None:
     finally:
         Path(out, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
