@@ -13,6 +13,7 @@ import socket
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @pytest.fixture
@@ -32,6 +33,13 @@ def value_and_grads(fn, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor,
     """``fn(t, s)`` and its gradients with respect to ``t`` and ``s`` (both must require grad)."""
     value = fn(t, s)
     return (value, *torch.autograd.grad(value, (t, s)))
+
+
+def flops(fn, *args, **kwargs) -> int:
+    """The FLOPs that ``fn(*args, **kwargs)`` runs, counted by ``FlopCounterMode`` (exact: no timing)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
 
 
 def free_port() -> int:

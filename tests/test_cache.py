@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
-from torch.utils.flop_counter import FlopCounterMode
 
 import funcdistill as fd
 from funcdistill.cache import TeacherCache, TeacherOutputs, TopK, _build
 from funcdistill.losses import topk_kl_loss
+from tests.conftest import flops
 
 N = 50
 CLASSES = 7
@@ -47,12 +47,6 @@ def data():
 
 def build(fn, t, data, folder, **kw):
     return TeacherCache.build(fn, fd.state(t), data, folder, **{"batch_size": 8, "progress": False, **kw})
-
-
-def flops(f, *args) -> int:
-    with FlopCounterMode(display=False) as counter:
-        f(*args)
-    return counter.get_total_flops()
 
 
 class Counting(torch.utils.data.Dataset):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
-from torch.utils.flop_counter import FlopCounterMode
 
 from funcdistill import Mapping, Point, distill, state
+from tests.conftest import flops
 from tests.models import Scaled, Unrolled
 
 
@@ -19,12 +19,6 @@ def unrolled(model, x):
         outputs.append(model.cell(h))
         h = torch.tanh(outputs[-1])
     return {"cell_in": inputs, "cell_out": outputs, "head_in": h, "scale": h.mean(-1, keepdim=True)}
-
-
-def flops(f):
-    with FlopCounterMode(display=False) as counter:
-        f()
-    return counter.get_total_flops()
 
 
 @pytest.fixture

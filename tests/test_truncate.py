@@ -7,16 +7,10 @@ import pytest
 import torch
 from torch import nn
 from torch.func import grad, stack_module_state, vmap
-from torch.utils.flop_counter import FlopCounterMode
 
 from funcdistill import Mapping, distill, state
+from tests.conftest import flops
 from tests.models import Net, Shared, image, mlp
-
-
-def flops(fn, *args):
-    with FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops()
 
 
 @pytest.fixture
