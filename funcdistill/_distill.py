@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from funcdistill import _names, _payloads
+from funcdistill import _names, _payloads, _roles
 from funcdistill._capture import Capture, cast_floating
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
@@ -432,11 +432,7 @@ def _check_models(teacher: Any, student: Any) -> None:
     for role, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"distill({role}=...) must be an nn.Module, got {type(model).__name__}.")
-    if teacher is student:
-        raise ValueError(
-            "the same model was passed as teacher and student; distill from a separate "
-            "teacher (copy.deepcopy(model) for self-distillation)."
-        )
+    _roles.check_distinct(teacher, student)
 
 
 def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapping:
@@ -453,9 +449,10 @@ def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapp
     mt, ms = mapping.teacher, mapping.student
     if (mt is not None and mt is student) or (ms is not None and ms is teacher):
         raise ValueError(
-            "the mapping was built as Mapping(teacher, student) with the models that "
-            "distill() got the other way round: teacher and student look swapped. "
-            "Pass distill(teacher=..., student=...) as the mapping has them."
+            _roles.swapped(
+                "the mapping was built as Mapping(teacher, student) with the models that distill() got the other way round",
+                fix="pass distill(teacher=..., student=...) as the mapping has them",
+            )
         )
     for role, built, given in (("teacher", mt, teacher), ("student", ms, student)):
         if built is not None and built is not given:

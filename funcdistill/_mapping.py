@@ -12,6 +12,7 @@ from torch import nn
 from funcdistill import _names
 from funcdistill._frozen import Frozen, init
 from funcdistill._point import Point
+from funcdistill._roles import check_distinct, model_name
 
 __all__ = ["Mapping", "Pair"]
 
@@ -73,11 +74,7 @@ class Mapping(Frozen):
         for role, model in (("teacher", teacher), ("student", student)):
             if model is not None and not isinstance(model, nn.Module):
                 raise TypeError(f"Mapping({role}=...) must be an nn.Module or None, got {type(model).__name__}.")
-        if teacher is not None and teacher is student:
-            raise ValueError(
-                "the same model was passed as teacher and student; distill from a "
-                "separate teacher (copy.deepcopy(model) for self-distillation)."
-            )
+        check_distinct(teacher, student)
         _init(self, teacher, student, (), ())
 
     @classmethod
@@ -172,10 +169,8 @@ class Mapping(Frozen):
         pairs = ", ".join(f"({t!r}, {s!r}, {p!r})" for (t, s), p in zip(self._names, self._payloads))
         models = ""
         if self._teacher is not None or self._student is not None:
-            models = (
-                f"teacher={_names.describe(self._teacher) if self._teacher is not None else None}, "
-                f"student={_names.describe(self._student) if self._student is not None else None}, "
-            )
+            t, s = (None if m is None else model_name(m) for m in (self._teacher, self._student))
+            models = f"teacher={t}, student={s}, "
         return f"Mapping({models}pairs=[{pairs}])"
 
     def __copy__(self) -> Mapping:

@@ -17,10 +17,9 @@ from typing import Any
 from torch import nn
 
 from funcdistill._point import Point, canonical
+from funcdistill._roles import Role, model_name, other_role, swapped
 
 __all__: list[str] = []
-
-Role = str  # "teacher" or "student"
 
 
 def module_names(model: nn.Module) -> dict[str, nn.Module]:
@@ -50,24 +49,18 @@ def point_names(model: nn.Module) -> list[str]:
     return names
 
 
-def describe(model: nn.Module) -> str:
-    """A short name for a model in messages: its class name."""
-    return type(model).__name__
+describe = model_name  # the old name, until _capture, _taps and _distill call model_name
 
 
 def unknown_name_message(name: str, role: Role, model: nn.Module, other: nn.Module | None) -> str:
     """Say that ``name`` is not a point of ``model`` and how to fix it."""
     valid = point_names(model)
-    msg = f"{role} {describe(model)} has no module or node named {name!r}."
+    msg = f"{role} {model_name(model)} has no module or node named {name!r}."
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
     if close:
         msg += " Did you mean " + " or ".join(repr(c) for c in close) + "?"
-    other_role = "student" if role == "teacher" else "teacher"
     if other is not None and name in point_names(other):
-        msg += (
-            f" {name!r} is a module of the {other_role}: teacher and student look "
-            "swapped (Mapping.add and distill take the teacher first)."
-        )
+        msg += " " + swapped(f"{name!r} is a module of the {other_role(role)}")
     if not close:
         shown = ", ".join(repr(n) for n in valid[:8])
         more = "" if len(valid) <= 8 else f", ... ({len(valid)} in all)"
@@ -105,19 +98,16 @@ def resolve(point: Any, role: Role, model: nn.Module | None, other: nn.Module | 
     if isinstance(point, nn.Module):
         if model is None:
             raise ValueError(
-                f"cannot resolve the {role} module reference {type(point).__name__} "
+                f"cannot resolve the {role} module reference {model_name(point)} "
                 "without the models: build the mapping as Mapping(teacher, student), "
                 "or give the module's qualified name as a string."
             )
         found = _qualified_name(model, point)
         if found is not None:
             return found
-        msg = f"the {role} module {type(point).__name__} is not a submodule of the {role} {describe(model)}."
+        msg = f"the {role} module {model_name(point)} is not a submodule of the {role} {model_name(model)}."
         if other is not None and _qualified_name(other, point) is not None:
-            msg += (
-                f" It belongs to the {'student' if role == 'teacher' else 'teacher'}:"
-                " teacher and student look swapped (Mapping.add and distill take the teacher first)."
-            )
+            msg += " " + swapped(f"It belongs to the {other_role(role)}")
         else:
             msg += " Pass a module of that model, or its qualified name as a string."
         raise ValueError(msg)
@@ -133,7 +123,7 @@ def _check_point(point: Point, role: Role, model: nn.Module) -> None:
     if module is None:  # an FX node: it has one value, computed once
         if point.io == "input":
             raise ValueError(
-                f"{point!r}: {name!r} is a node of the {role} {describe(model)}'s graph, not a module, "
+                f"{point!r}: {name!r} is a node of the {role} {model_name(model)}'s graph, not a module, "
                 "so it has no input to read; map the node that computes that input instead."
             )
         return
@@ -143,7 +133,7 @@ def _check_point(point: Point, role: Role, model: nn.Module) -> None:
             close = difflib.get_close_matches(point.arg, params, n=1, cutoff=0.5)
             hint = f"Did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"{point!r}: the forward of the {role}'s {type(module).__name__} at {name!r} has no "
+                f"{point!r}: the forward of the {role}'s {model_name(module)} at {name!r} has no "
                 f"parameter {point.arg!r}. {hint}Its parameters: {', '.join(map(repr, params))}."
             )
 

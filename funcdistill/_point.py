@@ -172,8 +172,3 @@ def canonical(point: Point) -> str | Point:
     """The form a mapping keeps: a plain point as its name, any other as the Point."""
     assert isinstance(point.name, str)  # internal: resolved before this is called
     return point.name if point.plain else point
-
-
-def describe(point: str | Point) -> str:
-    """A point for messages: ``'layer'`` or ``Point('layer', call=2)``."""
-    return repr(point)

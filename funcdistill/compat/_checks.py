@@ -17,6 +17,7 @@ from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
 from funcdistill._distill import _check_models as check_core_models
+from funcdistill._roles import check_distinct, model_name, other_role, swapped
 from funcdistill.compat._mapping import Mapping
 
 __all__: list[str] = []
@@ -41,7 +42,7 @@ def same_model(a: nn.Module | None, b: nn.Module | None) -> bool:
 def check_models(teacher: Any, student: Any) -> None:
     """Types, and the same model given twice (also when one of them is its DDP wrapper)."""
     check_core_models(teacher, student)
-    check_core_models(unwrap(teacher), unwrap(student))
+    check_distinct(unwrap(teacher), unwrap(student))
 
 
 def functional_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> FunctionalMapping:
@@ -75,33 +76,35 @@ def functional_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> 
 def _check_built_for(mt, ms, teacher: nn.Module, student: nn.Module) -> None:
     if same_model(mt, student) and same_model(ms, teacher):
         raise ValueError(
-            f"teacher and student are swapped: the mapping was built as Mapping(teacher="
-            f"{_describe(mt)}, student={_describe(ms)}), but distill() got "
-            f"teacher={_describe(teacher)}, student={_describe(student)}, the same "
-            "two models the other way round. This API takes the teacher first "
-            "(distill(teacher, student, mapping)); later releases of the reference library "
-            "take the student first, so pass them by keyword: "
-            "distill(teacher=..., student=..., mapping=...)."
+            swapped(
+                f"the mapping was built as Mapping(teacher={model_name(mt)}, student={model_name(ms)}), "
+                f"but distill() got teacher={model_name(teacher)}, student={model_name(student)}, "
+                "the same two models the other way round",
+                fix="This API takes the teacher first (distill(teacher, student, mapping)); later releases of "
+                "the reference library take the student first, so pass them by keyword: "
+                "distill(teacher=..., student=..., mapping=...).",
+                certain=True,
+            )
         )
-    for role, other, built, given in (("teacher", "student", mt, teacher), ("student", "teacher", ms, student)):
+    for role, built, given in (("teacher", mt, teacher), ("student", ms, student)):
         if built is None or built is given or unwrap(given) is built:
             continue
         if unwrap(built) is given:
             raise ValueError(
-                f"the mapping was built for the {_describe(built)} wrapper of the {role}, but "
+                f"the mapping was built for the {model_name(built)} wrapper of the {role}, but "
                 f"distill() got the model inside it: its forward would bypass the wrapper "
                 f"(no gradient all-reduce). Pass the wrapper as distill({role}=...), or build "
                 f"the mapping for the model inside it."
             )
         if same_model(built, student if role == "teacher" else teacher):
             raise ValueError(
-                f"the mapping's {role} {_describe(built)} is the model passed to "
-                f"distill() as {other}; build the mapping as Mapping(teacher, student) with "
+                f"the mapping's {role} {model_name(built)} is the model passed to "
+                f"distill() as {other_role(role)}; build the mapping as Mapping(teacher, student) with "
                 f"the models distill() gets, teacher first."
             )
         raise ValueError(
-            f"the mapping was built for another {role} ({_describe(built)} at "
-            f"{id(built):#x}) than the {role} passed to distill() ({_describe(given)} "
+            f"the mapping was built for another {role} ({model_name(built)} at "
+            f"{id(built):#x}) than the {role} passed to distill() ({model_name(given)} "
             f"at {id(given):#x}); build the mapping with the models you distill."
         )
 
@@ -113,11 +116,7 @@ def _rename(point: str, built: nn.Module | None, given: nn.Module, role: str) ->
     if point not in dict(built.named_modules()):
         raise ValueError(
             f"the {role} point {point!r} is an FX node of the model inside the "
-            f"{_describe(given)} wrapper; nodes can be captured only on an unwrapped "
+            f"{model_name(given)} wrapper; nodes can be captured only on an unwrapped "
             "GraphModule. Map a module name instead."
         )
     return f"{_WRAPPED}.{point}"
-
-
-def _describe(model: nn.Module) -> str:
-    return type(model).__name__

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from funcdistill import Mapping as FunctionalMapping
+from funcdistill._roles import model_name
 from funcdistill.compat._checks import check_models, functional_mapping, unwrap
 from funcdistill.compat._mapping import Mapping
 from funcdistill.compat._model import DistillationModel
@@ -137,7 +138,7 @@ class distill(contextlib.ContextDecorator):  # noqa: N801 - the reference API's 
 
     def __repr__(self) -> str:
         return (
-            f"distill(teacher={type(self.teacher).__name__}, student={type(self.student).__name__}, "
+            f"distill(teacher={model_name(self.teacher)}, student={model_name(self.student)}, "
             f"nograd_teacher={self.nograd_teacher}, active={self._model is not None})"
         )
 
@@ -153,7 +154,7 @@ def _claim(teacher: nn.Module, student: nn.Module) -> list[nn.Module]:
             outer_role = _active_role(model)
             if outer_role is not None:
                 raise RuntimeError(
-                    f"the {role} {type(model).__name__} is already the {outer_role} of an "
+                    f"the {role} {model_name(model)} is already the {outer_role} of an "
                     "active distill context; distill contexts cannot be nested over the "
                     "same model. Exit the outer context first, or distill a copy "
                     "(copy.deepcopy(model))."

@@ -18,6 +18,7 @@ from torch import nn
 from funcdistill import DistillFn, Pair
 from funcdistill import Mapping as FunctionalMapping
 from funcdistill._distill import distill_inplace
+from funcdistill._roles import model_name
 
 __all__: list[str] = []
 
@@ -92,7 +93,7 @@ class DistillationModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"teacher={type(self._teacher).__name__}, pairs={len(self._mapping)}, "
+            f"teacher={model_name(self._teacher)}, pairs={len(self._mapping)}, "
             f"nograd_teacher={self._nograd_teacher}, closed={self._closed}"
         )
 

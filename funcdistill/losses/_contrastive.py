@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funcdistill.losses._checks import (
+    REDUCTIONS,
     check_fraction,
     check_integer,
     check_positive,
@@ -17,6 +18,7 @@ from funcdistill.losses._checks import (
     check_tensors,
     reduce,
 )
+from funcdistill.losses._module import LossModule, check_module, check_temperature, reduction_in
 
 __all__ = ["CRDLoss", "CRDState", "crd_head", "crd_init", "crd_loss", "crd_negatives"]
 
@@ -337,7 +339,7 @@ def crd_head(in_features: int, embed_dim: int = 128) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, embed_dim))
 
 
-class CRDLoss(nn.Module):
+class CRDLoss(LossModule):
     """:func:`crd_loss` with its two embedding heads, for use as a mapping payload.
 
     Call it as ``loss, state = crd(teacher_feat, student_feat, state, index,
@@ -368,6 +370,23 @@ class CRDLoss(nn.Module):
         torch.Size([])
     """
 
+    teacher_head: nn.Module
+    student_head: nn.Module
+    temperature: float | torch.Tensor
+    momentum: float | torch.Tensor
+    eps: float
+    reduction: str
+    _function = staticmethod(crd_loss)
+    _checks = (
+        ("teacher_head", check_module("crd_head(...)")),
+        ("student_head", check_module("crd_head(...)")),
+        ("temperature", check_temperature),
+        ("momentum", check_fraction),
+        ("eps", check_positive),
+        ("reduction", reduction_in(REDUCTIONS)),
+    )
+    _parts = ("teacher_head", "student_head")
+
     def __init__(
         self,
         teacher_head: nn.Module,
@@ -378,21 +397,14 @@ class CRDLoss(nn.Module):
         eps: float = 1e-7,
         reduction: str = "mean",
     ):
-        super().__init__()
-        for role, head in (("teacher_head", teacher_head), ("student_head", student_head)):
-            if not isinstance(head, nn.Module):
-                raise TypeError(
-                    f"CRDLoss: {role} must be an nn.Module (e.g. crd_head(...)), got {type(head).__name__}."
-                )
-        check_positive("CRDLoss", "temperature", temperature, allow_tensor=True)
-        check_fraction("CRDLoss", "momentum", momentum)
-        check_positive("CRDLoss", "eps", eps)
-        self.teacher_head = teacher_head
-        self.student_head = student_head
-        self.temperature = temperature
-        self.momentum = momentum
-        self.eps = eps
-        self.reduction = check_reduction("CRDLoss", reduction)
+        super().__init__(
+            teacher_head=teacher_head,
+            student_head=student_head,
+            temperature=temperature,
+            momentum=momentum,
+            eps=eps,
+            reduction=reduction,
+        )
 
     def forward(
         self,
@@ -402,18 +414,7 @@ class CRDLoss(nn.Module):
         index: torch.Tensor,
         negatives: torch.Tensor,
     ) -> tuple[torch.Tensor, CRDState]:
-        check_tensors("CRDLoss", teacher_feat=teacher_feat, student_feat=student_feat)
-        return crd_loss(
-            self.teacher_head(teacher_feat),
-            self.student_head(student_feat),
-            state,
-            index,
-            negatives,
-            temperature=self.temperature,
-            momentum=self.momentum,
-            eps=self.eps,
-            reduction=self.reduction,
+        check_tensors(type(self).__name__, teacher_feat=teacher_feat, student_feat=student_feat)
+        return super().forward(
+            self.teacher_head(teacher_feat), self.student_head(student_feat), state, index, negatives
         )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, momentum={self.momentum}, eps={self.eps}, reduction={self.reduction!r}"

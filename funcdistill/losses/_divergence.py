@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from funcdistill.losses._checks import (
     check_fraction,
@@ -37,6 +36,7 @@ from funcdistill.losses._checks import (
     check_tensors,
     kl_terms,
 )
+from funcdistill.losses._module import LossModule, check_temperature, reduction_in
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     TOKEN_REDUCTIONS,
@@ -374,12 +374,8 @@ def topk_kl_loss(
 # ---------------------------------------------------------------- module forms
 
 
-class _TokenLoss(nn.Module):
+class _TokenLoss(LossModule):
     """A token-level loss with its options bound, called as ``loss(teacher_logits, student_logits, mask, labels)``."""
-
-    def __init__(self, loss: Any, options: dict[str, Any]):
-        super().__init__()
-        self.loss, self.options = loss, options
 
     def forward(
         self,
@@ -388,10 +384,7 @@ class _TokenLoss(nn.Module):
         mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.loss(teacher_logits, student_logits, mask=mask, labels=labels, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return super().forward(teacher_logits, student_logits, mask=mask, labels=labels)
 
 
 class GeneralizedJSDLoss(_TokenLoss):
@@ -410,6 +403,17 @@ class GeneralizedJSDLoss(_TokenLoss):
         True
     """
 
+    beta: Number
+    temperature: Number
+    vocab_size: int | None
+    reduction: str
+    _function = staticmethod(generalized_jsd_loss)
+    _checks = (
+        ("beta", check_fraction),
+        ("temperature", check_temperature),
+        ("reduction", reduction_in(TOKEN_REDUCTIONS)),
+    )
+
     def __init__(
         self,
         beta: Number = 0.5,
@@ -418,11 +422,7 @@ class GeneralizedJSDLoss(_TokenLoss):
         vocab_size: int | None = None,
         reduction: str = "mean",
     ):
-        check_fraction("GeneralizedJSDLoss", "beta", beta)
-        check_positive("GeneralizedJSDLoss", "temperature", temperature, allow_tensor=True)
-        check_reduction("GeneralizedJSDLoss", reduction, TOKEN_REDUCTIONS)
-        options = {"beta": beta, "temperature": temperature, "vocab_size": vocab_size, "reduction": reduction}
-        super().__init__(generalized_jsd_loss, options)
+        super().__init__(beta=beta, temperature=temperature, vocab_size=vocab_size, reduction=reduction)
 
 
 class SkewKLLoss(_TokenLoss):
@@ -442,6 +442,18 @@ class SkewKLLoss(_TokenLoss):
         0.0
     """
 
+    alpha: Number
+    reverse: bool
+    temperature: Number
+    vocab_size: int | None
+    reduction: str
+    _function = staticmethod(skew_kl_loss)
+    _checks = (
+        ("alpha", check_fraction),
+        ("temperature", check_temperature),
+        ("reduction", reduction_in(TOKEN_REDUCTIONS)),
+    )
+
     def __init__(
         self,
         alpha: Number = 0.1,
@@ -451,8 +463,6 @@ class SkewKLLoss(_TokenLoss):
         vocab_size: int | None = None,
         reduction: str = "mean",
     ):
-        check_fraction("SkewKLLoss", "alpha", alpha)
-        check_positive("SkewKLLoss", "temperature", temperature, allow_tensor=True)
-        check_reduction("SkewKLLoss", reduction, TOKEN_REDUCTIONS)
-        options = {"alpha": alpha, "reverse": reverse, "temperature": temperature, "vocab_size": vocab_size}
-        super().__init__(skew_kl_loss, {**options, "reduction": reduction})
+        super().__init__(
+            alpha=alpha, reverse=reverse, temperature=temperature, vocab_size=vocab_size, reduction=reduction
+        )

@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from funcdistill.losses._checks import (
+    REDUCTIONS,
     check_positive,
     check_reduction,
     check_same_shape,
     check_tensors,
     reduce,
 )
+from funcdistill.losses._module import LossModule, check_module, reduction_in
 
 __all__ = [
     "AttentionTransferLoss",
@@ -188,14 +190,10 @@ def hint_adapter(student_channels: int, teacher_channels: int, *, ndim: int = 4)
     )
 
 
-def _check_adapter(loss: str, adapter: object) -> None:
-    if adapter is not None and not isinstance(adapter, nn.Module):
-        raise TypeError(
-            f"{loss}: adapter must be an nn.Module or None (e.g. hint_adapter(...)), got {type(adapter).__name__}."
-        )
+_check_adapter = check_module("hint_adapter(...)", optional=True)
 
 
-class FitNetsLoss(nn.Module):
+class FitNetsLoss(LossModule):
     """FitNets hint loss of Romero et al. (2015), with a trainable adapter.
 
     "FitNets: Hints for Thin Deep Nets", ICLR 2015, arXiv:1412.6550:
@@ -218,23 +216,23 @@ class FitNetsLoss(nn.Module):
         torch.Size([])
     """
 
+    adapter: nn.Module | None
+    reduction: str
+    _function = staticmethod(mse_loss)
+    _checks = (("adapter", _check_adapter), ("reduction", reduction_in(REDUCTIONS)))
+    _parts = ("adapter",)
+
     def __init__(self, adapter: nn.Module | None = None, *, reduction: str = "mean"):
-        super().__init__()
-        _check_adapter("FitNetsLoss", adapter)
-        self.adapter = adapter
-        self.reduction = check_reduction("FitNetsLoss", reduction)
+        super().__init__(adapter=adapter, reduction=reduction)
 
     def forward(self, teacher_feat: torch.Tensor, student_feat: torch.Tensor) -> torch.Tensor:
-        check_tensors("FitNetsLoss", teacher_feat=teacher_feat, student_feat=student_feat)
+        check_tensors(type(self).__name__, teacher_feat=teacher_feat, student_feat=student_feat)
         if self.adapter is not None:
             student_feat = self.adapter(student_feat)
-        return mse_loss(teacher_feat, student_feat, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return super().forward(teacher_feat, student_feat)
 
 
-class CosineLoss(nn.Module):
+class CosineLoss(LossModule):
     """:func:`cosine_loss` as a module, with an optional student-side adapter.
 
     ``forward(teacher, student) = cosine_loss(teacher, adapter(student))``. With
@@ -253,24 +251,24 @@ class CosineLoss(nn.Module):
         torch.Size([])
     """
 
+    adapter: nn.Module | None
+    dim: int
+    reduction: str
+    _function = staticmethod(cosine_loss)
+    _checks = (("adapter", _check_adapter), ("reduction", reduction_in(REDUCTIONS)))
+    _parts = ("adapter",)
+
     def __init__(self, adapter: nn.Module | None = None, *, dim: int = -1, reduction: str = "mean"):
-        super().__init__()
-        _check_adapter("CosineLoss", adapter)
-        self.adapter = adapter
-        self.dim = dim
-        self.reduction = check_reduction("CosineLoss", reduction)
+        super().__init__(adapter=adapter, dim=dim, reduction=reduction)
 
     def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        check_tensors("CosineLoss", teacher=teacher, student=student)
+        check_tensors(type(self).__name__, teacher=teacher, student=student)
         if self.adapter is not None:
             student = self.adapter(student)
-        return cosine_loss(teacher, student, dim=self.dim, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, reduction={self.reduction!r}"
+        return super().forward(teacher, student)
 
 
-class AttentionTransferLoss(nn.Module):
+class AttentionTransferLoss(LossModule):
     """:func:`attention_transfer_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -284,14 +282,10 @@ class AttentionTransferLoss(nn.Module):
         0.0
     """
 
+    p: float
+    reduction: str
+    _function = staticmethod(attention_transfer_loss)
+    _checks = (("p", check_positive), ("reduction", reduction_in(REDUCTIONS)))
+
     def __init__(self, p: float = 2.0, *, reduction: str = "mean"):
-        super().__init__()
-        check_positive("AttentionTransferLoss", "p", p)
-        self.p = p
-        self.reduction = check_reduction("AttentionTransferLoss", reduction)
-
-    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        return attention_transfer_loss(teacher, student, p=self.p, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, reduction={self.reduction!r}"
+        super().__init__(p=p, reduction=reduction)

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from funcdistill.losses._checks import (
     REDUCTIONS_BATCHMEAN,
@@ -19,6 +18,7 @@ from funcdistill.losses._checks import (
     kl_terms,
     reduce,
 )
+from funcdistill.losses._module import LossModule, check_temperature, reduction_in
 
 __all__ = [
     "DISTLoss",
@@ -319,7 +319,7 @@ def standardize_logits(logits: torch.Tensor, *, eps: float = 1e-7) -> torch.Tens
     return centred / (logits.std(dim=-1, keepdim=True) + eps)
 
 
-class KDLoss(nn.Module):
+class KDLoss(LossModule):
     """:func:`kd_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -333,20 +333,16 @@ class KDLoss(nn.Module):
         0.0
     """
 
+    temperature: Temperature
+    reduction: str
+    _function = staticmethod(kd_loss)
+    _checks = (("temperature", check_temperature), ("reduction", reduction_in(REDUCTIONS_BATCHMEAN)))
+
     def __init__(self, temperature: Temperature = 1.0, *, reduction: str = "batchmean"):
-        super().__init__()
-        check_positive("KDLoss", "temperature", temperature, allow_tensor=True)
-        self.temperature = temperature
-        self.reduction = check_reduction("KDLoss", reduction, REDUCTIONS_BATCHMEAN)
-
-    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        return kd_loss(teacher_logits, student_logits, temperature=self.temperature, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        super().__init__(temperature=temperature, reduction=reduction)
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(LossModule):
     """:func:`dkd_loss` as a module; call it as ``loss(teacher_logits, student_logits, target)``.
 
     Args:
@@ -362,6 +358,18 @@ class DKDLoss(nn.Module):
         0.0
     """
 
+    alpha: float | torch.Tensor
+    beta: float | torch.Tensor
+    temperature: Temperature
+    reduction: str
+    _function = staticmethod(dkd_loss)
+    _checks = (
+        ("alpha", check_weight),
+        ("beta", check_weight),
+        ("temperature", check_temperature),
+        ("reduction", reduction_in(REDUCTIONS_BATCHMEAN)),
+    )
+
     def __init__(
         self,
         alpha: float | torch.Tensor = 1.0,
@@ -370,31 +378,10 @@ class DKDLoss(nn.Module):
         *,
         reduction: str = "batchmean",
     ):
-        super().__init__()
-        check_weight("DKDLoss", "alpha", alpha)
-        check_weight("DKDLoss", "beta", beta)
-        check_positive("DKDLoss", "temperature", temperature, allow_tensor=True)
-        self.alpha = alpha
-        self.beta = beta
-        self.temperature = temperature
-        self.reduction = check_reduction("DKDLoss", reduction, REDUCTIONS_BATCHMEAN)
-
-    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: Any) -> torch.Tensor:
-        return dkd_loss(
-            teacher_logits,
-            student_logits,
-            target,
-            alpha=self.alpha,
-            beta=self.beta,
-            temperature=self.temperature,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+        super().__init__(alpha=alpha, beta=beta, temperature=temperature, reduction=reduction)
 
 
-class DISTLoss(nn.Module):
+class DISTLoss(LossModule):
     """:func:`dist_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -413,6 +400,18 @@ class DISTLoss(nn.Module):
         True
     """
 
+    beta: float | torch.Tensor
+    gamma: float | torch.Tensor
+    temperature: Temperature
+    eps: float
+    _function = staticmethod(dist_loss)
+    _checks = (
+        ("beta", check_weight),
+        ("gamma", check_weight),
+        ("temperature", check_temperature),
+        ("eps", check_positive),
+    )
+
     def __init__(
         self,
         beta: float | torch.Tensor = 1.0,
@@ -421,31 +420,18 @@ class DISTLoss(nn.Module):
         *,
         eps: float = 1e-8,
     ):
-        super().__init__()
-        check_weight("DISTLoss", "beta", beta)
-        check_weight("DISTLoss", "gamma", gamma)
-        check_positive("DISTLoss", "temperature", temperature, allow_tensor=True)
-        check_positive("DISTLoss", "eps", eps)
-        self.beta = beta
-        self.gamma = gamma
-        self.temperature = temperature
-        self.eps = eps
+        super().__init__(beta=beta, gamma=gamma, temperature=temperature, eps=eps)
 
-    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        return dist_loss(
-            teacher_logits,
-            student_logits,
-            beta=self.beta,
-            gamma=self.gamma,
-            temperature=self.temperature,
-            eps=self.eps,
+
+def _check_logit_loss(loss: str, name: str, value: Any) -> None:
+    if not callable(value):
+        raise TypeError(
+            f"{loss}: {name} must be a logit loss (a module or function such as "
+            f"KDLoss(temperature=2.0) or kd_loss), got {type(value).__name__}."
         )
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, eps={self.eps}"
 
-
-class LogitStandardization(nn.Module):
+class LogitStandardization(LossModule):
     """A logit loss on standardized logits (Sun et al. 2024), for use as a mapping payload.
 
     ``LogitStandardization(loss)(t, s, *args)`` is
@@ -469,16 +455,13 @@ class LogitStandardization(nn.Module):
         True
     """
 
+    loss: Any
+    eps: float
+    _checks = (("loss", _check_logit_loss), ("eps", check_positive))
+    _parts = ("loss",)
+
     def __init__(self, loss: Any, *, eps: float = 1e-7):
-        super().__init__()
-        if not callable(loss):
-            raise TypeError(
-                "LogitStandardization: loss must be a logit loss (a module or function such as "
-                f"KDLoss(temperature=2.0) or kd_loss), got {type(loss).__name__}."
-            )
-        check_positive("LogitStandardization", "eps", eps)
-        self.loss = loss
-        self.eps = eps
+        super().__init__(loss=loss, eps=eps)
 
     def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.loss(
@@ -487,6 +470,3 @@ class LogitStandardization(nn.Module):
             *args,
             **kwargs,
         )
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}"

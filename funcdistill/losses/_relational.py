@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from funcdistill.losses._checks import check_reduction, check_tensors, check_weight, reduce
+from funcdistill.losses._checks import REDUCTIONS, check_reduction, check_tensors, check_weight, reduce
+from funcdistill.losses._module import LossModule, reduction_in
 
 __all__ = ["RKDLoss", "rkd_loss"]
 
@@ -107,7 +107,7 @@ def _angles(diff: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(-1, -2)
 
 
-class RKDLoss(nn.Module):
+class RKDLoss(LossModule):
     """:func:`rkd_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -122,6 +122,16 @@ class RKDLoss(nn.Module):
         0.0
     """
 
+    distance_weight: float | torch.Tensor
+    angle_weight: float | torch.Tensor
+    reduction: str
+    _function = staticmethod(rkd_loss)
+    _checks = (
+        ("distance_weight", check_weight),
+        ("angle_weight", check_weight),
+        ("reduction", reduction_in(REDUCTIONS)),
+    )
+
     def __init__(
         self,
         distance_weight: float | torch.Tensor = 25.0,
@@ -129,21 +139,4 @@ class RKDLoss(nn.Module):
         *,
         reduction: str = "mean",
     ):
-        super().__init__()
-        check_weight("RKDLoss", "distance_weight", distance_weight)
-        check_weight("RKDLoss", "angle_weight", angle_weight)
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
-        self.reduction = check_reduction("RKDLoss", reduction)
-
-    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        return rkd_loss(
-            teacher,
-            student,
-            distance_weight=self.distance_weight,
-            angle_weight=self.angle_weight,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, reduction={self.reduction!r}"
+        super().__init__(distance_weight=distance_weight, angle_weight=angle_weight, reduction=reduction)

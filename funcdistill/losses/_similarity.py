@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from funcdistill.losses._checks import check_positive, check_reduction, check_tensors, reduce
+from funcdistill.losses._checks import REDUCTIONS, check_positive, check_reduction, check_tensors, reduce
+from funcdistill.losses._module import LossModule, reduction_in
 from funcdistill.losses._relational import check_batches
 
 __all__ = ["PKTLoss", "SPLoss", "pkt_loss", "sp_loss"]
@@ -118,7 +118,7 @@ def _normalised_gram(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(q @ q.T, p=2.0, dim=1)
 
 
-class PKTLoss(nn.Module):
+class PKTLoss(LossModule):
     """:func:`pkt_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -132,20 +132,16 @@ class PKTLoss(nn.Module):
         0.0
     """
 
+    eps: float
+    reduction: str
+    _function = staticmethod(pkt_loss)
+    _checks = (("eps", check_positive), ("reduction", reduction_in(REDUCTIONS)))
+
     def __init__(self, eps: float = 1e-7, *, reduction: str = "mean"):
-        super().__init__()
-        check_positive("PKTLoss", "eps", eps)
-        self.eps = eps
-        self.reduction = check_reduction("PKTLoss", reduction)
-
-    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        return pkt_loss(teacher, student, eps=self.eps, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}, reduction={self.reduction!r}"
+        super().__init__(eps=eps, reduction=reduction)
 
 
-class SPLoss(nn.Module):
+class SPLoss(LossModule):
     """:func:`sp_loss` as a module, for use as a mapping payload.
 
     Args:
@@ -158,12 +154,9 @@ class SPLoss(nn.Module):
         0.0
     """
 
+    reduction: str
+    _function = staticmethod(sp_loss)
+    _checks = (("reduction", reduction_in(REDUCTIONS)),)
+
     def __init__(self, *, reduction: str = "mean"):
-        super().__init__()
-        self.reduction = check_reduction("SPLoss", reduction)
-
-    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-        return sp_loss(teacher, student, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        super().__init__(reduction=reduction)
