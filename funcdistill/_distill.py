@@ -16,6 +16,7 @@ from funcdistill._capture import Capture, cast_floating
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
+from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
 from funcdistill._state import state
 from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
@@ -186,7 +187,7 @@ class DistillFn(Frozen):
         "_student",
         "_payload_keys",
         "_bound",
-        "_plan",
+        "_pairs",
     )
     _immutable_name = "a distill function"
     _immutable_hint = " Call distill() again for other settings."
@@ -200,7 +201,7 @@ class DistillFn(Frozen):
     _student: Capture
     _payload_keys: frozenset[str]
     _bound: dict[int, Capture]
-    _plan: tuple[tuple[str, str, Any], ...]
+    _pairs: tuple[tuple[str | Point, str | Point, Any], ...]
 
     def __init__(
         self,
@@ -251,12 +252,12 @@ class DistillFn(Frozen):
             _teacher=t,
             _student=s,
             _bound=bound,
-            _plan=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
+            _pairs=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
             _payload_keys=_payload_keys(bound, s),
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # the shadows, plans and verdicts are derived: a copy rebuilds them from the (copied) models
+        # the shadows, swap plans and verdicts are derived: a copy rebuilds them from the (copied) models
         return (
             _rebuild,
             (
@@ -305,12 +306,12 @@ class DistillFn(Frozen):
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
             )
         if self.teacher_dtype is None and not self._bound:
-            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
+            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._pairs])
         else:
             pairs = tuple(
                 [
                     Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
-                    for i, (t, s, p) in enumerate(self._plan)
+                    for i, (t, s, p) in enumerate(self._pairs)
                 ]
             )
         if not keep:

@@ -70,7 +70,7 @@ class Options:
         self.seed = _augment.check_seed(kw["seed"])
         self.progress = bool(kw["progress"])
         self.device = _device(fn, teacher_state, kw["device"])
-        self.keys = list(dict.fromkeys(t for t, _, _ in fn._plan))
+        self.keys = list(dict.fromkeys(t for t, _, _ in fn._pairs))
         self.points = [_keys.point_key(k) for k in self.keys]  # stable keys, not reprs
         self.storage = _storage(fn, self.keys, kw["dtype"], kw["topk"], _temperature(kw["topk_temperature"]))
         if any(m.training for m in fn._teacher.model.modules()):
@@ -150,10 +150,10 @@ def _temperature(value: Any) -> float:
 
 def _storage(fn: Any, keys: list[Any], dtype: Any, topk: Any, temperature: float) -> list[dict[str, Any]]:
     """Storage dtype and top-k of each teacher point, from the per-pair options."""
-    n = len(fn._plan)
+    n = len(fn._pairs)
     dtypes, ks = _per_pair("dtype", dtype, n, _check_dtype), _per_pair("topk", topk, n, _check_k)
     chosen: dict[Any, tuple[Any, Any, int]] = {}
-    for i, (t, _, _) in enumerate(fn._plan):
+    for i, (t, _, _) in enumerate(fn._pairs):
         option = (dtypes.get(i), ks.get(i))
         if t in chosen and chosen[t][:2] != option:
             raise ValueError(
@@ -407,7 +407,7 @@ class _Runner:
             ]
         out: dict[str, torch.Tensor] = {}
         for k, entry in zip(o.keys, self.entries):
-            pairs = [i for i, (t, _, _) in enumerate(o.fn._plan) if t == k]
+            pairs = [i for i, (t, _, _) in enumerate(o.fn._pairs) if t == k]
             out.update(_layout.to_tensors(entry, captured[k], n, first, pairs=pairs))
         return out
 

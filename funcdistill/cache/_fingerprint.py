@@ -47,7 +47,7 @@ def to_dtype(name: str) -> torch.dtype:
 
 def teacher_points(fn: Any) -> tuple[str, ...]:
     """The distinct teacher points of a distill function, as stable keys, in mapping order."""
-    return tuple(dict.fromkeys(point_key(t) for t, _, _ in fn._plan))
+    return tuple(dict.fromkeys(point_key(t) for t, _, _ in fn._pairs))
 
 
 def teacher_class(model: Any) -> str:

@@ -139,7 +139,7 @@ def teacher_outputs(outputs: TeacherOutputs, fn: Any) -> dict[Any, Any]:
     else:
         positions = outputs.built_for.positions(fn)
     values = outputs.values
-    return {t: values[i] for (t, _, _), i in zip(fn._plan, positions)}
+    return {t: values[i] for (t, _, _), i in zip(fn._pairs, positions)}
 
 
 def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
@@ -158,7 +158,7 @@ def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
             f"{where} was built for another teacher: {difference}. Use a distill function of the teacher "
             "the cache was built for, or build a cache for this teacher (TeacherCache.build(fn, ...))."
         )
-    return tuple(built_for.keys.index(point_key(t)) for t, _, _ in fn._plan)
+    return tuple(built_for.keys.index(point_key(t)) for t, _, _ in fn._pairs)
 
 
 # traced code calls the check at trace time and keeps its result as a constant of the graph
