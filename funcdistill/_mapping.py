@@ -12,6 +12,7 @@ from torch import nn
 from funcdistill import _names
 from funcdistill._frozen import Frozen, init
 from funcdistill._point import Point
+from funcdistill._pytree import register_node
 
 __all__ = ["Mapping", "Pair"]
 
@@ -210,3 +211,13 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - an incomparable payload is simply not equal
         return False
+
+
+# A Mapping is a pytree: its leaves are the payloads; the models and the names are static metadata.
+register_node(
+    Mapping,
+    lambda m: (m._payloads, (m._teacher, m._student, m._names)),
+    lambda meta, payloads: Mapping._build(*meta, payloads),
+    name="funcdistill.Mapping",
+    drop_none=True,
+)
