@@ -214,10 +214,13 @@ def _same(a: Any, b: Any) -> bool:
 
 
 # A Mapping is a pytree: its leaves are the payloads; the models and the names are static metadata.
-register_node(
-    Mapping,
-    lambda m: (m._payloads, (m._teacher, m._student, m._names)),
-    lambda meta, payloads: Mapping._build(*meta, payloads),
-    name="funcdistill.Mapping",
-    drop_none=True,
-)
+def _flatten(m: Mapping) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return m._payloads, (m._teacher, m._student, m._names)
+
+
+def _unflatten(meta: tuple[Any, ...], payloads: tuple[Any, ...]) -> Mapping:
+    teacher, student, names = meta
+    return Mapping._build(teacher, student, names, payloads)
+
+
+register_node(Mapping, _flatten, _unflatten, name="funcdistill.Mapping", drop_none=True)
