@@ -26,9 +26,13 @@ from typing import Any
 import torch
 
 from funcdistill import _sharded
+from funcdistill._distill import DistillFn
+from funcdistill._keys import point_key
+from funcdistill._outputs import dtype_name, teacher_record
+from funcdistill._point import Point
 from funcdistill._pytree import tree_map
 from funcdistill._state import state
-from funcdistill.cache import _augment, _fingerprint, _keys, _layout, _lock, _ranks, _store
+from funcdistill.cache import _augment, _fingerprint, _layout, _lock, _ranks, _store
 from funcdistill.cache._ranks import Ranks
 
 __all__: list[str] = []
@@ -39,9 +43,7 @@ TARGET_SHARD_BYTES = 64 << 20
 class Options:
     """The checked arguments of one build."""
 
-    def __init__(self, fn: Any, teacher_state: Any, dataset: Any, path: Any, **kw: Any):
-        from funcdistill._distill import DistillFn
-
+    def __init__(self, fn: DistillFn, teacher_state: Any, dataset: Any, path: Any, **kw: Any):
         if not isinstance(fn, DistillFn):
             raise TypeError(
                 f"TeacherCache.build takes a distill function (funcdistill.distill), got {type(fn).__name__}."
@@ -70,10 +72,10 @@ class Options:
         self.seed = _augment.check_seed(kw["seed"])
         self.progress = bool(kw["progress"])
         self.device = _device(fn, teacher_state, kw["device"])
-        self.keys = list(dict.fromkeys(t for t, _, _ in fn._pairs))
-        self.points = [_keys.point_key(k) for k in self.keys]  # stable keys, not reprs
+        self.keys = list(fn.teacher_points)
+        self.points = [point_key(k) for k in self.keys]  # stable keys, not reprs
         self.storage = _storage(fn, self.keys, kw["dtype"], kw["topk"], _temperature(kw["topk_temperature"]))
-        if any(m.training for m in fn._teacher.model.modules()):
+        if any(m.training for m in fn.teacher_model.modules()):
             raise ValueError(
                 "the teacher has modules in training mode, whose outputs depend on the batch and on random "
                 "draws (dropout, BatchNorm batch statistics); a cache records one output per sample. Put the "
@@ -82,7 +84,7 @@ class Options:
 
     def settings(self) -> dict[str, Any]:
         """What the cache is built for, but the teacher's weights and the output layout."""
-        structure = _fingerprint.structure(self.fn)
+        cls, structure = teacher_record(self.fn.teacher_model)
         meta = {
             "format": _store.FORMAT,
             "version": _store.VERSION,
@@ -93,7 +95,7 @@ class Options:
             "points": self.points,
             "storage": self.storage,
             "teacher": {
-                "class": _fingerprint.teacher_class(self.fn._teacher.model),
+                "class": cls,
                 "structure": [list(e) for e in structure],
             },
         }
@@ -101,7 +103,7 @@ class Options:
 
     def weights(self) -> str:
         """SHA-256 of the whole teacher state (the model's own entries, then those given); collective for DTensors."""
-        return _fingerprint.weights({**state(self.fn._teacher.model), **dict(self.teacher_state)})
+        return _fingerprint.weights({**state(self.fn.teacher_model), **dict(self.teacher_state)})
 
     def meta(self) -> dict[str, Any]:
         """What the cache is built for, without the output layout (known after the first batch)."""
@@ -111,7 +113,7 @@ class Options:
 
     def sharded(self) -> bool:
         """Whether the teacher runs on DTensor shards (FSDP2), whose forward is a collective of every rank."""
-        tensors = [*self.teacher_state.values(), *state(self.fn._teacher.model).values()]
+        tensors = [*self.teacher_state.values(), *state(self.fn.teacher_model).values()]
         return any(type(t) is not torch.Tensor and _sharded._is_dtensor(t) for t in tensors)
 
 
@@ -148,12 +150,12 @@ def _temperature(value: Any) -> float:
     return float(value)
 
 
-def _storage(fn: Any, keys: list[Any], dtype: Any, topk: Any, temperature: float) -> list[dict[str, Any]]:
+def _storage(fn: DistillFn, keys: list[str | Point], dtype: Any, topk: Any, temperature: float) -> list[dict[str, Any]]:
     """Storage dtype and top-k of each teacher point, from the per-pair options."""
-    n = len(fn._pairs)
+    n = len(fn.mapping)
     dtypes, ks = _per_pair("dtype", dtype, n, _check_dtype), _per_pair("topk", topk, n, _check_k)
     chosen: dict[Any, tuple[Any, Any, int]] = {}
-    for i, (t, _, _) in enumerate(fn._pairs):
+    for i, (t, _) in enumerate(fn.mapping.names):
         option = (dtypes.get(i), ks.get(i))
         if t in chosen and chosen[t][:2] != option:
             raise ValueError(
@@ -164,7 +166,7 @@ def _storage(fn: Any, keys: list[Any], dtype: Any, topk: Any, temperature: float
         chosen.setdefault(t, (*option, i))
     return [
         {
-            "dtype": None if chosen[t][0] is None else _fingerprint.dtype_name(chosen[t][0]),
+            "dtype": None if chosen[t][0] is None else dtype_name(chosen[t][0]),
             "topk": chosen[t][1],
             "temperature": temperature if chosen[t][1] is not None else None,
         }
@@ -376,8 +378,7 @@ class _Runner:
             self.ranks.anyone(True, o.device)
             self.spare = args
         with torch.no_grad():
-            _, captured, _, _ = o.fn._teacher.run(o.teacher_state, args, {})
-        return captured
+            return o.fn.run_teacher(o.teacher_state, args, {})
 
     def _drain(self) -> None:
         """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
@@ -395,7 +396,7 @@ class _Runner:
             if self.spare is None:
                 self.spare = _to(_collate([o.dataset[0]], o.inputs), o.device)
             with torch.no_grad():
-                o.fn._teacher.run(o.teacher_state, self.spare, {})
+                o.fn.run_teacher(o.teacher_state, self.spare, {})
 
     def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
         o = self.o
@@ -407,7 +408,7 @@ class _Runner:
             ]
         out: dict[str, torch.Tensor] = {}
         for k, entry in zip(o.keys, self.entries):
-            pairs = [i for i, (t, _, _) in enumerate(o.fn._pairs) if t == k]
+            pairs = [i for i, (t, _) in enumerate(o.fn.mapping.names) if t == k]
             out.update(_layout.to_tensors(entry, captured[k], n, first, pairs=pairs))
         return out
 
@@ -422,11 +423,11 @@ def _default_shard_size(per_sample: int, batch_size: int) -> int:
     return batches * batch_size
 
 
-def _device(fn: Any, teacher_state: AbcMapping[str, Any], device: Any) -> torch.device:
+def _device(fn: DistillFn, teacher_state: AbcMapping[str, Any], device: Any) -> torch.device:
     """Where the teacher runs: ``device``, else that of the teacher state (or the teacher's own tensors)."""
     if device is not None:
         return torch.device(device)
-    tensors = [*teacher_state.values(), *state(fn._teacher.model).values()]
+    tensors = [*teacher_state.values(), *state(fn.teacher_model).values()]
     return next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
