@@ -14,6 +14,7 @@ from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
 from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _store
+from funcdistill.cache._options import Options
 
 __all__ = ["TeacherCache"]
 
@@ -165,7 +166,7 @@ class TeacherCache(Frozen):
             TimeoutError: another build of ``path`` still runs after
                 ``timeout`` seconds (the message says which process).
         """
-        options = _build.Options(
+        options = Options(
             fn,
             teacher_state,
             dataset,
