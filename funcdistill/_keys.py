@@ -1,7 +1,7 @@
 """The stable key of a teacher point: a canonical string of its fields, not its ``repr``.
 
 Teacher outputs made outside a call name the teacher points they hold by these
-keys (:class:`~funcdistill.cache.BuiltFor` ``.keys``), and a distill function's
+keys (:class:`~funcdistill._outputs.BuiltFor` ``.keys``), and a distill function's
 points are matched by them. A cache writes them in ``index.json`` (``points``,
 and ``point`` in each layout entry). The key is the point's name as a JSON
 string, then each field that is not its default, in the order ``io``,

@@ -2,7 +2,7 @@
 
 A distill function given a :class:`TeacherOutputs` in place of the teacher
 state does not run the teacher: it takes the values from it. Whatever makes
-them (a teacher cache, :mod:`funcdistill.cache`; a served teacher or a teacher
+them (a teacher cache, ``TeacherCache``; a served teacher or a teacher
 of another tokenizer later) records what they were built for, a
 :class:`BuiltFor`: the teacher points they hold, by their stable keys
 (:mod:`funcdistill._keys`), and the teacher's class and state layout (its
@@ -16,7 +16,7 @@ they were built for is static metadata), so it passes through
 state dict. :class:`TopK` is a ``NamedTuple``, which optree and torch already
 treat as a pytree.
 
-The core never imports :mod:`funcdistill.cache`; the cache imports these.
+The core never imports the cache; the cache imports these (and re-exports the public ones).
 """
 
 from __future__ import annotations
@@ -234,5 +234,5 @@ def _unflatten(built_for: BuiltFor, values: tuple[Any, ...]) -> TeacherOutputs:
     return new
 
 
-# the serialized name is the public path, funcdistill.cache.TeacherOutputs, as before the class moved here
+# torch's serialized name stays the public path the class is shown at, as before it moved into the core
 register_node(TeacherOutputs, _flatten, _unflatten, name="funcdistill.cache.TeacherOutputs")

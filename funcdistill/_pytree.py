@@ -5,7 +5,7 @@ torch has it, else from ``torch.utils._pytree``. A value class registers itself
 next to its definition, once, with :func:`register_node`, which registers it
 with optree (namespace ``"funcdistill"``) and with torch's registry alike:
 :class:`~funcdistill.Mapping` (its leaves are the payloads) and
-:class:`~funcdistill.cache.TeacherOutputs` (its leaves are the teacher's values).
+:class:`~funcdistill._outputs.TeacherOutputs` (its leaves are the teacher's values).
 """
 
 from __future__ import annotations
