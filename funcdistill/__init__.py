@@ -21,7 +21,6 @@ API is :mod:`funcdistill.compat`.
 ['BoundPayload', 'BufferUpdateWarning', 'Buffers', 'DistillFn', 'Mapping', 'Pair', 'Point', 'TeacherCache', 'distill', 'state']
 """
 
-from funcdistill import _pytree as _pytree  # registers Mapping as a pytree
 from funcdistill._distill import Buffers, BufferUpdateWarning, DistillFn, distill
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload

@@ -15,10 +15,11 @@ from funcdistill import _names, _payloads, _roles
 from funcdistill._capture import Capture, cast_floating
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
+from funcdistill._outputs import TeacherOutputs, teacher_values
 from funcdistill._payloads import BoundPayload
+from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
 from funcdistill._state import state
-from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
 
 __all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]
 
@@ -173,7 +174,13 @@ def distill_inplace(
 
 
 class DistillFn(Frozen):
-    """The pure function made by :func:`distill`; see there."""
+    """The pure function made by :func:`distill`; see there.
+
+    Its teacher side is also open to funcdistill's own modules that make or
+    take teacher outputs without running the student (the teacher cache):
+    :attr:`teacher_model`, :attr:`teacher_points` and :meth:`run_teacher`.
+    These are package-internal, not a stable public API.
+    """
 
     __slots__ = (
         "mapping",
@@ -186,7 +193,7 @@ class DistillFn(Frozen):
         "_student",
         "_payload_keys",
         "_bound",
-        "_plan",
+        "_pairs",
     )
     _immutable_name = "a distill function"
     _immutable_hint = " Call distill() again for other settings."
@@ -200,7 +207,7 @@ class DistillFn(Frozen):
     _student: Capture
     _payload_keys: frozenset[str]
     _bound: dict[int, Capture]
-    _plan: tuple[tuple[str, str, Any], ...]
+    _pairs: tuple[tuple[str, str, Any], ...]
 
     def __init__(
         self,
@@ -251,12 +258,12 @@ class DistillFn(Frozen):
             _teacher=t,
             _student=s,
             _bound=bound,
-            _plan=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
+            _pairs=tuple((t, s, p) for (t, s), p in zip(mapping.names, mapping.payload())),
             _payload_keys=_payload_keys(bound, s),
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # the shadows, plans and verdicts are derived: a copy rebuilds them from the (copied) models
+        # the shadows, swap plans and verdicts are derived: a copy rebuilds them from the (copied) models
         return (
             _rebuild,
             (
@@ -292,30 +299,77 @@ class DistillFn(Frozen):
         if self._payload_keys and isinstance(student_state, AbcMapping):
             payload_state, student_state = self._split(student_state)
         keep, report = bool(self.mutable), self.mutable is None
-        if isinstance(teacher_state, TeacherOutputs):  # a teacher cache stands in for the teacher
-            t_out, t_buffers, t_dropped = teacher_outputs(teacher_state, self), None, False
-        else:
-            with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
-                _, t_out, t_buffers, t_dropped = self._teacher.run(
-                    teacher_state, args, kwargs, buffers=keep, report=report
-                )
+        t_out, t_buffers, t_dropped = self._teacher_side(teacher_state, args, kwargs, buffers=keep, report=report)
         _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:
             _warn_dropped_buffers(
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
             )
         if self.teacher_dtype is None and not self._bound:
-            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._plan])
+            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._pairs])
         else:
             pairs = tuple(
                 [
                     Pair(self._teacher_value(t_out[t], s_out[s]), s_out[s], self._payload(i, p, payload_state))
-                    for i, (t, s, p) in enumerate(self._plan)
+                    for i, (t, s, p) in enumerate(self._pairs)
                 ]
             )
         if not keep:
             return pairs
         return pairs, Buffers(t_buffers or {}, s_buffers or {})
+
+    @property
+    def teacher_model(self) -> nn.Module:
+        """The live teacher module given to :func:`distill` (never modified). Package-internal."""
+        return self._teacher.model
+
+    @property
+    def teacher_points(self) -> tuple[str | Point, ...]:
+        """The distinct teacher points of the mapping, in mapping order: names, or Points for the others.
+
+        Package-internal. These are the keys of :meth:`run_teacher`'s values.
+        """
+        return tuple(dict.fromkeys(t for t, _, _ in self._pairs))
+
+    def run_teacher(
+        self, teacher_state: AbcMapping[str, torch.Tensor] | TeacherOutputs, args: tuple, kwargs: dict[str, Any]
+    ) -> dict[str | Point, Any]:
+        """The teacher side of a call on these inputs: its value at each teacher point. Package-internal.
+
+        The teacher runs as in ``fn(teacher_state, student_state, *args,
+        **kwargs)``, with its truncation and ``teacher_dtype`` (the values
+        are in that dtype: a call casts them when it pairs them), under
+        :func:`torch.no_grad` when ``nograd_teacher``; given teacher outputs
+        in place of the state, nothing runs and their values are checked and
+        returned. The student never runs; buffer updates are dropped.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import funcdistill as fd
+            >>> t = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+            >>> fn = fd.distill(t, nn.Linear(4, 2), fd.Mapping().add("1", "").add("", ""))
+            >>> fn.teacher_points
+            ('1', '')
+            >>> values = fn.run_teacher(fd.state(t), (torch.ones(3, 4),), {})
+            >>> [tuple(values[p].shape) for p in fn.teacher_points]
+            [(3, 8), (3, 2)]
+        """
+        return self._teacher_side(teacher_state, args, kwargs, buffers=False, report=False)[0]
+
+    def _teacher_side(
+        self, teacher_state: Any, args: tuple, kwargs: dict[str, Any], *, buffers: bool, report: bool
+    ) -> tuple[dict[Any, Any], dict[str, torch.Tensor] | None, bool]:
+        """The one place a call's teacher side runs, or takes its values from teacher outputs.
+
+        Returns the values at the teacher points, the buffers it ran with
+        (when ``buffers``) and whether it dropped buffer updates (when ``report``).
+        """
+        if isinstance(teacher_state, TeacherOutputs):  # a teacher cache stands in for the teacher
+            return teacher_values(teacher_state, self), None, False
+        with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
+            _, values, kept, dropped = self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
+        return values, kept, dropped
 
     def _split(self, student_state: AbcMapping[str, Any]) -> tuple[dict[str, Any], AbcMapping[str, Any]]:
         payload_state, rest = _payloads.split(student_state, self._payload_keys)

@@ -12,6 +12,7 @@ from torch import nn
 from funcdistill import _names
 from funcdistill._frozen import Frozen, init
 from funcdistill._point import Point
+from funcdistill._pytree import register_node
 from funcdistill._roles import check_distinct, model_name
 
 __all__ = ["Mapping", "Pair"]
@@ -205,3 +206,16 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - an incomparable payload is simply not equal
         return False
+
+
+# A Mapping is a pytree: its leaves are the payloads; the models and the names are static metadata.
+def _flatten(m: Mapping) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return m._payloads, (m._teacher, m._student, m._names)
+
+
+def _unflatten(meta: tuple[Any, ...], payloads: tuple[Any, ...]) -> Mapping:
+    teacher, student, names = meta
+    return Mapping._build(teacher, student, names, payloads)
+
+
+register_node(Mapping, _flatten, _unflatten, name="funcdistill.Mapping", drop_none=True)

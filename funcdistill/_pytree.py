@@ -1,9 +1,11 @@
-"""Every pytree call of the package, and the registration of :class:`Mapping`, in one place.
+"""Every pytree call of the package, and :func:`register_node`, the one way a value class becomes a pytree.
 
 Tree utilities come from the public ``torch.utils.pytree`` where the installed
-torch has it, else from ``torch.utils._pytree``. :class:`Mapping` is registered
-once, with optree (namespace ``"funcdistill"``) and with torch's registry:
-its leaves are the payloads; the names and the models are static metadata.
+torch has it, else from ``torch.utils._pytree``. A value class registers itself
+next to its definition, once, with :func:`register_node`, which registers it
+with optree (namespace ``"funcdistill"``) and with torch's registry alike:
+:class:`~funcdistill.Mapping` (its leaves are the payloads) and
+:class:`~funcdistill._outputs.TeacherOutputs` (its leaves are the teacher's values).
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ try:  # public from newer torch releases on
 except ImportError:
     import torch.utils._pytree as torch_pytree
 
-from funcdistill._mapping import Mapping
-
 __all__ = ["NAMESPACE", "register_node", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
 
 NAMESPACE = "funcdistill"
@@ -29,64 +29,17 @@ tree_flatten = torch_pytree.tree_flatten
 tree_unflatten = torch_pytree.tree_unflatten
 
 
-def _flatten(m: Mapping) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    return m._payloads, (m._teacher, m._student, m._names)
-
-
-def _unflatten(meta: tuple[Any, ...], payloads: Any) -> Mapping:
-    teacher, student, names = meta
-    return Mapping._build(teacher, student, names, tuple(payloads))
-
-
-def _entries(m: Mapping) -> tuple[int, ...]:
-    return tuple(range(len(m)))
-
-
-optree.register_pytree_node(
-    Mapping,  # type: ignore[arg-type]  # a Mapping is a container of its payloads
-    lambda m: (*_flatten(m), _entries(m)),  # type: ignore[arg-type]
-    _unflatten,  # type: ignore[arg-type]
-    namespace=NAMESPACE,
-)
-
-
-# torch's pytree treats None as a leaf and optree does not; torch's flattening
-# drops None payloads (their positions go into the context) so that both see
-# the same leaves.
-def _torch_flatten(m: Mapping) -> tuple[list[Any], tuple[Any, ...]]:
-    kept = [p for p in m._payloads if p is not None]
-    nones = tuple(i for i, p in enumerate(m._payloads) if p is None)
-    return kept, (m._teacher, m._student, m._names, nones)
-
-
-def _torch_unflatten(kept: Any, context: tuple[Any, ...]) -> Mapping:
-    teacher, student, names, nones = context
-    it = iter(kept)
-    payloads = [None if i in nones else next(it) for i in range(len(names))]
-    return Mapping._build(teacher, student, names, payloads)
-
-
-def _torch_flatten_with_keys(m: Mapping) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
-    kept, context = _torch_flatten(m)
-    keys: list[Any] = [torch_pytree.SequenceKey(i) for i, p in enumerate(m._payloads) if p is not None]
-    return list(zip(keys, kept)), context
-
-
-torch_pytree.register_pytree_node(
-    Mapping,
-    _torch_flatten,
-    _torch_unflatten,
-    serialized_type_name="funcdistill.Mapping",
-    flatten_with_keys_fn=_torch_flatten_with_keys,
-)
-
-
-def register_node(cls: type, flatten: Any, unflatten: Any, *, name: str) -> None:
+def register_node(cls: type, flatten: Any, unflatten: Any, *, name: str, drop_none: bool = False) -> None:
     """Register an immutable value class as a pytree node with optree and with torch.
 
     ``flatten(value) -> (children, context)`` and ``unflatten(context, children) -> value``;
     the children are subtrees (both registries recurse into them), the context
-    is static metadata. ``name`` is torch's ``serialized_type_name``.
+    is static metadata. ``name`` is torch's ``serialized_type_name``. torch's
+    key paths name each child by its position (``SequenceKey``).
+
+    torch's pytree treats ``None`` as a leaf and optree as an empty subtree;
+    with ``drop_none``, torch's flattening drops ``None`` children (their
+    positions go into the context) so that both registries see the same leaves.
     """
     optree.register_pytree_node(
         cls,
@@ -97,11 +50,28 @@ def register_node(cls: type, flatten: Any, unflatten: Any, *, name: str) -> None
 
     def torch_flatten(value: Any) -> tuple[list[Any], Any]:
         children, context = flatten(value)
-        return list(children), context
+        if not drop_none:
+            return list(children), context
+        nones = tuple(i for i, c in enumerate(children) if c is None)
+        return [c for c in children if c is not None], (context, nones)
+
+    def torch_flatten_with_keys(value: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        children, context = torch_flatten(value)
+        nones = context[1] if drop_none else ()
+        positions = [i for i in range(len(children) + len(nones)) if i not in nones]
+        return [(torch_pytree.SequenceKey(i), c) for i, c in zip(positions, children)], context
+
+    def torch_unflatten(children: Any, context: Any) -> Any:
+        if not drop_none:
+            return unflatten(context, tuple(children))
+        context, nones = context
+        kept = iter(children)
+        return unflatten(context, tuple(None if i in nones else next(kept) for i in range(len(nones) + len(children))))
 
     torch_pytree.register_pytree_node(
         cls,
         torch_flatten,
-        lambda children, context: unflatten(context, tuple(children)),
+        torch_unflatten,
         serialized_type_name=name,
+        flatten_with_keys_fn=torch_flatten_with_keys,
     )

@@ -220,7 +220,7 @@ def test_a_build_into_a_folder_of_another_format_says_so(made):
 
 
 def test_point_keys_are_pinned():
-    from funcdistill.cache._keys import display, parse_key, point_key
+    from funcdistill._keys import display, parse_key, point_key
 
     cases = [
         ("", '""'),

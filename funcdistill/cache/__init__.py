@@ -10,7 +10,7 @@
 See the "Offline distillation" page of the documentation.
 """
 
+from funcdistill._outputs import BuiltFor, TeacherOutputs, TopK  # the core's values, shown here
 from funcdistill.cache._cache import TeacherCache
-from funcdistill.cache._outputs import BuiltFor, TeacherOutputs, TopK
 
 __all__ = ["BuiltFor", "TeacherCache", "TeacherOutputs", "TopK"]

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
+from funcdistill._outputs import BuiltFor, TeacherOutputs
 from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _store
-from funcdistill.cache._outputs import BuiltFor, TeacherOutputs
+from funcdistill.cache._options import Options
 
 __all__ = ["TeacherCache"]
 
@@ -88,7 +90,7 @@ class TeacherCache(Frozen):
     @classmethod
     def build(
         cls,
-        fn: Any,
+        fn: DistillFn,
         teacher_state: AbcMapping[str, torch.Tensor],
         dataset: Any,
         path: str | os.PathLike[str],
@@ -164,7 +166,7 @@ class TeacherCache(Frozen):
             TimeoutError: another build of ``path`` still runs after
                 ``timeout`` seconds (the message says which process).
         """
-        options = _build.Options(
+        options = Options(
             fn,
             teacher_state,
             dataset,

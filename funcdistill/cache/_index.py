@@ -16,8 +16,10 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from funcdistill.cache import _keys, _layout, _store
-from funcdistill.cache._fingerprint import dtype_name, to_dtype
+from funcdistill import _keys
+from funcdistill._outputs import dtype_name
+from funcdistill.cache import _layout, _store
+from funcdistill.cache._fingerprint import to_dtype
 
 __all__: list[str] = []
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from funcdistill._keys import display
+from funcdistill._outputs import TopK, dtype_name
 from funcdistill._pytree import torch_pytree
 from funcdistill.cache import _precision
-from funcdistill.cache._fingerprint import dtype_name, to_dtype
-from funcdistill.cache._keys import display
-from funcdistill.cache._outputs import TopK
+from funcdistill.cache._fingerprint import to_dtype
 
 __all__: list[str] = []
 

@@ -31,7 +31,7 @@ __all__: list[str] = []
 
 FORMAT = "funcdistill.TeacherCache"
 VERSION = 2
-"""The cache's file format: 1 keyed teacher points by their ``repr``; 2 by stable keys (``_keys``)."""
+"""The cache's file format: 1 keyed teacher points by their ``repr``; 2 by stable keys (``funcdistill._keys``)."""
 INDEX = "index.json"
 BUILD = "build.json"
 _CHUNK = 1 << 22

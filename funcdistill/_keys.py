@@ -1,9 +1,11 @@
-"""The stable key of a teacher point in a cache's files: a canonical string of its fields, not its ``repr``.
+"""The stable key of a teacher point: a canonical string of its fields, not its ``repr``.
 
-A cache names the teacher points it holds in ``index.json`` (``points``, and
-``point`` in each layout entry). The key is the point's name as a JSON string,
-then each field that is not its default, in the order ``io``, ``call``,
-``arg``, as `` field=<JSON value>``::
+Teacher outputs made outside a call name the teacher points they hold by these
+keys (:class:`~funcdistill._outputs.BuiltFor` ``.keys``), and a distill function's
+points are matched by them. A cache writes them in ``index.json`` (``points``,
+and ``point`` in each layout entry). The key is the point's name as a JSON
+string, then each field that is not its default, in the order ``io``,
+``call``, ``arg``, as `` field=<JSON value>``::
 
     ""                                            the whole model's output
     "encoder.layer.0"                             a module's output (a plain name, or Point with defaults)
@@ -12,7 +14,7 @@ then each field that is not its default, in the order ``io``, ``call``,
     "layer" io="input" call=-1 arg="attention_mask"
 
 This format is part of the cache's file format (its version is in
-``_store.VERSION``): it is defined here only, and does not change when
+``cache._store.VERSION``): it is defined here only, and does not change when
 :class:`~funcdistill.Point`'s ``repr`` does. :func:`display` gives the
 ``repr`` of the point for messages.
 """

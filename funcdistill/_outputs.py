@@ -1,28 +1,45 @@
-"""The value ``cache[indices]`` returns: stored teacher outputs that stand in for the teacher state.
+"""Teacher outputs: the teacher side's values for a call, from a source other than a live teacher.
 
-:class:`TeacherOutputs` is an immutable pytree (its leaves are the stored
-tensors; what they were built for is static metadata), so it passes through
+A distill function given a :class:`TeacherOutputs` in place of the teacher
+state does not run the teacher: it takes the values from it. Whatever makes
+them (a teacher cache, ``TeacherCache``; a served teacher or a teacher
+of another tokenizer later) records what they were built for, a
+:class:`BuiltFor`: the teacher points they hold, by their stable keys
+(:mod:`funcdistill._keys`), and the teacher's class and state layout (its
+*structure*). :func:`teacher_values` checks that against the distill function
+(once per function) and gives the values keyed by its teacher points, as a
+run of the live teacher gives them.
+
+:class:`TeacherOutputs` is an immutable pytree (its leaves are the values; what
+they were built for is static metadata), so it passes through
 :func:`torch.func.vmap`, :func:`torch.func.grad` and ``torch.compile`` like a
-state dict. A distill function given one in place of the teacher state does
-not run the teacher: :func:`teacher_outputs` checks that the cache holds every
-teacher point of the function's mapping and was built for a teacher with the
-same state layout, and returns the outputs keyed as the function's plan keys
-its teacher points.
+state dict. :class:`TopK` is a ``NamedTuple``, which optree and torch already
+treat as a pytree.
+
+The core never imports the cache; the cache imports these (and re-exports the public ones).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch import nn
 
+from funcdistill import _sharded
 from funcdistill._capture import constant_under_compile
 from funcdistill._frozen import Frozen, init
+from funcdistill._keys import display, point_key
 from funcdistill._pytree import register_node, tree_map
-from funcdistill.cache import _fingerprint
-from funcdistill.cache._keys import display, point_key
+from funcdistill._state import state
 
-__all__ = ["BuiltFor", "TeacherOutputs", "TopK", "teacher_outputs"]
+if TYPE_CHECKING:
+    from funcdistill._distill import DistillFn
+
+__all__ = ["BuiltFor", "Structure", "TeacherOutputs", "TopK", "dtype_name", "teacher_record", "teacher_values"]
+
+Structure = tuple[tuple[str, tuple[int, ...], str], ...]
+"""Name, shape and dtype name of every state entry of a teacher, in :func:`funcdistill.state` order."""
 
 
 class TopK(NamedTuple):
@@ -43,7 +60,8 @@ class BuiltFor(Frozen):
 
     ``keys`` are the points' stable keys, as the index records them (what a
     distill function's points are matched by); ``points`` shows them as
-    ``repr`` strings, for messages.
+    ``repr`` strings, for messages; ``teacher`` is the teacher's class name
+    and the name, shape and dtype of each of its state entries.
     """
 
     __slots__ = ("path", "keys", "points", "teacher", "_accepted")
@@ -51,14 +69,14 @@ class BuiltFor(Frozen):
     path: str
     keys: tuple[str, ...]
     points: tuple[str, ...]
-    teacher: tuple[str, _fingerprint.Structure]
+    teacher: tuple[str, Structure]
     _accepted: dict[int, tuple[Any, tuple[int, ...]]]
 
-    def __init__(self, path: str, keys: tuple[str, ...], teacher: tuple[str, _fingerprint.Structure]):
+    def __init__(self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure]):
         keys = tuple(keys)
         init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, _accepted={})
 
-    def positions(self, fn: Any) -> tuple[int, ...]:
+    def positions(self, fn: DistillFn) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
         seen = self._accepted.get(id(fn))
         if seen is not None and seen[0] is fn:
@@ -127,24 +145,24 @@ def _device(args: tuple, kwargs: dict, x: torch.Tensor) -> torch.device:
     return x.device
 
 
-def teacher_outputs(outputs: TeacherOutputs, fn: Any) -> dict[Any, Any]:
-    """The stored outputs keyed as ``fn``'s plan keys its teacher points (the distill function's hook).
+def teacher_values(outputs: TeacherOutputs, fn: DistillFn) -> dict[Any, Any]:
+    """The values of ``outputs`` keyed by ``fn``'s teacher points, as a run of its live teacher gives them.
 
     Raises:
-        ValueError: the cache does not hold a teacher point of ``fn``'s mapping,
-            or was built for a teacher with another state layout.
+        ValueError: the outputs do not hold a teacher point of ``fn``'s mapping,
+            or were built for a teacher with another state layout.
     """
     if torch.compiler.is_compiling():
         positions = _traced_positions(outputs.built_for, fn)
     else:
         positions = outputs.built_for.positions(fn)
     values = outputs.values
-    return {t: values[i] for (t, _, _), i in zip(fn._plan, positions)}
+    return {t: values[i] for (t, _), i in zip(fn.mapping.names, positions)}
 
 
-def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
+def _check(built_for: BuiltFor, fn: DistillFn) -> tuple[int, ...]:
     where = f"the teacher cache at {built_for.path}"
-    missing = _fingerprint.missing_points(built_for.keys, fn)
+    missing = [k for k in dict.fromkeys(map(point_key, fn.teacher_points)) if k not in built_for.keys]
     if missing:
         raise ValueError(
             f"{where} holds the teacher outputs at {', '.join(built_for.points)}; this distill function "
@@ -152,13 +170,54 @@ def _check(built_for: BuiltFor, fn: Any) -> tuple[int, ...]:
             "this distill function (TeacherCache.build(fn, ...)), or distill with the mapping the cache "
             "was built for."
         )
-    difference = _fingerprint.structure_difference(built_for.teacher, fn)
+    difference = _structure_difference(built_for.teacher, teacher_record(fn.teacher_model))
     if difference is not None:
         raise ValueError(
             f"{where} was built for another teacher: {difference}. Use a distill function of the teacher "
             "the cache was built for, or build a cache for this teacher (TeacherCache.build(fn, ...))."
         )
-    return tuple(built_for.keys.index(point_key(t)) for t, _, _ in fn._plan)
+    return tuple(built_for.keys.index(point_key(t)) for t, _ in fn.mapping.names)
+
+
+def _structure_difference(recorded: tuple[str, Structure], given: tuple[str, Structure]) -> str | None:
+    """The first way the ``given`` teacher (class, structure) differs from the ``recorded`` one, or ``None``."""
+    (cls, entries), (given_cls, given_entries) = recorded, given
+    if cls != given_cls:
+        return f"it was built for a {cls} teacher, this distill function's teacher is a {given_cls}"
+    built = {name: (shape, dtype) for name, shape, dtype in entries}
+    now = {name: (shape, dtype) for name, shape, dtype in given_entries}
+    for name in built:
+        if name not in now:
+            return f"the teacher it was built for has a state entry {name!r} that this teacher lacks"
+        if built[name] != now[name]:
+            (s0, d0), (s1, d1) = built[name], now[name]
+            return (
+                f"teacher state entry {name!r} was {list(s0)} {d0} when the cache was built, "
+                f"this teacher's is {list(s1)} {d1}"
+            )
+    extra = next((name for name in now if name not in built), None)
+    if extra is not None:
+        return f"this teacher has a state entry {extra!r} that the teacher it was built for lacks"
+    return None
+
+
+def teacher_record(model: nn.Module) -> tuple[str, Structure]:
+    """What :attr:`BuiltFor.teacher` holds for a teacher: its class name and its state's structure.
+
+    The class of an FSDP2 model is that of the model it shards (``Net``, not
+    ``FSDPNet``).
+
+    Example:
+        >>> teacher_record(nn.Linear(2, 3))
+        ('Linear', (('weight', (3, 2), 'float32'), ('bias', (3,), 'float32')))
+    """
+    cls = _sharded._plain_name(model) if _sharded._fsdp() is not None else type(model).__name__
+    return cls, tuple((name, tuple(t.shape), dtype_name(t.dtype)) for name, t in state(model).items())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` as ``'float16'``: how a structure (and a cache's index) names a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 # traced code calls the check at trace time and keeps its result as a constant of the graph
@@ -175,4 +234,5 @@ def _unflatten(built_for: BuiltFor, values: tuple[Any, ...]) -> TeacherOutputs:
     return new
 
 
+# torch's serialized name stays the public path the class is shown at, as before it moved into the core
 register_node(TeacherOutputs, _flatten, _unflatten, name="funcdistill.cache.TeacherOutputs")

@@ -1,0 +1,226 @@
+"""The shard loop of a cache build on one rank: batches, augmentation draws, the teacher, the shards.
+
+The dataset is read shard by shard (``shard_size`` consecutive samples), in
+batches of ``batch_size``; the teacher of the distill function runs once per
+batch (and per recorded augmentation draw) under :func:`torch.no_grad`
+(:meth:`~funcdistill.DistillFn.run_teacher`, with the same truncation as an
+online call), and the student never runs. Each finished shard is written
+atomically and then listed in this rank's progress file (:func:`finished`
+reads them back), so a build that stops is resumed where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from funcdistill._pytree import tree_map
+from funcdistill.cache import _augment, _layout, _store
+from funcdistill.cache._options import Options
+from funcdistill.cache._ranks import Ranks
+
+__all__: list[str] = []
+
+TARGET_SHARD_BYTES = 64 << 20
+
+
+class Runner:
+    """The shard loop of one rank: the teacher over this rank's unfinished shards, each written as it is done."""
+
+    def __init__(
+        self,
+        options: Options,
+        meta: dict[str, Any],
+        layout: dict[str, Any] | None,
+        shard_size: int | None,
+        ranks: Ranks,
+    ):
+        self.o = options
+        self.meta = meta
+        self.entries: list[dict[str, Any]] | None = None if layout is None else layout["entries"]
+        self.shard_size = shard_size
+        self.ranks = ranks
+        # an FSDP2 teacher's forward gathers its shards: every rank must run as many forwards (see _drain)
+        self.lockstep = ranks.distributed and options.sharded()
+        self.spare: tuple[Any, ...] | None = None  # inputs of this rank's last forward, for _drain
+
+    def layout(self) -> dict[str, Any]:
+        """``build.json``: the settings, the shard size and the output layout."""
+        assert self.entries is not None and self.shard_size is not None  # set by run()
+        return {**self.meta, "shard_size": self.shard_size, "entries": self.entries}
+
+    def run(self) -> None:
+        o, ranks = self.o, self.ranks
+        folder = o.folder
+        done, by_rank = finished(folder)
+        pending_first: dict[int, dict[str, torch.Tensor]] = {}
+        if self.entries is None:  # a fresh build: the first batch fixes the layout (and the shard size)
+            pending_first[0] = self._first_batch()
+            if ranks.rank == 0:
+                _store.write_json(folder / _store.BUILD, self.layout())
+        size = self.shard_size
+        assert size is not None
+        shards = [s for s in range(-(-o.samples // size)) if s % ranks.world == ranks.rank]
+        todo = [s for s in shards if _store.shard_name(s) not in done]
+        mine = dict(by_rank.get(ranks.rank, {}))
+        bar = _bar(sum(min(size, o.samples - s * size) for s in todo), o.progress and ranks.rank == 0)
+        try:
+            for s in todo:
+                first, count = s * size, min(size, o.samples - s * size)
+                record = self._shard(s, first, count, pending_first.pop(first, None), bar)
+                mine[record["file"]] = record
+                _store.write_json(folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine})
+            self._drain()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _first_batch(self) -> dict[str, torch.Tensor]:
+        o = self.o
+        tensors = self._batch(0, min(o.batch_size, o.samples))
+        if self.shard_size is None:
+            per_sample = sum(_layout.bytes_per_sample(e, self.draws) for e in self.entries or [])
+            self.shard_size = _default_shard_size(per_sample, o.batch_size)
+        return tensors
+
+    @property
+    def draws(self) -> int:
+        return self.o.draws
+
+    def _shard(self, s: int, first: int, count: int, head: dict | None, bar: Any) -> dict[str, Any]:
+        parts: list[dict[str, torch.Tensor]] = []
+        start = first
+        while start < first + count:
+            n = min(self.o.batch_size, first + count - start)
+            parts.append(head if head is not None and start == first and _rows(head) == n else self._batch(start, n))
+            start += n
+            if bar is not None:
+                bar.update(n)
+        tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        return _store.write_shard(self.o.folder / _store.shard_name(s), tensors, first)
+
+    def _batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
+        """Stored tensors of samples ``first .. first + n - 1`` (every draw)."""
+        o = self.o
+        items = [o.dataset[i] for i in range(first, first + n)]
+        args = _to(_collate(items, o.inputs), o.teacher_device)
+        if not self.draws:
+            return self._run(args, n, first)
+        xs = [it if isinstance(it, torch.Tensor) else it[0] for it in items]
+        return self._drawn(xs, args[1:], first, n)
+
+    def _drawn(self, xs: list[torch.Tensor], rest: tuple, first: int, n: int) -> dict[str, torch.Tensor]:
+        """Every recorded draw: each sample's first input augmented on the CPU (as replay() does), then the teacher."""
+        o, augment = self.o, self.o.augment
+        assert augment is not None  # Options records draws only with augment
+        draw_seeds = _augment.seeds(o.seed, first, n, self.draws)
+        per_draw = []
+        for j in range(self.draws):
+            x = _augment.replay(augment, torch.stack(xs), draw_seeds[:, j])
+            per_draw.append(self._run((x.to(o.teacher_device), *rest), n, first))
+        out = {name: torch.stack([d[name] for d in per_draw], dim=1) for name in per_draw[0]}
+        out["seeds"] = draw_seeds
+        return out
+
+    def _forward(self, args: tuple) -> dict[Any, Any]:
+        """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
+        o = self.o
+        if self.lockstep:
+            self.ranks.anyone(True, o.teacher_device)
+            self.spare = args
+        with torch.no_grad():
+            return o.fn.run_teacher(o.teacher_state, args, {})
+
+    def _drain(self) -> None:
+        """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
+
+        Each forward of an FSDP2 teacher all-gathers its shards, a collective of
+        every rank, but ranks have different numbers of shards (and a resumed
+        build different ones left), so before each forward a rank says it has
+        one (an all-reduce), and a rank that is done joins the others' forwards
+        until none is left, as ``torch.distributed.algorithms.Join`` does.
+        """
+        if not self.lockstep:
+            return
+        o = self.o
+        while self.ranks.anyone(False, o.teacher_device):
+            if self.spare is None:
+                self.spare = _to(_collate([o.dataset[0]], o.inputs), o.teacher_device)
+            with torch.no_grad():
+                o.fn.run_teacher(o.teacher_state, self.spare, {})
+
+    def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
+        o = self.o
+        captured = self._forward(args)
+        if self.entries is None:
+            self.entries = [
+                _layout.describe(i, key, captured[p], n, storage=st)
+                for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
+            ]
+        out: dict[str, torch.Tensor] = {}
+        for p, pairs, entry in zip(o.teacher_points, o.pairs, self.entries):
+            out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs)))
+        return out
+
+
+def _rows(tensors: dict[str, torch.Tensor]) -> int:
+    return next(iter(tensors.values())).shape[0]
+
+
+def _default_shard_size(per_sample: int, batch_size: int) -> int:
+    """About 64 MiB per shard, a whole number of batches."""
+    batches = max(1, TARGET_SHARD_BYTES // max(1, per_sample * batch_size))
+    return batches * batch_size
+
+
+def _to(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(tree_map(lambda a: a.to(device) if isinstance(a, torch.Tensor) else a, args))
+
+
+def _collate(items: Sequence[Any], inputs: int) -> tuple[Any, ...]:
+    from torch.utils.data import default_collate
+
+    rows = []
+    for it in items:
+        if isinstance(it, torch.Tensor):
+            rows.append((it,))
+        elif isinstance(it, (tuple, list)) and len(it) >= inputs:
+            rows.append(tuple(it[:inputs]))
+        else:
+            raise TypeError(
+                f"each dataset item must be the model input (a tensor) or a tuple whose first {inputs} "
+                f"entries are the model inputs (e.g. (x, label) with inputs=1), got {type(it).__name__}"
+                + (f" of length {len(it)}" if isinstance(it, (tuple, list)) else "")
+                + "."
+            )
+    return tuple(default_collate(rows))
+
+
+def finished(folder: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """Shards listed in the progress files whose data file is there with the recorded size (also by rank)."""
+    done: dict[str, Any] = {}
+    by_rank: dict[int, dict[str, Any]] = {}
+    for progress in sorted(folder.glob("progress-rank*.json")):
+        rank = int(progress.stem.removeprefix("progress-rank"))
+        records = _store.read_json(progress, "progress file").get("shards", {})
+        kept = {}
+        for name, record in records.items():
+            path = folder / name
+            if path.exists() and path.stat().st_size == record["bytes"]:
+                done[name] = record
+                kept[name] = record
+        by_rank[rank] = kept
+    return done, by_rank
+
+
+def _bar(total: int, show: bool) -> Any:
+    if not show or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="teacher cache", unit="sample", dynamic_ncols=True)
