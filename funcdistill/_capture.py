@@ -43,8 +43,9 @@ from torch.func import functional_call
 
 from funcdistill import _dryrun, _failures, _names, _sharded, _taps
 from funcdistill._point import Point
-from funcdistill._pytree import tree_leaves, tree_map
+from funcdistill._pytree import tree_leaves
 from funcdistill._state import StateSpec, uncached_state
+from funcdistill._tensors import cast_floating
 
 __all__: list[str] = []
 
@@ -465,8 +466,3 @@ def _floating_dtype(spec: StateSpec) -> torch.dtype | None:
     """The dtype of a model's first floating tensor (``None`` when it has none)."""
     tensors = (spec.live_tensor(name) for name in spec._names)
     return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
-
-
-def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
-    """Cast the floating tensors of a pytree to ``dtype`` (a no-op for those already in it)."""
-    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from funcdistill import _names, _payloads
-from funcdistill._capture import Capture, cast_floating
+from funcdistill._capture import Capture
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
 from funcdistill._pytree import tree_leaves
 from funcdistill._state import state
+from funcdistill._tensors import cast_floating
 from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
 
 __all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]

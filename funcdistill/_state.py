@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from funcdistill import _payloads
+from funcdistill._tensors import levels
 
 __all__ = ["state"]
 
@@ -344,7 +345,7 @@ class StateSpec:
         """Whether the forward wrote into any of the ``cloned`` buffers (then dropped unless returned)."""
         for name in cloned:
             t = swaps[name]
-            if t._version or (torch._C._functorch.is_functorch_wrapped_tensor(t) and name in self.stat_buffers):
+            if t._version or (name in self.stat_buffers and len(levels(t)) > 1):
                 return True  # a transform's wrapper keeps no version count: trust the module kind
         return False
 
