@@ -12,8 +12,8 @@ the mapped outputs are registered on a shadow once, when it is made, so
   see them as ordinary outputs.
 
 A call puts the state it was given into the shadow's own ``_parameters`` and
-``_buffers`` dicts by a plan made once (which dict, which key, tied names
-included) and puts the shadow's tensors back in ``finally``; under
+``_buffers`` dicts by a swap plan made once (which dict, which key, tied names
+included; :class:`~funcdistill._swap.SwapPlan`) and puts the shadow's tensors back in ``finally``; under
 ``torch.compile`` it uses :func:`torch.func.functional_call` instead. Each
 thread gets its own shadow, traced code a dedicated one, and the shape-only
 dry run (:mod:`funcdistill._dryrun`) another. Training/eval mode is copied
@@ -44,7 +44,8 @@ from torch.func import functional_call
 from funcdistill import _dryrun, _failures, _names, _sharded, _taps
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
-from funcdistill._state import StateSpec, uncached_state
+from funcdistill._spec import StateSpec
+from funcdistill._swap import SwapPlan
 from funcdistill._tensors import cast_floating
 
 __all__: list[str] = []
@@ -99,14 +100,7 @@ class _Shadow:
         "lives",
         "shadows",
         "modes",
-        "own",
-        "own_list",
-        "meta",
-        "tables",
-        "attrs",
-        "aliases",
-        "state_keys",
-        "state_ids",
+        "plan",
         "units",
     )
 
@@ -132,29 +126,10 @@ class _Shadow:
         self.shadows = [m for m, _ in pairs]
         self.lives = [m for _, m in pairs]
         self.modes = [m.training for m in self.shadows]
-        self.own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-        self.own.update(module.named_buffers(remove_duplicate=False))
 
     def bind(self, spec: StateSpec) -> _Shadow:
-        """Make the swap plan: every dict slot that holds each canonical entry."""
-        slots: dict[str, list[tuple[dict, str]]] = {}
-        for name, canonical in spec.canonical.items():
-            prefix, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(prefix)
-            table = owner._parameters if attr in owner._parameters else owner._buffers
-            slots.setdefault(canonical, []).append((table, attr))
-        # first slot of each entry as two dicts, for C-level swaps; the other slots of tied entries
-        self.tables = {k: v[0][0] for k, v in slots.items()}
-        self.attrs = {k: v[0][1] for k, v in slots.items()}
-        self.aliases = {k: tuple(v[1:]) for k, v in slots.items() if len(v) > 1}
-        self.own_list = [self.own[n] for n in spec._names]
-        self.meta = [n for n in spec._names if self.own[n].is_meta]
-        # what funcdistill.state(model) gives for the tensors the shadow holds: passing it swaps nothing.
-        # Read without state()'s per-module cache: its entry would keep this shadow (and its thread's
-        # clones) alive for good, since the shadow's hooks refer back to it.
-        held = uncached_state(self.module)
-        self.state_keys = list(held)
-        self.state_ids = list(map(id, held.values()))
+        """Make the swap plan for ``spec``'s entries; returns the shadow."""
+        self.plan = SwapPlan(self.module, spec)
         return self
 
     def sync_modes(self) -> bool:
@@ -172,20 +147,21 @@ class _Shadow:
             return self.module(*args, **kwargs)
         if torch.compiler.is_compiling():
             return functional_call(self.module, swaps, args, kwargs, tie_weights=True, strict=False)
-        tables = list(map(self.tables.__getitem__, swaps))
-        attrs = list(map(self.attrs.__getitem__, swaps))
-        aliases = [k for k in swaps if k in self.aliases] if self.aliases else ()
+        plan = self.plan
+        tables = list(map(plan.tables.__getitem__, swaps))
+        attrs = list(map(plan.attrs.__getitem__, swaps))
+        aliases = [k for k in swaps if k in plan.aliases] if plan.aliases else ()
         try:
             deque(map(dict.__setitem__, tables, attrs, swaps.values()), 0)
             for k in aliases:  # the other names of tied entries
-                for table, attr in self.aliases[k]:
+                for table, attr in plan.aliases[k]:
                     table[attr] = swaps[k]
             return self.module(*args, **kwargs)
         finally:  # put the shadow's own tensors back
-            deque(map(dict.__setitem__, tables, attrs, map(self.own.__getitem__, swaps)), 0)
+            deque(map(dict.__setitem__, tables, attrs, map(plan.own.__getitem__, swaps)), 0)
             for k in aliases:
-                for table, attr in self.aliases[k]:
-                    table[attr] = self.own[k]
+                for table, attr in plan.aliases[k]:
+                    table[attr] = plan.own[k]
 
 
 def _with_node_taps(module: nn.Module, nodes: list[str]) -> nn.Module:
@@ -215,6 +191,8 @@ class Capture:
         clone_buffers: clone the buffers of training-mode modules before a
             call, so that their in-place updates never reach the given tensors.
         dtype: run in this floating dtype (state and floating inputs are cast).
+        other: the counterpart (the teacher's, for the student), whose state
+            spec this one's is built with.
     """
 
     def __init__(
@@ -226,6 +204,7 @@ class Capture:
         truncate: bool = False,
         clone_buffers: bool = True,
         dtype: torch.dtype | None = None,
+        other: Capture | None = None,
     ):
         self.model = model
         self.role = role
@@ -238,7 +217,14 @@ class Capture:
         self._args = (model, self.points, role)
         _sharded.check(model, role)
         main = _Shadow(*self._args)
-        self.spec = StateSpec(role, model, main.module, clone_buffers=clone_buffers, dtype=dtype)
+        self.spec = StateSpec(
+            role,
+            model,
+            main.module,
+            clone_buffers=clone_buffers,
+            dtype=dtype,
+            other=None if other is None else other.spec,
+        )
         self._main = main.bind(self.spec)
         self._traced = _Shadow(*self._args).bind(self.spec)
         self._local = threading.local()
@@ -280,7 +266,7 @@ class Capture:
                 "from a payload or a hook)."
             )
         training = shadow.sync_modes()
-        swaps, cloned = self.spec.swaps(given, shadow)
+        swaps, cloned = self.spec.swaps(given, shadow.plan)
         if self.dtype is not None:
             args, kwargs = cast_floating((args, kwargs), self.dtype)
         stop = None
@@ -312,7 +298,7 @@ class Capture:
         if self.whole:
             captured[WHOLE] = output
         self._check(captured, counts)
-        used = self.spec.buffers(swaps, shadow.own) if buffers else None
+        used = self.spec.buffers(swaps, shadow.plan.own) if buffers else None
         updated = report and bool(cloned) and not compiling and self.spec.updated(swaps, cloned)
         return output, captured, used, updated
 
@@ -366,7 +352,7 @@ class Capture:
         spec, dtype = self.spec, self.dtype
         fallback = next((device for _, device in _dryrun.tensor_specs(sig)), torch.device("cpu"))
         out = {}
-        for name in spec._names:
+        for name in spec.names:
             t = spec.live_tensor(name)
             if t is None:
                 continue
@@ -394,7 +380,7 @@ class Capture:
         if shadow.units is not None:
             _sharded.reraise(error, self.role)
         model = _names.describe(self.model)
-        state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.own_list) if t.is_floating_point()), None)
+        state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.plan.own_list) if t.is_floating_point()), None)
         typed = _failures.dtype_error(error, self.role, model, {"state": state_dtype, **self._dtypes()}, args, kwargs)
         if typed is not None:
             raise _failures.mark(typed) from error
@@ -408,8 +394,8 @@ class Capture:
         if other is None:
             return {}
         if self.role == "teacher":
-            return {"student": _floating_dtype(other), "teacher": None if self.dtype else _floating_dtype(self.spec)}
-        return {"teacher": None if other.dtype is not None else _floating_dtype(other)}
+            return {"student": other.floating_dtype(), "teacher": None if self.dtype else self.spec.floating_dtype()}
+        return {"teacher": None if other.dtype is not None else other.floating_dtype()}
 
     def _check(self, captured: dict[Any, Any], counts: dict[Any, int]) -> None:
         if len(captured) != len(self.points) or not all(n == 1 for n in counts.values()):
@@ -460,9 +446,3 @@ def constant_under_compile(fn: Any) -> Any:
     """
     fn._dynamo_marked_constant = True
     return fn
-
-
-def _floating_dtype(spec: StateSpec) -> torch.dtype | None:
-    """The dtype of a model's first floating tensor (``None`` when it has none)."""
-    tensors = (spec.live_tensor(name) for name in spec._names)
-    return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)

@@ -234,8 +234,7 @@ class DistillFn(Frozen):
             clone_buffers=clone,
             dtype=teacher_dtype,
         )
-        s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone)
-        t.spec.other, s.spec.other = s.spec, t.spec
+        s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone, other=t)
         bound = {
             i: Capture(payload, ("",), f"payload {i}", clone_buffers=clone)
             for i, payload in _payloads.stateful_modules(mapping.payload())
