@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from funcdistill import _names, _payloads
-from funcdistill._capture import Capture
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._payloads import BoundPayload
 from funcdistill._pytree import tree_leaves
+from funcdistill._side import Side
 from funcdistill._state import state
 from funcdistill._tensors import cast_floating
 from funcdistill.cache._outputs import TeacherOutputs, teacher_outputs
@@ -197,10 +197,10 @@ class DistillFn(Frozen):
     truncate: bool
     teacher_dtype: torch.dtype | None
     _inplace: bool
-    _teacher: Capture
-    _student: Capture
+    _teacher: Side
+    _student: Side
     _payload_keys: frozenset[str]
-    _bound: dict[int, Capture]
+    _bound: dict[int, Side]
     _plan: tuple[tuple[str, str, Any], ...]
 
     def __init__(
@@ -226,7 +226,7 @@ class DistillFn(Frozen):
         if mutable is not None and not isinstance(mutable, bool):
             raise TypeError(f"mutable must be True, False or None, got {mutable!r}.")
         clone = not inplace_buffers
-        t = Capture(
+        t = Side(
             teacher,
             tuple(t for t, _ in mapping.names) or ("",),
             "teacher",
@@ -234,9 +234,9 @@ class DistillFn(Frozen):
             clone_buffers=clone,
             dtype=teacher_dtype,
         )
-        s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone, other=t)
+        s = Side(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone, other=t)
         bound = {
-            i: Capture(payload, ("",), f"payload {i}", clone_buffers=clone)
+            i: Side(payload, ("",), f"payload {i}", clone_buffers=clone)
             for i, payload in _payloads.stateful_modules(mapping.payload())
             if state(payload)
         }
@@ -296,10 +296,10 @@ class DistillFn(Frozen):
             t_out, t_buffers, t_dropped = teacher_outputs(teacher_state, self), None, False
         else:
             with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
-                _, t_out, t_buffers, t_dropped = self._teacher.run(
+                t_out, t_buffers, t_dropped = self._teacher.run(
                     teacher_state, args, kwargs, buffers=keep, report=report
                 )
-        _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
+        s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:
             _warn_dropped_buffers(
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
@@ -470,7 +470,7 @@ def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapp
     return mapping
 
 
-def _payload_keys(bound: dict[int, Capture], student: Capture) -> frozenset[str]:
+def _payload_keys(bound: dict[int, Side], student: Side) -> frozenset[str]:
     keys = frozenset(_payloads.key(i, name) for i, side in bound.items() for name in side.spec.live)
     clash = keys & student.spec.live.keys()
     if clash:

@@ -97,7 +97,7 @@ class BoundPayload(Frozen):
         return self._side.model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._side.run(self._state, args, kwargs)[1][""]
+        return self._side.run(self._state, args, kwargs).values[""]
 
     def __repr__(self) -> str:
         return f"BoundPayload({self._side.model!r})"

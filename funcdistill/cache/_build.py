@@ -376,7 +376,7 @@ class _Runner:
             self.ranks.anyone(True, o.device)
             self.spare = args
         with torch.no_grad():
-            _, captured, _, _ = o.fn._teacher.run(o.teacher_state, args, {})
+            captured = o.fn._teacher.run(o.teacher_state, args, {}).values
         return captured
 
     def _drain(self) -> None:

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcdistill._capture import constant_under_compile
 from funcdistill._frozen import Frozen, init
 from funcdistill._pytree import register_node, tree_map
+from funcdistill._verdict import constant_under_compile
 from funcdistill.cache import _fingerprint
 from funcdistill.cache._keys import display, point_key
 
