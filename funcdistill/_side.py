@@ -47,7 +47,11 @@ class SideRun(NamedTuple):
 
 
 class _PerThread(threading.local):
-    """What a side keeps for each thread: its shadow (made on the thread's first call)."""
+    """What a side keeps for each thread: its shadow (made on the thread's first call).
+
+    Read by eager calls only: traced code runs the side's traced shadow (Dynamo
+    does not trace a ``threading.local`` subclass's class defaults reliably).
+    """
 
     shadow: Shadow | None = None
 
