@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from funcdistill import _names, _payloads, _roles
-from funcdistill._capture import Capture, cast_floating
 from funcdistill._frozen import Frozen, init
 from funcdistill._mapping import Mapping, Pair
 from funcdistill._outputs import TeacherOutputs, teacher_values
 from funcdistill._payloads import BoundPayload
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
+from funcdistill._side import Side
 from funcdistill._state import state
+from funcdistill._tensors import cast_floating
 
 __all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]
 
@@ -203,10 +204,10 @@ class DistillFn(Frozen):
     truncate: bool
     teacher_dtype: torch.dtype | None
     _inplace: bool
-    _teacher: Capture
-    _student: Capture
+    _teacher: Side
+    _student: Side
     _payload_keys: frozenset[str]
-    _bound: dict[int, Capture]
+    _bound: dict[int, Side]
     _pairs: tuple[tuple[str, str, Any], ...]
 
     def __init__(
@@ -232,7 +233,7 @@ class DistillFn(Frozen):
         if mutable is not None and not isinstance(mutable, bool):
             raise TypeError(f"mutable must be True, False or None, got {mutable!r}.")
         clone = not inplace_buffers
-        t = Capture(
+        t = Side(
             teacher,
             tuple(t for t, _ in mapping.names) or ("",),
             "teacher",
@@ -240,10 +241,9 @@ class DistillFn(Frozen):
             clone_buffers=clone,
             dtype=teacher_dtype,
         )
-        s = Capture(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone)
-        t.spec.other, s.spec.other = s.spec, t.spec
+        s = Side(student, tuple(s for _, s in mapping.names) or ("",), "student", clone_buffers=clone, other=t)
         bound = {
-            i: Capture(payload, ("",), f"payload {i}", clone_buffers=clone)
+            i: Side(payload, ("",), f"payload {i}", clone_buffers=clone)
             for i, payload in _payloads.stateful_modules(mapping.payload())
             if state(payload)
         }
@@ -300,7 +300,7 @@ class DistillFn(Frozen):
             payload_state, student_state = self._split(student_state)
         keep, report = bool(self.mutable), self.mutable is None
         t_out, t_buffers, t_dropped = self._teacher_side(teacher_state, args, kwargs, buffers=keep, report=report)
-        _, s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
+        s_out, s_buffers, s_dropped = self._student.run(student_state, args, kwargs, buffers=keep, report=report)
         if t_dropped or s_dropped:
             _warn_dropped_buffers(
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
@@ -368,7 +368,7 @@ class DistillFn(Frozen):
         if isinstance(teacher_state, TeacherOutputs):  # a teacher cache stands in for the teacher
             return teacher_values(teacher_state, self), None, False
         with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
-            _, values, kept, dropped = self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
+            values, kept, dropped = self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
         return values, kept, dropped
 
     def _split(self, student_state: AbcMapping[str, Any]) -> tuple[dict[str, Any], AbcMapping[str, Any]]:
@@ -521,7 +521,7 @@ def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapp
     return mapping
 
 
-def _payload_keys(bound: dict[int, Capture], student: Capture) -> frozenset[str]:
+def _payload_keys(bound: dict[int, Side], student: Side) -> frozenset[str]:
     keys = frozenset(_payloads.key(i, name) for i, side in bound.items() for name in side.spec.live)
     clash = keys & student.spec.live.keys()
     if clash:

@@ -7,12 +7,9 @@ call. The dry run sees it: it runs the whole forward under
 the shapes, dtypes and devices of the call's inputs and state (no FLOPs, no
 memory for activations, no random draws), and counts the calls of each point.
 
-Its verdict depends only on the input *signature* (the structure of the
+Its result depends only on the input *signature* (the structure of the
 inputs, each tensor's shape, dtype and device, and the other input values),
-so it is cached per signature; a cached verdict is the one a fresh dry run
-would give, whatever came before. Under ``torch.compile`` the verdict is
-computed at trace time (through ``torch._dynamo.assume_constant_result``),
-so it adds nothing to the compiled graph.
+so the verdict drawn from it is cached per signature (:mod:`funcdistill._verdict`).
 """
 
 from __future__ import annotations
@@ -23,12 +20,6 @@ from typing import Any
 import torch
 
 __all__: list[str] = []
-
-TRUNCATE = "truncate"
-"""Verdict: every mapped point runs once; stopping after the deepest is safe."""
-FULL = "full"
-"""Verdict: the dry run could not run (data-dependent control flow, an op without a
-shape rule, an input it cannot rebuild); run the model in full, so the hooks see every call."""
 
 _TENSOR = "<tensor>"
 

@@ -2,7 +2,7 @@
 
 A distill call runs two models on the same inputs, so torch's own error (a
 shape mismatch, a dtype mismatch) does not say which of them failed. The
-runner (:mod:`funcdistill._capture`) passes every ``Exception`` of a forward
+side (:mod:`funcdistill._side`) passes every ``Exception`` of a forward
 here. funcdistill's own errors (raised in its modules, such as a tap's
 :class:`~funcdistill._taps.PointError`, or marked with :func:`mark`) and ``BaseException`` (the truncation
 signal, ``KeyboardInterrupt``) are never wrapped. A dtype mismatch between the

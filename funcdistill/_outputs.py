@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from funcdistill import _sharded
-from funcdistill._capture import constant_under_compile
 from funcdistill._frozen import Frozen, init
 from funcdistill._keys import display, point_key
 from funcdistill._pytree import register_node, tree_map
 from funcdistill._state import state
+from funcdistill._verdict import constant_under_compile
 
 if TYPE_CHECKING:
     from funcdistill._distill import DistillFn

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from funcdistill._frozen import Frozen, init
+from funcdistill._tensors import grad_tracked
 
 __all__ = ["BoundPayload"]
 
@@ -68,16 +69,7 @@ def missing_under_grad(
 def _differentiated(state: AbcMapping[str, Any]) -> bool:
     for value in state.values():
         if isinstance(value, torch.Tensor):
-            return _grad_tracked(value)
-    return False
-
-
-def _grad_tracked(t: torch.Tensor) -> bool:
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_gradtrackingtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
+            return grad_tracked(value)
     return False
 
 
@@ -105,7 +97,7 @@ class BoundPayload(Frozen):
         return self._side.model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._side.run(self._state, args, kwargs)[1][""]
+        return self._side.run(self._state, args, kwargs).values[""]
 
     def __repr__(self) -> str:
         return f"BoundPayload({self._side.model!r})"

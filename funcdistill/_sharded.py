@@ -7,7 +7,7 @@ all-gather them before the unit runs and free them after. Those hooks work on
 the module's own parameters, so a stateless call with other tensors (a state
 dict, ``torch.func.grad``'s tracked copies) cannot go through them.
 
-A shadow (:mod:`funcdistill._capture`) of a sharded model runs the plain
+A shadow (:mod:`funcdistill._shadow`) of a sharded model runs the plain
 module classes without FSDP's hooks, and :class:`Units` does their work on the
 state of the call instead: before a unit's forward it gathers the unit's
 ``DTensor`` entries into full tensors (one all-gather per tensor, straight
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from funcdistill._pytree import tree_map
+from funcdistill._tensors import cast_floating, levels
 
 __all__: list[str] = []
 
@@ -123,13 +123,6 @@ def _policy(module: nn.Module) -> Any:
     return getattr(_get_module_fsdp_state(module), "_mp_policy", None)
 
 
-def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
-    """The floating tensors of a pytree cast to ``dtype`` (``None``: unchanged)."""
-    if dtype is None:
-        return tree
-    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
-
-
 def _check_placement(p: Any, role: str, name: str) -> None:
     from torch.distributed.tensor import Replicate, Shard
 
@@ -191,9 +184,11 @@ class Units:
             module.register_forward_pre_hook(gather, prepend=True)
             module.register_forward_hook(restore, prepend=True)
         if param_dtype is not None and policy.cast_forward_inputs:
-            module.register_forward_pre_hook(lambda m, a, k: _cast((a, k), param_dtype), prepend=True, with_kwargs=True)
+            module.register_forward_pre_hook(
+                lambda m, a, k: cast_floating((a, k), param_dtype), prepend=True, with_kwargs=True
+            )
         if getattr(policy, "output_dtype", None) is not None:
-            module.register_forward_hook(lambda m, a, out: _cast(out, policy.output_dtype), prepend=True)
+            module.register_forward_hook(lambda m, a, out: cast_floating(out, policy.output_dtype), prepend=True)
 
     def _hooks(self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any) -> tuple[Any, Any]:
         own = [table[key] for table, key, _ in slots]
@@ -268,10 +263,7 @@ def _is_dtensor(t: Any) -> bool:
 
 def _base(t: Any) -> Any:
     """``t`` without ``torch.func`` wrappers (the tensor a transform tracks)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
+    return levels(t)[-1]
 
 
 class _Layout(NamedTuple):
@@ -413,15 +405,13 @@ def _collective(name: str, old: str) -> Any:
 
 def _first_order(g: torch.Tensor) -> torch.Tensor:
     """The plain tensor under the one ``torch.func.grad`` wrapper a first-order gradient may carry."""
-    functorch = torch._C._functorch
-    if functorch.is_functorch_wrapped_tensor(g):
-        g = functorch.get_unwrapped(g)
-    if functorch.is_functorch_wrapped_tensor(g):
+    under = levels(g)
+    if len(under) > 2:
         raise RuntimeError(
             "funcdistill cannot differentiate twice (nested torch.func transforms) through the gather "
             "of an FSDP-sharded model's shards; take first-order gradients of it."
         )
-    return g
+    return under[-1]
 
 
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""Taps: the hooks that read a point's value during a forward, call by call.
+"""Taps: the hooks that read a point's value during a forward, call by call, into the call's record.
 
-One tap per mapped point, registered once on a shadow module
-(:mod:`funcdistill._capture`): a forward hook for a module's output, a
+One tap per mapped point, registered once on a shadow's module
+(:mod:`funcdistill._shadow`): a forward hook for a module's output, a
 forward pre-hook (with keyword arguments) for its input, so a truncated model
-can stop *before* a module whose input is the last thing it needs.
+can stop *before* a module whose input is the last thing it needs. An FX
+node is tapped on an identity module inserted after it (:func:`with_node_taps`).
 
-During a call every tap counts the calls of its module and keeps the value
-its :class:`~funcdistill.Point` selects: the only call (``call=None``), the
+Each call of a side makes a :class:`CallRecord`, and the shadow hands it to
+its taps (:class:`Taps`) for the duration of the forward. Every tap counts the
+calls of its module in it and keeps the value its
+:class:`~funcdistill.Point` selects: the only call (``call=None``), the
 ``k``-th, or all of them (``call="all"`` and negative indices, resolved when
 the forward ends). The counts then say what went wrong, if anything: a
 module that ran several times with no call selected, a call index that never
@@ -16,9 +19,10 @@ the same taps, so a truncated teacher reports these before it runs.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,22 +56,90 @@ def needs_whole_forward(points: tuple[str | Point, ...]) -> bool:
     return any(isinstance(p, Point) and p.whole_forward for p in points)
 
 
-def register(owner: Any, module: nn.Module, point: str | Point, n_points: int, role: str) -> None:
-    """Register ``point``'s tap on ``module``; it writes to ``owner.sink``/``owner.counts``.
+class CallRecord:
+    """What one call of a side collects; made for each call (and each dry run), never stored.
 
-    ``owner`` is a shadow with ``sink`` (values, or ``None`` outside a call),
-    ``counts`` (calls per point, or ``None``), ``versions`` (where to note the
-    version counter of each value kept, or ``None``) and ``stop`` (points after
-    which to raise :class:`Stop`, or ``None``). ``role`` (``"teacher"``, ...) is for messages.
+    Its shadow hands it to its taps for the duration of the forward
+    (:attr:`Taps.record`).
+
+    Attributes:
+        values: the value each point keeps (``None`` in the dry run, which only counts).
+        counts: how many times each point's module ran.
+        stop: the points after which the forward stops (a truncated teacher), or ``None``.
+        versions: ``(point, tensor, version)`` for each tensor kept, checked after an
+            eager call (:func:`check_versions`); ``None`` where nothing is checked
+            (traced calls, the dry run).
+
+    Example:
+        >>> record = CallRecord(versions=False)
+        >>> record.values, record.counts, record.stop, record.versions
+        ({}, {}, None, None)
+    """
+
+    __slots__ = ("values", "counts", "stop", "versions")
+
+    def __init__(self, *, values: bool = True, stop: frozenset[Any] | None = None, versions: bool = True):
+        self.values: dict[Any, Any] | None = {} if values else None
+        self.counts: dict[Any, int] = {}
+        self.stop = stop
+        self.versions: list[tuple[Any, torch.Tensor, int]] | None = [] if versions else None
+
+
+class Taps:
+    """The taps of one shadow, and the record of the call running on it (``None`` between calls).
+
+    The shadow sets :attr:`record` for the duration of a forward and resets it
+    in ``finally``: a tap that runs outside a call (a checkpoint's recompute
+    during backward, say) finds ``None`` and records nothing.
+    """
+
+    __slots__ = ("record",)
+
+    def __init__(self) -> None:
+        self.record: CallRecord | None = None
+
+
+def register(taps: Taps, module: nn.Module, point: str | Point, n_points: int, role: str) -> None:
+    """Register ``point``'s tap on ``module``; it writes into ``taps.record`` while a call runs.
+
+    ``n_points``: how many points the shadow taps (a stop waits for all of
+    them); ``role`` (``"teacher"``, ...) is for messages.
     """
     keep = select(point)
     if isinstance(point, Point) and point.io == "input":
         read = _input_reader(point, module, role)
         module.register_forward_pre_hook(
-            lambda m, args, kwargs: _seen(owner, point, keep, n_points, read(args, kwargs)), with_kwargs=True
+            lambda m, args, kwargs: _seen(taps, point, keep, n_points, read(args, kwargs)), with_kwargs=True
         )
     else:
-        module.register_forward_hook(lambda m, args, output: _seen(owner, point, keep, n_points, output))
+        module.register_forward_hook(lambda m, args, output: _seen(taps, point, keep, n_points, output))
+
+
+class NodeTap(nn.Module):
+    """Identity module inserted after an FX node; its tap reads the node's value."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+def with_node_taps(module: nn.Module, nodes: list[str]) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A GraphModule like ``module`` (a shadow of one) with a :class:`NodeTap` after each named node.
+
+    Returns it and the :class:`NodeTap` of each node, by node name (the tap
+    after ``nodes[i]`` is its submodule ``_funcdistill_tap_<i>``).
+    """
+    from torch.fx import Graph, GraphModule
+
+    graph: Graph = copy.deepcopy(cast(GraphModule, module).graph)
+    by_name = {n.name: n for n in graph.nodes}
+    names = {}
+    for i, node_name in enumerate(nodes):
+        names[node_name] = tap = f"_funcdistill_tap_{i}"
+        module.add_module(tap, NodeTap())
+        with graph.inserting_after(by_name[node_name]):
+            graph.call_module(tap, (by_name[node_name],))
+    tapped = GraphModule(module, graph, class_name=type(module).__name__)
+    return tapped, {node: tapped.get_submodule(tap) for node, tap in names.items()}
 
 
 class PointError(RuntimeError):
@@ -81,13 +153,14 @@ class Stop(BaseException):
     """
 
 
-def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int, value: Any) -> None:
-    counts = owner.counts
-    if counts is None:
+def _seen(taps: Taps, point: str | Point, keep: int | str | None, n_points: int, value: Any) -> None:
+    record = taps.record
+    if record is None:
         return  # a forward outside a distill call (e.g. a checkpoint recompute)
+    counts = record.counts
     n = counts.get(point, 0)
     counts[point] = n + 1
-    sink = owner.sink
+    sink = record.values
     if sink is None:
         return  # the dry run only counts
     if keep == ALL:
@@ -96,7 +169,7 @@ def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int,
         sink[point] = value
     else:
         return
-    versions = owner.versions
+    versions = record.versions
     if versions is not None:
         if isinstance(value, torch.Tensor):
             versions.append((point, value, value._version))
@@ -104,7 +177,7 @@ def _seen(owner: Any, point: str | Point, keep: int | str | None, n_points: int,
             versions.extend((point, t, t._version) for t in _tensors(value))
     if keep == ALL:
         return
-    stop = owner.stop
+    stop = record.stop
     if stop is not None and len(sink) >= n_points and stop.issubset(sink):
         raise Stop
 
@@ -198,6 +271,12 @@ def finish(sink: dict[Any, Any], points: tuple[str | Point, ...]) -> None:
             sink[point] = calls[call]
         else:  # fewer calls than the negative index needs: count_problem says so
             del sink[point]
+
+
+def count_problems(points: tuple[str | Point, ...], counts: dict[Any, int], role: str, model: nn.Module) -> list[str]:
+    """What the call counts say is wrong (a module run several times with no call selected, ...)."""
+    found = (count_problem(p, counts.get(p, 0), role, model) for p in points)
+    return [p for p in found if p is not None]
 
 
 def count_problem(point: str | Point, n: int, role: str, model: nn.Module) -> str | None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import funcdistill as fd
-from funcdistill import _capture
+from funcdistill import _shadow
 from tests.models import mlp
 
 
@@ -18,7 +18,7 @@ def live_objects() -> tuple[int, int]:
     gc.collect()
     objects = gc.get_objects()
     return (
-        sum(1 for o in objects if type(o) is _capture._Shadow),
+        sum(1 for o in objects if type(o) is _shadow.Shadow),
         sum(1 for o in objects if issubclass(type(o), nn.Module)),  # type(): no attribute read
     )
 

@@ -284,7 +284,7 @@ def test_the_compile_constant_marker_is_the_one_torch_sets():
     import subprocess
     import sys
 
-    from funcdistill._capture import constant_under_compile
+    from funcdistill._verdict import constant_under_compile
 
     def ours():
         return 0
