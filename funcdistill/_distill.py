@@ -282,8 +282,8 @@ class DistillFn(Frozen):
 
     def __repr__(self) -> str:
         return (
-            f"<distill fn: teacher={_names.describe(self._teacher.model)}, "
-            f"student={_names.describe(self._student.model)}, {len(self.mapping)} pairs, "
+            f"<distill fn: teacher={_roles.model_name(self._teacher.model)}, "
+            f"student={_roles.model_name(self._student.model)}, {len(self.mapping)} pairs, "
             f"nograd_teacher={self.nograd_teacher}>"
         )
 
@@ -511,8 +511,8 @@ def _check_mapping(mapping: Any, teacher: nn.Module, student: nn.Module) -> Mapp
     for role, built, given in (("teacher", mt, teacher), ("student", ms, student)):
         if built is not None and built is not given:
             raise ValueError(
-                f"the mapping was built for another {role} ({_names.describe(built)} at "
-                f"{id(built):#x}) than the one passed to distill ({_names.describe(given)} "
+                f"the mapping was built for another {role} ({_roles.model_name(built)} at "
+                f"{id(built):#x}) than the one passed to distill ({_roles.model_name(given)} "
                 f"at {id(given):#x}); build the mapping with the models you distill."
             )
     for t, s in mapping.names:

@@ -49,9 +49,6 @@ def point_names(model: nn.Module) -> list[str]:
     return names
 
 
-describe = model_name  # the old name, until _capture, _taps and _distill call model_name
-
-
 def unknown_name_message(name: str, role: Role, model: nn.Module, other: nn.Module | None) -> str:
     """Say that ``name`` is not a point of ``model`` and how to fix it."""
     valid = point_names(model)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from funcdistill import _failures, _names, _sharded, _taps, _verdict
+from funcdistill import _failures, _roles, _sharded, _taps, _verdict
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
 from funcdistill._shadow import WHOLE, Shadow
@@ -188,7 +188,7 @@ class Side:
             return
         if shadow.units is not None:
             _sharded.reraise(error, self.role)
-        model = _names.describe(self.model)
+        model = _roles.model_name(self.model)
         state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.plan.own_list) if t.is_floating_point()), None)
         typed = _failures.dtype_error(error, self.role, model, {"state": state_dtype, **self._dtypes()}, args, kwargs)
         if typed is not None:
@@ -213,7 +213,7 @@ class Side:
             if missing:
                 problems.append(
                     f"{self.role} module(s) {', '.join(map(repr, missing))} never ran during "
-                    f"the forward pass of the {self.role} {_names.describe(self.model)}, so "
+                    f"the forward pass of the {self.role} {_roles.model_name(self.model)}, so "
                     "there is nothing to distill. Map modules that the forward calls for this "
                     "input."
                 )

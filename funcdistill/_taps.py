@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from funcdistill import _names
+from funcdistill import _names, _roles
 from funcdistill._point import ALL, Point
 from funcdistill._pytree import tree_leaves
 
@@ -283,7 +283,7 @@ def count_problem(point: str | Point, n: int, role: str, model: nn.Module) -> st
     """What is wrong with a point whose module ran ``n`` times, or ``None``."""
     call = point.call if isinstance(point, Point) else None
     where = f"{role} module {name_of(point)!r}"
-    forward = f"in one forward pass of the {role} {_names.describe(model)}"
+    forward = f"in one forward pass of the {role} {_roles.model_name(model)}"
     if call is None and n > 1:
         return f"{where} runs {n} times {forward}, so its {what(point)} is ambiguous. " + _SELECT_FIX.format(
             name=name_of(point)

@@ -29,7 +29,7 @@ __all__: list[str] = []
 Entry = dict[str, Any]
 
 
-def describe(index: int, key: str, output: Any, batch: int, *, storage: dict[str, Any]) -> Entry:
+def entry(index: int, key: str, output: Any, batch: int, *, storage: dict[str, Any]) -> Entry:
     """The layout entry of one teacher point (its stable ``key``), from its output on a first batch of ``batch`` samples.
 
     ``storage`` holds the point's storage ``dtype`` name (or ``None``), ``topk`` and ``temperature``.

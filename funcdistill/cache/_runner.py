@@ -157,7 +157,7 @@ class Runner:
         captured = self._forward(args)
         if self.entries is None:
             self.entries = [
-                _layout.describe(i, key, captured[p], n, storage=st)
+                _layout.entry(i, key, captured[p], n, storage=st)
                 for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
             ]
         out: dict[str, torch.Tensor] = {}
