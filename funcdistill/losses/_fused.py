@@ -75,7 +75,7 @@ Parts = Callable[
 ]
 
 
-class _Plan(NamedTuple):
+class _Chunking(NamedTuple):
     """What the chunked Function computes (Python values only, hashable for torch.compile)."""
 
     parts: Parts
@@ -90,19 +90,19 @@ def _first(x: Any, n: int) -> Any:
     return x if x is None or x.shape[0] == n else x[:n]
 
 
-def _chunks(plan: _Plan, hidden: torch.Tensor, weights: torch.Tensor, teacher: tuple[Any, ...]):
+def _chunks(chunking: _Chunking, hidden: torch.Tensor, weights: torch.Tensor, teacher: tuple[Any, ...]):
     """Per chunk: the hidden states, the token weights (0 = not counted), the sliced teacher tensors, constants."""
-    constants = teacher[plan.sliced :]
-    for start in range(0, hidden.shape[0], plan.chunk_size):
-        stop = min(start + plan.chunk_size, hidden.shape[0])
-        rows = tuple(t[start:stop] for t in teacher[: plan.sliced])
+    constants = teacher[chunking.sliced :]
+    for start in range(0, hidden.shape[0], chunking.chunk_size):
+        stop = min(start + chunking.chunk_size, hidden.shape[0])
+        rows = tuple(t[start:stop] for t in teacher[: chunking.sliced])
         yield hidden[start:stop], weights[start:stop], rows, constants
 
 
-def _chunk(plan, hidden, weight, bias, weights, rows, constants, need_grad):
+def _chunk(chunking, hidden, weight, bias, weights, rows, constants, need_grad):
     """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
-    logits = F.linear(hidden, _first(weight, plan.classes), _first(bias, plan.classes)).to(plan.dtype)
-    per_token, grad_logits = plan.parts(rows, constants, logits, need_grad)
+    logits = F.linear(hidden, _first(weight, chunking.classes), _first(bias, chunking.classes)).to(chunking.dtype)
+    per_token, grad_logits = chunking.parts(rows, constants, logits, need_grad)
     counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     loss = (torch.where(counted, per_token, zero) * weights).sum()
@@ -111,13 +111,13 @@ def _chunk(plan, hidden, weight, bias, weights, rows, constants, need_grad):
     return loss, grad_logits
 
 
-def _chunked_value(plan, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
+def _chunked_value(chunking, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
     """The loss alone, chunk by chunk (nothing needs a gradient)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    total = hidden.new_zeros((), dtype=torch.promote_types(plan.dtype, torch.float32))
-    for h, w, rows, constants in _chunks(plan, hidden, weights, teacher):
-        total = total + _chunk(plan, h, weight, bias, w, rows, constants, False)[0]
-    return total.to(plan.dtype)
+    total = hidden.new_zeros((), dtype=torch.promote_types(chunking.dtype, torch.float32))
+    for h, w, rows, constants in _chunks(chunking, hidden, weights, teacher):
+        total = total + _chunk(chunking, h, weight, bias, w, rows, constants, False)[0]
+    return total.to(chunking.dtype)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -138,16 +138,16 @@ class _ChunkedLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(plan, student_hidden, weight, bias, weights, *teacher):  # type: ignore[override]
+    def forward(chunking, student_hidden, weight, bias, weights, *teacher):  # type: ignore[override]
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         acc = torch.promote_types(weight.dtype, torch.float32)
-        head = _first(weight, plan.classes)
-        total = hidden.new_zeros((), dtype=torch.promote_types(plan.dtype, torch.float32))
+        head = _first(weight, chunking.classes)
+        total = hidden.new_zeros((), dtype=torch.promote_types(chunking.dtype, torch.float32))
         grad_weight = torch.zeros(head.shape, dtype=acc, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(head.shape[:1], dtype=acc, device=weight.device)
         grad_hidden = []
-        for h, w, rows, constants in _chunks(plan, hidden, weights, teacher):
-            loss, grad_logits = _chunk(plan, h, weight, bias, w, rows, constants, True)
+        for h, w, rows, constants in _chunks(chunking, hidden, weights, teacher):
+            loss, grad_logits = _chunk(chunking, h, weight, bias, w, rows, constants, True)
             grad_logits = grad_logits.to(head.dtype)
             total = total + loss
             grad_hidden.append(grad_logits @ head)
@@ -155,7 +155,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias = grad_bias + grad_logits.sum(0)
         grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
-        outputs = (total.to(plan.dtype), grad_hidden.reshape(student_hidden.shape))
+        outputs = (total.to(chunking.dtype), grad_hidden.reshape(student_hidden.shape))
         outputs += (_pad_rows(grad_weight, weight.shape[0]).to(weight.dtype),)
         return outputs if grad_bias is None else (*outputs, _pad_rows(grad_bias, bias.shape[0]).to(bias.dtype))
 
@@ -181,12 +181,17 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def _chunked_loss(
-    plan: _Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights: torch.Tensor, *teacher
+    chunking: _Chunking,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: torch.Tensor,
+    *teacher,
 ) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
-        return _chunked_value(plan, hidden, weight, bias, weights, *teacher)
-    return _ChunkedLoss.apply(plan, hidden, weight, bias, weights, *teacher)[0]
+        return _chunked_value(chunking, hidden, weight, bias, weights, *teacher)
+    return _ChunkedLoss.apply(chunking, hidden, weight, bias, weights, *teacher)[0]
 
 
 # ---------------------------------------------------------------- closed-form gradients for the student's logits
@@ -402,9 +407,9 @@ def fused_linear_jsd_loss(
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    plan = _Plan(rows, chunk_size, 1, classes, dtype)
+    chunking = _Chunking(rows, chunk_size, 1, classes, dtype)
     return _chunked_loss(
-        plan,
+        chunking,
         student_hidden,
         student_weight,
         student_bias,
@@ -493,9 +498,9 @@ def fused_linear_topk_kl_loss(
     dtype = compute_dtype(teacher_topk_logprobs, student_hidden)
     weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
     k = teacher_topk_logprobs.shape[-1]
-    plan = _Plan(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype)
+    chunking = _Chunking(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype)
     return _chunked_loss(
-        plan,
+        chunking,
         student_hidden,
         student_weight,
         student_bias,
