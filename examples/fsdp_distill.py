@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         if diff > 1e-4 or not placed:
             raise SystemExit(f"rank {rank}: the sharded run differs from the unsharded one (max {diff:.2e})")
         print(f"rank {rank}: student parameters after {args.steps} steps equal to the unsharded run (max {diff:.1e})")
+        dist.barrier()  # no rank tears the group down while another still runs its last collective
     finally:
         dist.destroy_process_group()
 
