@@ -35,5 +35,6 @@ from __future__ import annotations
 
 from funcdistill.align._alignment import Alignment, align
 from funcdistill.align._groups import at_groups, group_logprobs
+from funcdistill.align._vocab import shared_vocab
 
-__all__ = ["Alignment", "align", "at_groups", "group_logprobs"]
+__all__ = ["Alignment", "align", "at_groups", "group_logprobs", "shared_vocab"]

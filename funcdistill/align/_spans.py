@@ -25,6 +25,7 @@ trailing tokens after the last group, are outside the aligned text (-1).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 __all__: list[str] = []
@@ -50,14 +51,14 @@ def taking_part(spans: Sequence[Sequence[int]], counts: Sequence[bool]) -> tuple
     for k, (s, e) in enumerate(spans):
         if counts[k] and e < s:
             return [], f"token {k} spans ({s}, {e}), which ends before it starts"
-    for a, b in zip(solid, solid[1:]):
+    for a, b in itertools.pairwise(solid):
         (s0, e0), (s1, e1) = spans[a], spans[b]
         if s1 < s0:
             return [], f"token {b} spans ({s1}, {e1}), which starts before token {a} ({s0}, {e0}) does"
         if e1 < e0:
             return [], f"token {b} spans ({s1}, {e1}), which ends before token {a} ({s0}, {e0}) does"
     part: list[int] = []
-    for a, b in zip(solid, solid[1:]):
+    for a, b in itertools.pairwise(solid):
         part.append(a)
         last = spans[a][1]
         for k in range(a + 1, b):
