@@ -7,8 +7,9 @@ them from the character offsets that a fast tokenizer returns
 (``return_offsets_mapping=True``); the rules (gaps, characters split into
 bytes, tokens outside the aligned text) are those of :mod:`funcdistill.align._spans`.
 
-It runs once per batch, in data preparation, on integer tensors: plain Python,
-a two-pointer merge over each row's two lists of spans. The `Alignment` it
+It runs once per batch, in data preparation, on integer tensors: tensor
+operations over the whole batch (checks, which tokens take part), then a
+two-pointer merge in plain Python over each row's two lists of gaps. The `Alignment` it
 returns is a NamedTuple of tensors (a pytree), which a loss then uses under
 :func:`torch.func.grad`, :func:`torch.func.vmap` and ``torch.compile``.
 """
