@@ -202,3 +202,141 @@ def test_uld_module_equals_the_function():
     assert repr(module) == "ULDLoss(temperature=2.0, reduction='sum')"
     with pytest.raises(ValueError, match="ULDLoss: temperature must be a positive finite number, got -1"):
         L.ULDLoss(temperature=-1)
+
+
+# ---------------------------------------------------------------- hybrid_loss
+
+T_IDS, S_IDS = torch.tensor([5, 0, 3]), torch.tensor([1, 4, 0])  # 3 shared tokens, in no particular order
+
+
+def loop_hybrid_autograd(t, s, t_ids, s_ids, exact_weight, uld_weight, beta, T, counted):
+    """Differentiable float64 loop over positions: probability-space JSD, Python-sorted ULD."""
+    t_ids, s_ids = t_ids.tolist(), s_ids.tolist()
+    total = t.new_zeros(())
+    for row_t, row_s, keep in zip(t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1]), counted.reshape(-1)):
+        if not keep:
+            continue
+        pt, ps = torch.softmax(row_t / T, -1), torch.softmax(row_s / T, -1)
+        a, b = pt[t_ids] / pt[t_ids].sum(), ps[s_ids] / ps[s_ids].sum()
+        m = beta * a + (1 - beta) * b
+        exact = {0.0: (a * (a / b).log()).sum(), 1.0: (b * (b / a).log()).sum()}.get(
+            beta, beta * (a * (a / m).log()).sum() + (1 - beta) * (b * (b / m).log()).sum()
+        )
+        rest_t = sorted((pt[i] for i in range(len(pt)) if i not in t_ids), key=lambda x: x.item(), reverse=True)
+        rest_s = sorted((ps[j] for j in range(len(ps)) if j not in s_ids), key=lambda x: x.item(), reverse=True)
+        zero = t.new_zeros(())
+        rest_t += [zero] * (len(rest_s) - len(rest_t))
+        rest_s += [zero] * (len(rest_t) - len(rest_s))
+        total = total + exact_weight * exact + uld_weight * sum((x - y).abs() for x, y in zip(rest_t, rest_s))
+    return total / max(int(counted.sum()), 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_hybrid_matches_its_definition(beta, reduction):
+    t, s = logits(3, 4, VT), logits(3, 4, VS)
+    kw = {"exact_weight": 0.7, "uld_weight": 1.3, "beta": beta, "temperature": 1.5}
+    got = L.hybrid_loss(t, s, T_IDS, S_IDS, mask=MASK, reduction=reduction, **kw)
+    ids = T_IDS.tolist(), S_IDS.tolist()
+    values = per_position(ref_hybrid, t, s, *ids, 0.7, 1.3, beta, 1.5)
+    torch.testing.assert_close(got, torch.as_tensor(ref_reduce(values, MASK, reduction), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_hybrid_gradients_match_the_loop_reference_and_gradcheck(beta):
+    t, s = logits(3, 4, VT), logits(3, 4, VS)
+    kw = {"exact_weight": 0.7, "uld_weight": 1.3, "beta": beta}
+    got = torch.autograd.grad(L.hybrid_loss(t, s, T_IDS, S_IDS, mask=MASK, temperature=0.8, **kw), (t, s))
+    expected = torch.autograd.grad(loop_hybrid_autograd(t, s, T_IDS, S_IDS, 0.7, 1.3, beta, 0.8, MASK), (t, s))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a, b: L.hybrid_loss(a, b, T_IDS, S_IDS, beta=beta, mask=MASK), (t, s))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_hybrid_with_every_token_shared_is_the_generalized_jsd(beta):
+    # identical tokenizers: shared_vocab pairs every id with itself, the ULD part has no column left
+    t, s = logits(3, 4, VT), logits(3, 4, VT)
+    every = torch.arange(VT)
+    kw = {"beta": beta, "temperature": 1.7, "mask": MASK}
+    hybrid, jsd = L.hybrid_loss(t, s, every, every, **kw), L.generalized_jsd_loss(t, s, **kw)
+    torch.testing.assert_close(hybrid, jsd)
+    for a, b in zip(torch.autograd.grad(hybrid, (t, s)), torch.autograd.grad(jsd, (t, s))):
+        torch.testing.assert_close(a, b)
+    # a student whose vocabulary is the teacher's in another order: the same loss through the pairing
+    order = torch.randperm(VT)
+    permuted = L.hybrid_loss(t, s[..., order], every, torch.argsort(order), **kw)
+    torch.testing.assert_close(permuted, jsd)
+
+
+def test_hybrid_forward_kl_is_kd():
+    t, s = logits(6, VT), logits(6, VT)
+    every = torch.arange(VT)
+    torch.testing.assert_close(L.hybrid_loss(t, s, every, every, beta=0.0), L.kd_loss(t, s))
+    # kd_loss multiplies by T^2 (Hinton's gradient scale); the token losses do not
+    torch.testing.assert_close(4 * L.hybrid_loss(t, s, every, every, temperature=2.0), L.kd_loss(t, s, temperature=2.0))
+
+
+def test_hybrid_with_no_token_shared_is_uld_and_zero_weights_drop_their_part():
+    t, s = logits(3, 4, VT), logits(3, 4, VS)
+    none = torch.zeros(0, dtype=torch.long)
+    torch.testing.assert_close(L.hybrid_loss(t, s, none, none, uld_weight=2.0), 2 * L.uld_loss(t, s))
+    ids = T_IDS.tolist(), S_IDS.tolist()
+    for exact_weight, uld_weight in ((0, 1.0), (1.0, 0)):
+        got = L.hybrid_loss(t, s, T_IDS, S_IDS, exact_weight=exact_weight, uld_weight=uld_weight, reduction="none")
+        values = per_position(ref_hybrid, t, s, *ids, exact_weight, uld_weight, 0.0, 1.0)
+        torch.testing.assert_close(got, values)
+    tensor_weights = L.hybrid_loss(t, s, T_IDS, S_IDS, exact_weight=torch.tensor(0.0), uld_weight=torch.tensor(1.0))
+    torch.testing.assert_close(tensor_weights, L.hybrid_loss(t, s, T_IDS, S_IDS, exact_weight=0))
+
+
+def test_hybrid_under_grad_and_vmap_over_tensor_options():
+    t, s = torch.randn(3, 4, VT), torch.randn(3, 4, VS)
+    g = grad(lambda x: L.hybrid_loss(t, x, T_IDS, S_IDS, mask=MASK, beta=0.5))(s)
+    reference = torch.autograd.grad(L.hybrid_loss(t, s.requires_grad_(), T_IDS, S_IDS, mask=MASK, beta=0.5), s)[0]
+    torch.testing.assert_close(g, reference)
+    betas, weights = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.0, 1.0, 3.0])
+    swept = vmap(lambda b, w: L.hybrid_loss(t, s, T_IDS, S_IDS, beta=b, uld_weight=w))(betas, weights)
+    looped = [L.hybrid_loss(t, s, T_IDS, S_IDS, beta=float(b), uld_weight=float(w)) for b, w in zip(betas, weights)]
+    torch.testing.assert_close(swept, torch.stack(looped))
+
+
+def test_hybrid_ids_of_any_integer_dtype_and_the_wider_dtype():
+    t, s = torch.randn(4, VT).bfloat16(), torch.randn(4, VS)
+    value = L.hybrid_loss(t, s, T_IDS.int(), S_IDS.to(torch.int16), beta=0.5)
+    assert value.dtype == torch.float32
+    reference = L.hybrid_loss(t.double(), s.double(), T_IDS, S_IDS, beta=0.5)
+    torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=1e-6)  # float32 arithmetic vs float64
+
+
+def test_hybrid_errors_collect_the_problems_with_the_ids():
+    t, s = torch.randn(3, VT), torch.randn(3, VS)
+    with pytest.raises(
+        ValueError,
+        match=r"hybrid_loss: student_ids has 6 ids but the student's logits have 5 classes .*; teacher_ids and "
+        r"student_ids must have one length \(pair k is teacher_ids\[k\], student_ids\[k\]\), got 3 and 6\. "
+        r"Pass the two tensors funcdistill.align.shared_vocab returns\.",
+    ):
+        L.hybrid_loss(t, s, T_IDS, torch.arange(6))
+    with pytest.raises(ValueError, match=r"hybrid_loss: teacher_ids must be 1-d \(one id per shared token\), got"):
+        L.hybrid_loss(t, s, T_IDS[None], S_IDS)
+    with pytest.raises(TypeError, match="hybrid_loss: student_ids must hold integer token ids"):
+        L.hybrid_loss(t, s, T_IDS, S_IDS.float())
+    with pytest.raises(ValueError, match="hybrid_loss: uld_weight must be a finite number >= 0, got -1"):
+        L.hybrid_loss(t, s, T_IDS, S_IDS, uld_weight=-1)
+    with pytest.raises(ValueError, match=r"hybrid_loss: beta must be in \[0, 1\], got 2"):
+        L.hybrid_loss(t, s, T_IDS, S_IDS, beta=2)
+
+
+def test_hybrid_module_equals_the_function():
+    t, s = torch.randn(3, 4, VT), torch.randn(3, 4, VS)
+    module = L.HybridLoss(T_IDS, S_IDS, exact_weight=0.5, beta=0.3, reduction="sum")
+    expected = L.hybrid_loss(t, s, T_IDS, S_IDS, exact_weight=0.5, beta=0.3, reduction="sum", mask=MASK)
+    torch.testing.assert_close(module(t, s, mask=MASK), expected)
+    assert "teacher_ids=<3 ids>, student_ids=<3 ids>, exact_weight=0.5" in repr(module)
+    with pytest.raises(
+        ValueError, match=r"HybridLoss: teacher_ids and student_ids must have one length .* got 3 and 2"
+    ):
+        L.HybridLoss(T_IDS, S_IDS[:2])
+    with pytest.raises(AttributeError, match="HybridLoss's options are immutable: cannot set 'beta'"):
+        module.beta = 0.5
