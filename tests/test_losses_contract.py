@@ -237,6 +237,8 @@ def test_public_names():
             "ULDLoss",
             "hybrid_loss",
             "uld_loss",
+            "fused_linear_hybrid_loss",
+            "fused_linear_uld_loss",
         ]
     )
     papers = {

@@ -36,6 +36,8 @@ The losses and their papers:
 - `uld_loss` / `ULDLoss`: Boizard et al. 2024 (Universal Logit Distillation: sorted probabilities,
   across tokenizers).
 - `hybrid_loss` / `HybridLoss`: TRL's GOLD (shared tokens by a generalized JSD, the rest by ULD).
+- `fused_linear_uld_loss`, `fused_linear_hybrid_loss`: the same from hidden states and head weights,
+  chunk by chunk.
 
 Example:
     >>> import torch
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 from funcdistill.losses._contrastive import CRDLoss, CRDState, crd_head, crd_init, crd_loss, crd_negatives
 from funcdistill.losses._cross import HybridLoss, ULDLoss, hybrid_loss, uld_loss
+from funcdistill.losses._cross_fused import fused_linear_hybrid_loss, fused_linear_uld_loss
 from funcdistill.losses._divergence import (
     GeneralizedJSDLoss,
     SkewKLLoss,
@@ -114,8 +117,10 @@ __all__ = [
     "crd_negatives",
     "dist_loss",
     "dkd_loss",
+    "fused_linear_hybrid_loss",
     "fused_linear_jsd_loss",
     "fused_linear_topk_kl_loss",
+    "fused_linear_uld_loss",
     "generalized_jsd_loss",
     "hint_adapter",
     "hybrid_loss",
