@@ -340,3 +340,132 @@ def test_hybrid_module_equals_the_function():
         L.HybridLoss(T_IDS, S_IDS[:2])
     with pytest.raises(AttributeError, match="HybridLoss's options are immutable: cannot set 'beta'"):
         module.beta = 0.5
+
+
+# ---------------------------------------------------------------- fused (chunked) forms: equal to the unfused
+
+HT, HS = 6, 4
+
+
+def heads(dtype=torch.float64, vocab=(VT, VS)):
+    ht, hs = torch.randn(3, 4, HT, dtype=dtype), torch.randn(3, 4, HS, dtype=dtype)
+    wt, ws = torch.randn(vocab[0], HT, dtype=dtype), torch.randn(vocab[1], HS, dtype=dtype)
+    bt, bs = torch.randn(vocab[0], dtype=dtype), torch.randn(vocab[1], dtype=dtype)
+    return ht, hs, wt, ws, bt, bs
+
+
+def unfused(loss, ht, hs, wt, ws, bt, bs, *ids, **kw):
+    return loss(ht @ wt.T + bt, hs @ ws.T + bs, *ids, **kw)
+
+
+def fused(loss, ht, hs, wt, ws, bt, bs, *ids, **kw):
+    return loss(ht, hs, wt, ws, *ids, teacher_bias=bt, student_bias=bs, **kw)
+
+
+def student_grads(run, loss, ht, hs, wt, ws, bt, bs, *ids, **kw):
+    """Value and gradients for the student's hidden states, weight and bias (torch.func.grad)."""
+    return torch.func.grad_and_value(lambda *s: run(loss, ht, s[0], wt, s[1], bt, s[2], *ids, **kw), argnums=(0, 1, 2))(
+        hs, ws, bs
+    )
+
+
+PAIRS = {
+    "uld": (L.uld_loss, L.fused_linear_uld_loss, ()),
+    "hybrid": (L.hybrid_loss, L.fused_linear_hybrid_loss, (T_IDS, S_IDS)),
+}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, 64])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("uld", {"temperature": 1.7}),
+        ("uld", {"reduction": "sum"}),
+        ("hybrid", {"beta": 0.0, "exact_weight": 0.6}),
+        ("hybrid", {"beta": 0.5, "temperature": 0.8, "reduction": "sum"}),
+        ("hybrid", {"beta": 1.0, "uld_weight": 2.0}),
+        ("hybrid", {"beta": 0.3, "uld_weight": 0}),
+    ],
+)
+def test_fused_equals_unfused(name, kw, chunk_size):
+    loss, fused_loss, ids = PAIRS[name]
+    args = heads()
+    (g_fused, v_fused), (g_ref, v_ref) = (
+        student_grads(fused, fused_loss, *args, *ids, chunk_size=chunk_size, mask=MASK, **kw),
+        student_grads(unfused, loss, *args, *ids, mask=MASK, **kw),
+    )
+    torch.testing.assert_close(v_fused, v_ref)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)
+    assert g_fused[0][0, 1].abs().sum() == 0  # an uncounted position's hidden state gets no gradient
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_fused_backward_loop_tensor_options_and_teacher_gets_nothing(name):
+    loss, fused_loss, ids = PAIRS[name]
+    ht, hs, wt, ws, _, _ = (x.requires_grad_() for x in heads(torch.float32))
+    T = torch.tensor(1.3)
+    options = {"temperature": T} | ({"beta": torch.tensor(0.4), "exact_weight": torch.tensor(0.5)} if ids else {})
+    value = fused_loss(ht, hs, wt, ws, *ids, chunk_size=5, labels=torch.where(MASK, 1, -100), **options)
+    value.backward()
+    expected = loss(ht @ wt.T, hs @ ws.T, *ids, mask=MASK, **options)
+    torch.testing.assert_close(value, expected)
+    for got, want in zip((hs.grad, ws.grad), torch.autograd.grad(expected, (hs, ws))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32 sums in another order
+    assert ht.grad is None and wt.grad is None
+
+
+def test_fused_under_vmap_and_with_no_position():
+    ht, hs, wt, ws, *_ = heads()
+    per_sample = vmap(lambda a, b: L.fused_linear_uld_loss(a, b, wt, ws, chunk_size=3))(ht, hs)
+    torch.testing.assert_close(per_sample, torch.stack([L.uld_loss(a @ wt.T, b @ ws.T) for a, b in zip(ht, hs)]))
+    g = vmap(grad(lambda a, b: L.fused_linear_hybrid_loss(a, b, wt, ws, T_IDS, S_IDS), argnums=1))(ht, hs)
+    torch.testing.assert_close(g[2], grad(lambda b: L.hybrid_loss(ht[2] @ wt.T, b @ ws.T, T_IDS, S_IDS))(hs[2]))
+    nothing = torch.zeros(3, 4, dtype=torch.bool)
+    grads, value = torch.func.grad_and_value(
+        lambda b, w: L.fused_linear_uld_loss(ht, b, wt, w, mask=nothing), argnums=(0, 1)
+    )(hs, ws)
+    assert value.item() == 0.0 and all(torch.equal(x, torch.zeros_like(x)) for x in grads)
+
+
+def test_fused_errors():
+    ht, hs, wt, ws, *_ = heads()
+    with pytest.raises(ValueError, match="fused_linear_uld_loss: reduction='none' is not supported"):
+        L.fused_linear_uld_loss(ht, hs, wt, ws, reduction="none")
+    with pytest.raises(
+        ValueError, match=r"fused_linear_uld_loss: student_weight must have shape \(vocabulary, hidden\)"
+    ):
+        L.fused_linear_uld_loss(ht, hs, wt, ws.T)
+    with pytest.raises(ValueError, match="fused_linear_hybrid_loss: teacher_ids and student_ids must have one length"):
+        L.fused_linear_hybrid_loss(ht, hs, wt, ws, T_IDS, S_IDS[:2])
+    with pytest.raises(ValueError, match=r"fused_linear_hybrid_loss: beta must be in \[0, 1\], got -0.5"):
+        L.fused_linear_hybrid_loss(ht, hs, wt, ws, T_IDS, S_IDS, beta=-0.5)
+    with pytest.raises(RuntimeError, match="fused losses give first-order gradients only"):
+        torch.func.jacrev(grad(lambda b: L.fused_linear_uld_loss(ht, b, wt, ws)))(hs)
+
+
+# ---------------------------------------------------------------- torch.compile (tiny, few)
+
+
+@pytest.mark.compile
+def test_compiled_grad_step_fullgraph_matches_eager():
+    ht, hs, wt, ws, *_ = heads(torch.float32)
+    t, T = ht @ wt.T, torch.tensor(1.5)
+
+    def step(h, w):
+        def total(h, w):
+            s = h @ w.T
+            return (
+                L.uld_loss(t, s, mask=MASK, temperature=T)
+                + L.hybrid_loss(t, s, T_IDS, S_IDS, beta=0.5, temperature=T)
+                + L.fused_linear_uld_loss(ht, h, wt, w, chunk_size=5)
+                + L.fused_linear_hybrid_loss(ht, h, wt, w, T_IDS, S_IDS, chunk_size=5, mask=MASK)
+            )
+
+        return torch.func.grad_and_value(total, argnums=(0, 1))(h, w)
+
+    torch._dynamo.reset()
+    (g_c, v_c), (g_e, v_e) = torch.compile(step, fullgraph=True)(hs, ws), step(hs, ws)
+    torch.testing.assert_close(v_c, v_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # compiled float32 kernels sum in another order
