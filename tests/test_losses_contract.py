@@ -39,6 +39,13 @@ def _cases():
             (torch.randn(4, 5), torch.randn(4, 5)),
             {"temperature": 2.0},
         ),
+        # across tokenizers: two vocabularies (5 and 7 classes), 3 shared tokens for the hybrid
+        "uld_loss": (L.uld_loss, (torch.randn(4, 5), torch.randn(4, 7)), {"temperature": 2.0}),
+        "hybrid_loss": (
+            functools.partial(L.hybrid_loss, teacher_ids=torch.tensor([0, 3, 4]), student_ids=torch.tensor([6, 0, 2])),
+            (torch.randn(4, 5), torch.randn(4, 7)),
+            {"beta": 0.5},
+        ),
     }
 
 
@@ -233,6 +240,12 @@ def test_public_names():
             "generalized_jsd_loss",
             "skew_kl_loss",
             "topk_kl_loss",
+            "HybridLoss",
+            "ULDLoss",
+            "hybrid_loss",
+            "uld_loss",
+            "fused_linear_hybrid_loss",
+            "fused_linear_uld_loss",
         ]
     )
     papers = {
@@ -247,6 +260,8 @@ def test_public_names():
         "crd_loss": "Tian",
         "dist_loss": "Huang",
         "standardize_logits": "Sun",
+        "uld_loss": "Boizard",
+        "hybrid_loss": "GOLD",
     }
     for name, author in papers.items():
         assert author in getattr(L, name).__doc__, name
