@@ -1,0 +1,40 @@
+"""Distillation across tokenizers: aligning two tokenizations of the same text.
+
+A teacher and a student from different model families do not share a
+vocabulary, and they cut the same text into different tokens. This subpackage
+relates them:
+
+- `align` finds the *groups*: the smallest spans of text that both
+  tokenizations cover with whole tokens, from the character offsets of a fast
+  tokenizer. It returns an `Alignment`, a NamedTuple of tensors.
+- `at_groups` gathers each side's logits at its groups' last tokens, where
+  both models have read the same text: the inputs of a loss that allows two
+  vocabularies (:func:`funcdistill.losses.uld_loss`).
+- `group_logprobs` merges each side's token log-probabilities into group
+  log-probabilities (a group's probability is the product of its tokens').
+- `shared_vocab` maps the tokens whose strings are equal in both
+  vocabularies (byte-level ``'Ġ'`` and SentencePiece ``'▁'`` both mean a leading space).
+
+`align` and `shared_vocab` are data preparation (plain Python, once per batch
+or once per pair of tokenizers); `at_groups` and `group_logprobs` are
+differentiable and run under :func:`torch.func.grad`, :func:`torch.func.vmap`
+and ``torch.compile``. Nothing here imports a tokenizer library.
+
+Example:
+    >>> import torch
+    >>> from funcdistill.align import align, at_groups
+    >>> # 'hello world' as 'hello', 'Ġworld' (teacher) and 'he', 'llo', 'world' (student)
+    >>> a = align(torch.tensor([[[0, 5], [5, 11]]]), torch.tensor([[[0, 2], [2, 5], [6, 11]]]))
+    >>> a.student_group
+    tensor([[0, 0, 1]])
+    >>> at_groups(torch.randn(1, 3, 7), a.student_last).shape  # student logits after 'hello', 'hello world'
+    torch.Size([1, 2, 7])
+"""
+
+from __future__ import annotations
+
+from funcdistill.align._alignment import Alignment, align
+from funcdistill.align._groups import at_groups, group_logprobs
+from funcdistill.align._vocab import shared_vocab
+
+__all__ = ["Alignment", "align", "at_groups", "group_logprobs", "shared_vocab"]
