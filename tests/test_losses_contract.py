@@ -233,6 +233,12 @@ def test_public_names():
             "generalized_jsd_loss",
             "skew_kl_loss",
             "topk_kl_loss",
+            "HybridLoss",
+            "ULDLoss",
+            "hybrid_loss",
+            "uld_loss",
+            "fused_linear_hybrid_loss",
+            "fused_linear_uld_loss",
         ]
     )
     papers = {
@@ -247,6 +253,8 @@ def test_public_names():
         "crd_loss": "Tian",
         "dist_loss": "Huang",
         "standardize_logits": "Sun",
+        "uld_loss": "Boizard",
+        "hybrid_loss": "GOLD",
     }
     for name, author in papers.items():
         assert author in getattr(L, name).__doc__, name

@@ -33,6 +33,11 @@ The losses and their papers:
 - `topk_kl_loss`: forward KL on a teacher's stored top-k log-probabilities (offline logits).
 - `fused_linear_jsd_loss`, `fused_linear_topk_kl_loss`: the same from hidden states and head
   weights, chunk by chunk over tokens, never holding the full logits.
+- `uld_loss` / `ULDLoss`: Boizard et al. 2024 (Universal Logit Distillation: sorted probabilities,
+  across tokenizers).
+- `hybrid_loss` / `HybridLoss`: TRL's GOLD (shared tokens by a generalized JSD, the rest by ULD).
+- `fused_linear_uld_loss`, `fused_linear_hybrid_loss`: the same from hidden states and head weights,
+  chunk by chunk.
 
 Example:
     >>> import torch
@@ -55,6 +60,8 @@ Example:
 from __future__ import annotations
 
 from funcdistill.losses._contrastive import CRDLoss, CRDState, crd_head, crd_init, crd_loss, crd_negatives
+from funcdistill.losses._cross import HybridLoss, ULDLoss, hybrid_loss, uld_loss
+from funcdistill.losses._cross_fused import fused_linear_hybrid_loss, fused_linear_uld_loss
 from funcdistill.losses._divergence import (
     GeneralizedJSDLoss,
     SkewKLLoss,
@@ -94,12 +101,14 @@ __all__ = [
     "DKDLoss",
     "FitNetsLoss",
     "GeneralizedJSDLoss",
+    "HybridLoss",
     "KDLoss",
     "LogitStandardization",
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
     "SkewKLLoss",
+    "ULDLoss",
     "attention_transfer_loss",
     "cosine_loss",
     "crd_head",
@@ -108,10 +117,13 @@ __all__ = [
     "crd_negatives",
     "dist_loss",
     "dkd_loss",
+    "fused_linear_hybrid_loss",
     "fused_linear_jsd_loss",
     "fused_linear_topk_kl_loss",
+    "fused_linear_uld_loss",
     "generalized_jsd_loss",
     "hint_adapter",
+    "hybrid_loss",
     "kd_loss",
     "mse_loss",
     "pkt_loss",
@@ -120,4 +132,5 @@ __all__ = [
     "sp_loss",
     "standardize_logits",
     "topk_kl_loss",
+    "uld_loss",
 ]
