@@ -15,6 +15,16 @@ relates them:
 - `shared_vocab` maps the tokens whose strings are equal in both
   vocabularies (byte-level ``'Ġ'`` and SentencePiece ``'▁'`` both mean a leading space).
 
+**Chat templates** differ between model families, so two rendered
+conversations differ outside the assistant's reply: align the reply only.
+Render each side's conversation with its own template, find where the reply
+starts in each rendered text (``rendered.index(reply)``), subtract that start
+from the side's offsets, and mask out every token that does not lie within the
+reply (``(offsets[..., 0] >= 0) & (offsets[..., 1] <= len(reply))``, with the
+attention mask). Both sides' offsets are then positions in the same text. On
+policy, the student's generated reply is decoded and tokenised again for the
+teacher, and aligned the same way.
+
 `align` and `shared_vocab` are data preparation (plain Python, once per batch
 or once per pair of tokenizers); `at_groups` and `group_logprobs` are
 differentiable and run under :func:`torch.func.grad`, :func:`torch.func.vmap`

@@ -7,8 +7,9 @@ them from the character offsets that a fast tokenizer returns
 (``return_offsets_mapping=True``); the rules (gaps, characters split into
 bytes, tokens outside the aligned text) are those of :mod:`funcdistill.align._spans`.
 
-It runs once per batch, in data preparation, on integer tensors: plain Python,
-a two-pointer merge over each row's two lists of spans. The `Alignment` it
+It runs once per batch, in data preparation, on integer tensors: tensor
+operations over the whole batch (checks, which tokens take part), then a
+two-pointer merge in plain Python over each row's two lists of gaps. The `Alignment` it
 returns is a NamedTuple of tensors (a pytree), which a loss then uses under
 :func:`torch.func.grad`, :func:`torch.func.vmap` and ``torch.compile``.
 """
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funcdistill.align._spans import align_row, taking_part
+from funcdistill.align._spans import END, align_row, backwards, taking_part
 
 __all__ = ["Alignment", "align"]
 
@@ -132,56 +133,70 @@ def align(
             f"align: teacher_offsets and student_offsets hold {teacher_offsets.shape[0]} and "
             f"{student_offsets.shape[0]} rows; give both tokenizations of the same batch of texts."
         )
-    rows_t, rows_s = teacher_offsets.tolist(), student_offsets.tolist()
-    counts_t, counts_s = t_mask.tolist(), s_mask.tolist()
-    parts, problems = [], []
-    for b in range(len(rows_t)):
-        t_part, t_problem = taking_part(rows_t[b], counts_t[b])
-        s_part, s_problem = taking_part(rows_s[b], counts_s[b])
-        problems += [f"teacher_offsets row {b}: {t_problem}"] * (t_problem is not None)
-        problems += [f"student_offsets row {b}: {s_problem}"] * (s_problem is not None)
-        parts.append((t_part, s_part))
+    sides = []
+    problems = []
+    for name, offsets, mask in (
+        ("teacher_offsets", teacher_offsets, t_mask),
+        ("student_offsets", student_offsets, s_mask),
+    ):
+        starts, ends = offsets[..., 0].long(), offsets[..., 1].long()
+        problems += [f"{name} {problem}" for problem in backwards(starts, ends, mask)]
+        sides.append(_Compact.of(starts, ends, taking_part(starts, ends, mask)))
     if problems:
         raise ValueError(
             "align: the spans must go forward along a row (one text per row, character spans [start, end) "
             "as a fast tokenizer returns them; mask out the second text of a pair):\n  " + "\n  ".join(problems)
         )
-    return _build(rows_t, rows_s, parts, (teacher_offsets.shape[1], student_offsets.shape[1]), teacher_offsets.device)
+    t, s = sides
+    rows = [
+        align_row(t.lo[b][: t.n[b]], t.hi[b][: t.n[b]], s.lo[b][: s.n[b]], s.hi[b][: s.n[b]], t.first[b], s.first[b])
+        for b in range(len(t.n))
+    ]
+    t_group, t_last, mask = t.groups([(r[0], r[1]) for r in rows])
+    s_group, s_last, _ = s.groups([(r[2], r[3]) for r in rows])
+    return Alignment(t_group, s_group, t_last, s_last, mask)
 
 
-def _build(
-    rows_t: list[Any], rows_s: list[Any], parts: list[Any], sizes: tuple[int, int], device: torch.device
-) -> Alignment:
-    """The `Alignment`'s tensors from each row's groups."""
-    t_group = [[-1] * len(row) for row in rows_t]
-    s_group = [[-1] * len(row) for row in rows_s]
-    t_last: list[list[int]] = []
-    s_last: list[list[int]] = []
-    for b, (t_part, s_part) in enumerate(parts):
-        t_groups, s_groups = align_row(rows_t[b], t_part, rows_s[b], s_part)
-        t_last.append(_fill(t_group[b], t_part, t_groups))
-        s_last.append(_fill(s_group[b], s_part, s_groups))
-    width = max(map(len, t_last), default=0)
+class _Compact(NamedTuple):
+    """One side's taking-part tokens, moved to the front of each row (positions, gaps as lists for the merge)."""
 
-    def tensor(rows: list[list[Any]], size: int, pad: Any = 0, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        flat = [x for row in rows for x in row + [pad] * (size - len(row))]
-        return torch.tensor(flat, dtype=dtype, device=device).reshape(len(rows), size)
+    positions: torch.Tensor  # (B, T): the positions of the taking-part tokens first, then T
+    n: list[int]  # how many take part, per row
+    lo: list[list[int]]  # the gap after each: its token's end ...
+    hi: list[list[int]]  # ... and the next one's start (END after the last)
+    first: list[int]  # the start of each row's first
 
-    return Alignment(
-        teacher_group=tensor(t_group, sizes[0]),
-        student_group=tensor(s_group, sizes[1]),
-        teacher_last=tensor(t_last, width),
-        student_last=tensor(s_last, width),
-        mask=tensor([[True] * len(last) for last in t_last], width, False, torch.bool),
-    )
+    @classmethod
+    def of(cls, starts: torch.Tensor, ends: torch.Tensor, part: torch.Tensor) -> _Compact:
+        batch, length = part.shape
+        index = torch.arange(length, device=part.device).expand(batch, length)
+        positions = torch.where(part, index, length).sort(-1).values
+        n = part.sum(-1)
+        safe = positions.clamp(max=max(length - 1, 0))
+        lo, next_start = ends.gather(-1, safe), starts.gather(-1, safe)
+        hi = torch.cat([next_start[:, 1:], torch.full_like(next_start[:, :1], END)], dim=-1)
+        hi = torch.where(index == (n - 1).unsqueeze(-1), END, hi)
+        first = next_start[:, 0].tolist() if length else [0] * batch
+        return cls(positions, n.tolist(), lo.tolist(), hi.tolist(), first)
 
-
-def _fill(groups_of: list[int], part: list[int], groups: list[tuple[int, int]]) -> list[int]:
-    """Write each group's number at its tokens' positions; return the positions of the groups' last tokens."""
-    for g, (first, last) in enumerate(groups):
-        for i in range(first, last + 1):
-            groups_of[part[i]] = g
-    return [part[last] for _, last in groups]
+    def groups(self, rows: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's group ``(B, T)``, each group's last position ``(B, G)`` and the groups' mask ``(B, G)``."""
+        batch, length = self.positions.shape
+        device = self.positions.device
+        width = max((len(lasts) for _, lasts in rows), default=0)
+        lasts = torch.tensor([lasts + [length] * (width - len(lasts)) for _, lasts in rows], dtype=torch.int64)
+        lasts = lasts.reshape(batch, width).to(device)
+        first = torch.tensor([f for f, _ in rows], dtype=torch.int64, device=device).reshape(batch, 1)
+        count = torch.tensor([len(ls) for _, ls in rows], dtype=torch.int64, device=device).reshape(batch, 1)
+        mask = torch.arange(width, device=device) < count
+        index = torch.arange(length, device=device).expand(batch, length).contiguous()
+        group = torch.searchsorted(lasts, index) if width else torch.zeros_like(index)
+        end = lasts.gather(-1, (count - 1).clamp(min=0)) if width else torch.zeros_like(first)
+        group = torch.where((index >= first) & (index <= end) & (count > 0), group, -1)
+        out = torch.full((batch, length + 1), -1, dtype=torch.int64, device=device)
+        out.scatter_(1, self.positions, group)
+        last = self.positions.gather(-1, lasts.clamp(max=max(length - 1, 0))) if length else lasts
+        return out[:, :length], torch.where(mask, last, 0), mask
 
 
 def _check(offsets: Any, name: str, mask: Any, mask_name: str) -> torch.Tensor:
@@ -196,7 +211,7 @@ def _check(offsets: Any, name: str, mask: Any, mask_name: str) -> torch.Tensor:
         )
         raise ValueError(f"align: {name} must have shape (B, T, 2), got {tuple(offsets.shape)}; {hint}.")
     if mask is None:
-        return torch.ones(offsets.shape[:2], dtype=torch.bool)
+        return torch.ones(offsets.shape[:2], dtype=torch.bool, device=offsets.device)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"align: {mask_name} must be a tensor or None, got {type(mask).__name__}.")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:

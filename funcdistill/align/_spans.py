@@ -1,7 +1,8 @@
-"""One row's alignment: which tokens take part, where each tokenization may cut the text, the merge.
+"""One batch's spans: which tokens take part in the alignment, the gaps where a tokenization may cut, the merge.
 
-Plain Python on lists of ``(start, end)`` character spans: :func:`funcdistill.align.align`
-calls :func:`align_row` once per row of a batch, on the rows' ``tolist()``.
+:func:`funcdistill.align.align` looks at the spans of the whole batch at once
+(tensor operations: which tokens take part, which spans go backwards), then
+merges each row's two lists of gaps in plain Python.
 
 **Cuts.** Between two consecutive tokens of one tokenization, the text may be
 cut anywhere in the *gap* ``[end of the first, start of the second]``: the
@@ -25,97 +26,132 @@ trailing tokens after the last group, are outside the aligned text (-1).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+import torch
 
 __all__: list[str] = []
 
-_END = 1 << 62  # the gap after a row's last token reaches past any text
+END = 1 << 62  # the gap after a row's last token reaches past any text
 
 
-def taking_part(spans: Sequence[Sequence[int]], counts: Sequence[bool]) -> tuple[list[int], str | None]:
-    """The positions of the tokens that take part in the alignment, or a problem with the spans.
+def _before(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """``x`` shifted one step right along the last dimension, ``fill`` first."""
+    return torch.cat([torch.full_like(x[..., :1], fill), x[..., :-1]], dim=-1)
+
+
+def _neighbours(solid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position, the index of the previous token with a non-empty span (-1: none) and of the next (T: none)."""
+    length = solid.shape[-1]
+    index = torch.arange(length, device=solid.device).expand_as(solid)
+    previous = _before(torch.where(solid, index, -1), -1).cummax(-1).values
+    after = torch.where(solid, index, length).flip(-1)
+    following = _before(after, length).cummin(-1).values.flip(-1)
+    return previous, following
+
+
+def taking_part(starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: the tokens that take part in the alignment (spans checked by :func:`backwards` first).
 
     A counted token with a non-empty span takes part. A counted token with an
     empty span takes part only between two such tokens, in order (a whitespace
     token that ``trim_offsets`` emptied); elsewhere it is a special token
-    (``(0, 0)``) and stays outside every group. The problem names the first
-    token whose span is reversed or goes back in the text.
+    (``(0, 0)``) and stays outside every group.
 
-    >>> taking_part([(0, 0), (0, 5), (6, 6), (6, 11), (0, 0)], [True] * 5)
-    ([1, 2, 3], None)
-    >>> taking_part([(0, 5), (3, 4)], [True, True])[1]
-    'token 1 spans (3, 4), which ends before token 0 (0, 5) does'
+    >>> spans = torch.tensor([[[0, 0], [0, 5], [6, 6], [6, 11], [0, 0]]])
+    >>> taking_part(spans[..., 0], spans[..., 1], torch.ones(1, 5, dtype=torch.bool))
+    tensor([[False,  True,  True,  True, False]])
     """
-    solid = [k for k, (s, e) in enumerate(spans) if counts[k] and e > s]
-    for k, (s, e) in enumerate(spans):
-        if counts[k] and e < s:
-            return [], f"token {k} spans ({s}, {e}), which ends before it starts"
-    for a, b in itertools.pairwise(solid):
-        (s0, e0), (s1, e1) = spans[a], spans[b]
-        if s1 < s0:
-            return [], f"token {b} spans ({s1}, {e1}), which starts before token {a} ({s0}, {e0}) does"
-        if e1 < e0:
-            return [], f"token {b} spans ({s1}, {e1}), which ends before token {a} ({s0}, {e0}) does"
-    part: list[int] = []
-    for a, b in itertools.pairwise(solid):
-        part.append(a)
-        last = spans[a][1]
-        for k in range(a + 1, b):
-            s = spans[k][0]
-            if counts[k] and spans[k][1] == s and last <= s <= spans[b][0]:
-                part.append(k)
-                last = s
-    return part + solid[-1:], None
+    solid = counts & (ends > starts)
+    length = solid.shape[-1]
+    previous, following = _neighbours(solid)
+    prev_end = ends.gather(-1, previous.clamp(min=0))
+    next_start = starts.gather(-1, following.clamp(max=max(length - 1, 0)))
+    empty = counts & (ends == starts) & (previous >= 0) & (following < length)
+    empty &= (prev_end <= starts) & (starts <= next_start)
+    in_order = starts >= _before(torch.where(empty, starts, -1), -1).cummax(-1).values
+    return solid | (empty & in_order)
 
 
-def _cuts(spans: Sequence[Sequence[int]], part: list[int]) -> list[tuple[int, int]]:
-    """The gap after each taking-part token: ``(lo, hi)``, empty (``lo > hi``) where no cut fits."""
-    starts = [spans[k][0] for k in part[1:]] + [_END]
-    return [(spans[k][1], hi) for k, hi in zip(part, starts)]
+def backwards(starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor) -> list[str]:
+    """What is wrong with each row whose counted spans go backwards: ``"row b: token k spans ..."``, in row order.
+
+    A span must not end before it starts, and a token with a non-empty span
+    must neither start nor end before the one before it (one text per row).
+
+    >>> spans = torch.tensor([[[0, 5], [3, 4]], [[0, 1], [1, 2]]])
+    >>> backwards(spans[..., 0], spans[..., 1], torch.ones(2, 2, dtype=torch.bool))
+    ['row 0: token 1 spans (3, 4), which ends before token 0 (0, 5) does']
+    """
+    reversed_ = counts & (ends < starts)
+    solid = counts & (ends > starts)
+    previous, _ = _neighbours(solid)
+    prev = previous.clamp(min=0)
+    prev_start, prev_end = starts.gather(-1, prev), ends.gather(-1, prev)
+    early_start = solid & (previous >= 0) & (starts < prev_start)
+    early_end = solid & (previous >= 0) & (ends < prev_end)
+    rows = (reversed_ | early_start | early_end).any(-1).nonzero().flatten().tolist()
+    problems = []
+    for b in rows:
+        if reversed_[b].any():
+            k = int(reversed_[b].nonzero()[0])
+            problems.append(f"row {b}: token {k} spans ({starts[b, k]}, {ends[b, k]}), which ends before it starts")
+            continue
+        k = int((early_start[b] | early_end[b]).nonzero()[0])
+        a, which = int(previous[b, k]), "starts" if early_start[b, k] else "ends"
+        problems.append(
+            f"row {b}: token {k} spans ({starts[b, k]}, {ends[b, k]}), which {which} before token {a} "
+            f"({starts[b, a]}, {ends[b, a]}) does"
+        )
+    return problems
 
 
 def align_row(
-    teacher: Sequence[Sequence[int]], t_part: list[int], student: Sequence[Sequence[int]], s_part: list[int]
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The groups of one row: for each side, ``(first, last)`` indices into its taking-part list, per group.
+    t_lo: list[int], t_hi: list[int], s_lo: list[int], s_hi: list[int], t_first: int, s_first: int
+) -> tuple[int, list[int], int, list[int]]:
+    """The groups of one row, from the gaps after each side's taking-part tokens.
+
+    ``t_lo[i]``/``t_hi[i]``: the gap after the teacher's ``i``-th taking-part
+    token (its end, the next one's start; ``END`` after the last); empty
+    (``lo > hi``) where no cut fits. ``t_first``: the start of the teacher's
+    first one. Returns, per side, the index of the first grouped token and of
+    each group's last token (group ``g`` holds the tokens after group
+    ``g - 1``'s last, up to its own).
 
     >>> # 'hello world': 'hello', 'Ġworld' (covering ' world') against 'he', 'llo', 'world'
-    >>> align_row([(0, 5), (5, 11)], [0, 1], [(0, 2), (2, 5), (6, 11)], [0, 1, 2])
-    ([(0, 0), (1, 1)], [(0, 1), (2, 2)])
+    >>> align_row([5, 11], [5, END], [2, 5, 11], [2, 6, END], 0, 0)
+    (0, [0, 1], 0, [1, 2])
     """
-    t_cut, s_cut = _cuts(teacher, t_part), _cuts(student, s_part)
-    n, m = len(t_part), len(s_part)
-    i = _lead(t_part, teacher, student[s_part[0]][0], t_cut) if n and m else 0
-    j = _lead(s_part, student, teacher[t_part[i]][0], s_cut) if i < n and m else 0
-    t_groups: list[tuple[int, int]] = []
-    s_groups: list[tuple[int, int]] = []
+    n, m = len(t_lo), len(s_lo)
+    if not n or not m:
+        return 0, [], 0, []
+    i = _lead(t_lo, t_hi, s_first)
+    j = _lead(s_lo, s_hi, t_hi[i - 1] if i else t_first) if i < n else 0
+    first_t, first_s = i, j
+    t_lasts: list[int] = []
+    s_lasts: list[int] = []
     while i < n and j < m:
-        i0, j0 = i, j
-        while True:
-            (a, b), (c, d) = t_cut[i], s_cut[j]
-            if a > b:
-                i += 1
-            elif c > d:
-                j += 1
-            elif b < c:
-                i += 1
-            elif d < a:
-                j += 1
-            else:
-                break
-        t_groups.append((i0, i))
-        s_groups.append((j0, j))
-        i, j = i + 1, j + 1
-    return t_groups, s_groups
+        a, b, c, d = t_lo[i], t_hi[i], s_lo[j], s_hi[j]
+        if a > b:
+            i += 1
+        elif c > d:
+            j += 1
+        elif b < c:
+            i += 1
+        elif d < a:
+            j += 1
+        else:  # the two cuts meet: the group ends here
+            t_lasts.append(i)
+            s_lasts.append(j)
+            i += 1
+            j += 1
+    return first_t, t_lasts, first_s, s_lasts
 
 
-def _lead(part: list[int], spans: Sequence[Sequence[int]], other_start: int, cut: list[tuple[int, int]]) -> int:
-    """The first taking-part index that does not lie wholly before the other side's first token."""
+def _lead(lo: list[int], hi: list[int], other_start: int) -> int:
+    """How many leading tokens lie wholly before the other side's first token (up to a cut)."""
     first = 0
-    for i, k in enumerate(part):
-        if spans[k][1] > other_start:
+    for i, end in enumerate(lo):
+        if end > other_start:
             break
-        if cut[i][0] <= cut[i][1]:
+        if lo[i] <= hi[i]:
             first = i + 1
     return first
