@@ -39,6 +39,13 @@ def _cases():
             (torch.randn(4, 5), torch.randn(4, 5)),
             {"temperature": 2.0},
         ),
+        # across tokenizers: two vocabularies (5 and 7 classes), 3 shared tokens for the hybrid
+        "uld_loss": (L.uld_loss, (torch.randn(4, 5), torch.randn(4, 7)), {"temperature": 2.0}),
+        "hybrid_loss": (
+            functools.partial(L.hybrid_loss, teacher_ids=torch.tensor([0, 3, 4]), student_ids=torch.tensor([6, 0, 2])),
+            (torch.randn(4, 5), torch.randn(4, 7)),
+            {"beta": 0.5},
+        ),
     }
 
 

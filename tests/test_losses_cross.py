@@ -415,17 +415,34 @@ def test_fused_backward_loop_tensor_options_and_teacher_gets_nothing(name):
     assert ht.grad is None and wt.grad is None
 
 
-def test_fused_under_vmap_and_with_no_position():
+def test_fused_under_vmap():
     ht, hs, wt, ws, *_ = heads()
     per_sample = vmap(lambda a, b: L.fused_linear_uld_loss(a, b, wt, ws, chunk_size=3))(ht, hs)
     torch.testing.assert_close(per_sample, torch.stack([L.uld_loss(a @ wt.T, b @ ws.T) for a, b in zip(ht, hs)]))
     g = vmap(grad(lambda a, b: L.fused_linear_hybrid_loss(a, b, wt, ws, T_IDS, S_IDS), argnums=1))(ht, hs)
     torch.testing.assert_close(g[2], grad(lambda b: L.hybrid_loss(ht[2] @ wt.T, b @ ws.T, T_IDS, S_IDS))(hs[2]))
-    nothing = torch.zeros(3, 4, dtype=torch.bool)
+
+
+NO_POSITION = {
+    "uld": lambda h, w, ht, wt, **kw: L.uld_loss(ht @ wt.T, h @ w.T, **kw),
+    "hybrid": lambda h, w, ht, wt, **kw: L.hybrid_loss(ht @ wt.T, h @ w.T, T_IDS, S_IDS, beta=0.5, **kw),
+    "fused uld": lambda h, w, ht, wt, **kw: L.fused_linear_uld_loss(ht, h, wt, w, **kw),
+    "fused hybrid": lambda h, w, ht, wt, **kw: L.fused_linear_hybrid_loss(ht, h, wt, w, T_IDS, S_IDS, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_POSITION))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(("leading", "masked"), [((0,), False), ((2, 3), True)])
+def test_no_position_gives_zero_and_a_zero_gradient(name, reduction, leading, masked):
+    ht, hs = torch.randn(*leading, HT), torch.randn(*leading, HS)
+    wt, ws = torch.randn(VT, HT), torch.randn(VS, HS)
+    kw = {"mask": torch.zeros(leading, dtype=torch.bool)} if masked else {}
     grads, value = torch.func.grad_and_value(
-        lambda b, w: L.fused_linear_uld_loss(ht, b, wt, w, mask=nothing), argnums=(0, 1)
+        lambda h, w: NO_POSITION[name](h, w, ht, wt, reduction=reduction, **kw), argnums=(0, 1)
     )(hs, ws)
-    assert value.item() == 0.0 and all(torch.equal(x, torch.zeros_like(x)) for x in grads)
+    assert value.shape == () and value.item() == 0.0, value  # not nan
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_fused_errors():
