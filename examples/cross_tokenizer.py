@@ -125,9 +125,9 @@ def _wrap(tokenizer: Any) -> Any:
 def train_tokenizers(texts: list[str], *, teacher_vocab: int = 2000, student_vocab: int = 3000) -> Tokenizers:
     """A byte-level BPE (teacher) and a Unigram with ``▁`` spaces (student), trained on ``texts``.
 
-    The BPE's post-processor keeps each token's space in its offsets
-    (``trim_offsets=False``), as the Unigram's do, so that both tokenisations
-    cut the text at the same characters wherever their tokens end together.
+    The BPE's post-processor keeps each token's leading space in its span
+    (``trim_offsets=False``), as the Unigram's does; ``align`` would accept
+    trimmed spans too (the space then belongs to no token).
 
     Example:
         >>> tok = train_tokenizers(corpus(500), teacher_vocab=500, student_vocab=600)
