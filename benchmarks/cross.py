@@ -135,8 +135,9 @@ def align_section(cfg: Any) -> Section:
             },
         )
     sec.notes.append(
-        "align is plain Python over each row's spans (a two-pointer merge), run once per batch in data "
-        "preparation; its cost is linear in the tokens. The timings share the machine with other work: read "
+        "align checks and compacts the spans with tensor operations and merges each row's two lists of spans "
+        "in Python (a two-pointer merge), once per batch in data preparation: a cost linear in the tokens plus a "
+        "fixed cost per call, which larger batches amortise. The timings share the machine with other work: read "
         "them with their interquartile range."
     )
     return sec
