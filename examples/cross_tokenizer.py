@@ -11,7 +11,7 @@ same-vocabulary loss applies. Instead, each step:
 1. tokenises the same text with both tokenizers, keeping each token's
    character span (``return_offsets_mapping=True``);
 2. aligns the two tokenisations with :func:`funcdistill.align.align`: a group
-   is a piece of text that both tokenizers cut at the same characters;
+   is a smallest piece of text that both cover with whole tokens;
 3. compares the two models' next-token distributions at the last token of
    each group, where both have read the same text, with
    :func:`funcdistill.losses.hybrid_loss` (GOLD): a generalized JSD over the
@@ -70,6 +70,7 @@ __all__ = [
     "train_off_policy",
     "train_on_policy",
     "train_tokenizers",
+    "wrap",
 ]
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
