@@ -11,7 +11,7 @@ same-vocabulary loss applies. Instead, each step:
 1. tokenises the same text with both tokenizers, keeping each token's
    character span (``return_offsets_mapping=True``);
 2. aligns the two tokenisations with :func:`funcdistill.align.align`: a group
-   is a piece of text that both tokenizers cut at the same characters;
+   is a smallest piece of text that both cover with whole tokens;
 3. compares the two models' next-token distributions at the last token of
    each group, where both have read the same text, with
    :func:`funcdistill.losses.hybrid_loss` (GOLD): a generalized JSD over the
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import random
 import sys
@@ -69,6 +70,7 @@ __all__ = [
     "train_off_policy",
     "train_on_policy",
     "train_tokenizers",
+    "wrap",
 ]
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
@@ -157,7 +159,33 @@ def train_tokenizers(texts: list[str], *, teacher_vocab: int = 2000, student_voc
             vocab_size=student_vocab, special_tokens=list(SPECIALS), unk_token="<unk>", show_progress=False
         ),
     )
+    unigram.model = _in_stable_order(unigram)
     return Tokenizers(_wrap(bpe), _wrap(unigram))
+
+
+def _in_stable_order(unigram: Any) -> Any:
+    """The trained Unigram model, numbered and scored the same way in every run.
+
+    The trainer finds the same pieces every time, but it numbers them in the
+    order of a hash map (which changes between processes), its sums change the
+    last digits of their scores, and the characters it must keep but did not
+    learn get the lowest score plus 1e-4 per character, in hash-map order.
+    Here those characters all get the lowest score, every score is rounded to
+    1e-9, and the pieces are sorted by score, then by text: the ids, and so the
+    example's numbers, are the same in every run.
+    """
+    from tokenizers import models
+
+    trained = json.loads(unigram.to_str())["model"]
+    specials, pieces = trained["vocab"][: len(SPECIALS)], trained["vocab"][len(SPECIALS) :]
+    lowest = round(min(score for _, score in pieces), 9)
+    band = lowest + 1e-4 * sum(len(text) == 1 for text, _ in pieces)  # where the kept characters are
+
+    def score(text: str, value: float) -> float:
+        return lowest if len(text) == 1 and value <= band else round(value, 9)
+
+    pieces = sorted(((text, score(text, value)) for text, value in pieces), key=lambda p: (-p[1], p[0]))
+    return models.Unigram([tuple(p) for p in specials] + pieces, unk_id=trained["unk_id"], byte_fallback=False)
 
 
 class Models(NamedTuple):

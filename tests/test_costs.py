@@ -128,7 +128,9 @@ def test_graph_break_counter_sees_a_break():
     assert found["graph_breaks"] == 1 and found["graphs"] == 2
 
 
-@pytest.mark.parametrize("module", ["calls", "costs", "features", "losses", "models", "report", "steps", "timing"])
+@pytest.mark.parametrize(
+    "module", ["calls", "costs", "cross", "features", "losses", "models", "report", "steps", "timing"]
+)
 def test_benchmark_module_examples_run(module):
     import doctest
     import importlib

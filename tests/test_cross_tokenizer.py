@@ -57,6 +57,19 @@ def test_example_runs_and_the_losses_fall():
     )
 
 
+def test_tokenizers_are_the_same_in_every_run(tokenizers):
+    # the Unigram trainer numbers its pieces in hash-map order, which changes from process to process
+    script = (
+        "from examples import cross_tokenizer as ex; "
+        "tok = ex.train_tokenizers(ex.corpus(500), teacher_vocab=500, student_vocab=600); "
+        "print(tok.teacher.backend_tokenizer.to_str()); print(tok.student.backend_tokenizer.to_str())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    here = [tokenizers.teacher.backend_tokenizer.to_str(), tokenizers.student.backend_tokenizer.to_str()]
+    assert out.stdout.splitlines() == here
+
+
 def test_docstring_examples():
     result = doctest.testmod(ex, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
