@@ -19,9 +19,12 @@ relates them:
 conversations differ outside the assistant's reply: align the reply only.
 Render each side's conversation with its own template, find where the reply
 starts in each rendered text (``rendered.index(reply)``), subtract that start
-from the side's offsets, and mask out every token that does not lie within the
-reply (``(offsets[..., 0] >= 0) & (offsets[..., 1] <= len(reply))``, with the
-attention mask). Both sides' offsets are then positions in the same text. On
+from the side's offsets, clip them to the reply (``offsets.clamp(0, len(reply))``)
+and mask out the tokens left empty (``offsets[..., 1] > offsets[..., 0]``, with the
+attention mask). A token that straddles the reply's start (a template's space
+joined to the first word, as Llama-2's ``'▁t'``) is kept, so its probability
+counts in :func:`group_logprobs`. Both sides' offsets are then positions in the
+same text (the recipe in the LLM page's cross-tokenizer section). On
 policy, the student's generated reply is decoded and tokenised again for the
 teacher, and aligned the same way.
 
