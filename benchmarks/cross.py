@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.llm import _available_mib, _peak, _reset_peak
+from benchmarks.llm import _available_mib, _peak, _reset_peak, make_step
 from benchmarks.report import Section
 from benchmarks.timing import paired_rounds, ratio
 from funcdistill.align import align
@@ -170,13 +170,8 @@ ULD_STEPS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {"unfu
 
 
 def _make_step(name: str, x: dict[str, torch.Tensor]) -> Callable[[], float]:
-    def step() -> float:
-        x["student_hidden"].grad = x["student_weight"].grad = None
-        loss = ULD_STEPS[name](x)
-        loss.backward()
-        return float(loss.detach())
-
-    return step
+    """One forward + backward of the named ULD style (the LLM section's step over these styles)."""
+    return make_step(name, x, ULD_STEPS)
 
 
 def measure_memory(tokens: int, name: str) -> dict[str, float]:

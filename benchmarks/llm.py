@@ -71,12 +71,14 @@ def _fused(x: dict[str, torch.Tensor]) -> torch.Tensor:
 STEPS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {"naive": _naive, "fused": _fused}
 
 
-def make_step(name: str, x: dict[str, torch.Tensor]) -> Callable[[], float]:
-    """One forward + backward of the named loss; returns the loss."""
+def make_step(
+    name: str, x: dict[str, torch.Tensor], steps: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = STEPS
+) -> Callable[[], float]:
+    """One forward + backward of the loss named in ``steps``; returns the loss."""
 
     def step() -> float:
         x["student_hidden"].grad = x["student_weight"].grad = None
-        loss = STEPS[name](x)
+        loss = steps[name](x)
         loss.backward()
         return float(loss.detach())
 
