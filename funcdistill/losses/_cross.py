@@ -46,7 +46,7 @@ from funcdistill.losses._checks import (
     check_weight,
 )
 from funcdistill.losses._divergence import jsd_rows
-from funcdistill.losses._module import LossModule, _shown, check_temperature, reduction_in
+from funcdistill.losses._module import TokenLossModule, _shown, check_temperature, reduction_in
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     TOKEN_REDUCTIONS,
@@ -351,20 +351,7 @@ def hybrid_loss(
 # ---------------------------------------------------------------- module forms
 
 
-class _PositionLoss(LossModule):
-    """A loss at aligned positions, called as ``loss(teacher_logits, student_logits, mask, labels)``."""
-
-    def forward(
-        self,
-        teacher_logits: torch.Tensor,
-        student_logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return super().forward(teacher_logits, student_logits, mask=mask, labels=labels)
-
-
-class ULDLoss(_PositionLoss):
+class ULDLoss(TokenLossModule):
     """:func:`uld_loss` as a module; call it as ``loss(teacher_logits, student_logits, mask=...)``.
 
     Args:
@@ -394,7 +381,7 @@ def _check_ids(loss: str, name: str, value: Any) -> None:
         raise ValueError(f"{loss}: {name} must be 1-d (one id per shared token), got shape {tuple(value.shape)}.")
 
 
-class HybridLoss(_PositionLoss):
+class HybridLoss(TokenLossModule):
     """:func:`hybrid_loss` as a module, with the shared vocabulary bound; call it as ``loss(teacher_logits,
     student_logits, mask=...)``.
 

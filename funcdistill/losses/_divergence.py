@@ -36,7 +36,7 @@ from funcdistill.losses._checks import (
     check_tensors,
     kl_terms,
 )
-from funcdistill.losses._module import LossModule, check_temperature, reduction_in
+from funcdistill.losses._module import TokenLossModule, check_temperature, reduction_in
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
     TOKEN_REDUCTIONS,
@@ -374,20 +374,7 @@ def topk_kl_loss(
 # ---------------------------------------------------------------- module forms
 
 
-class _TokenLoss(LossModule):
-    """A token-level loss with its options bound, called as ``loss(teacher_logits, student_logits, mask, labels)``."""
-
-    def forward(
-        self,
-        teacher_logits: torch.Tensor,
-        student_logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return super().forward(teacher_logits, student_logits, mask=mask, labels=labels)
-
-
-class GeneralizedJSDLoss(_TokenLoss):
+class GeneralizedJSDLoss(TokenLossModule):
     """:func:`generalized_jsd_loss` as a module; call it as ``loss(teacher_logits, student_logits, mask=...)``.
 
     Args:
@@ -425,7 +412,7 @@ class GeneralizedJSDLoss(_TokenLoss):
         super().__init__(beta=beta, temperature=temperature, vocab_size=vocab_size, reduction=reduction)
 
 
-class SkewKLLoss(_TokenLoss):
+class SkewKLLoss(TokenLossModule):
     """:func:`skew_kl_loss` as a module; call it as ``loss(teacher_logits, student_logits, mask=...)``.
 
     Args:

@@ -17,6 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from funcdistill.losses._checks import check_positive, check_reduction
@@ -126,3 +127,19 @@ def _refuse_option(module: LossModule, name: str, what: str) -> None:
 def _shown(value: Any) -> str:
     """An option in a ``repr``: a string quoted, a number or a 0-d tensor as its value."""
     return repr(value) if isinstance(value, str) else f"{value}"
+
+
+class TokenLossModule(LossModule):
+    """A token-level loss with its options bound, called as ``loss(teacher_logits, student_logits, mask, labels)``.
+
+    The base of the token divergences' modules and of the losses at aligned positions across tokenizers.
+    """
+
+    def forward(
+        self,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return super().forward(teacher_logits, student_logits, mask=mask, labels=labels)
