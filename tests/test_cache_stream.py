@@ -195,7 +195,9 @@ def test_dropped_samples_that_changed_are_refused(models, x, tmp_path, make):
 def test_a_one_shot_iterator_cannot_go_back(x):
     reader = _source.source(generator(x), None).reader()
     assert len(reader.read(0, 5)) == 5
-    with pytest.raises(ValueError, match=r"a one-shot iterator \(a generator\), read up to sample 5; it cannot go back"):
+    with pytest.raises(
+        ValueError, match=r"a one-shot iterator \(a generator\), read up to sample 5; it cannot go back"
+    ):
         reader.read(2, 1)
 
 

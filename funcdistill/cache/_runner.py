@@ -149,7 +149,7 @@ class Runner:
             if part.count < n:
                 break
         if o.samples is not None and got < want:
-            raise _source.StreamError(_source.short(o.samples, first + got))
+            raise _source.StreamError(_source.short(o.samples, self.reader, first + got))
         if not got:
             return None
         extra: dict[str, Any] = {}

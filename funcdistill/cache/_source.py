@@ -303,10 +303,12 @@ def check_follows(before: dict[str, Any] | None, first_digest: str, shard: int) 
     )
 
 
-def short(samples: int, at: int) -> str:
+def short(samples: int, reader: Reader, at: int) -> str:
+    """The message for a stream that ends before its declared length (``at``: the sample it has not)."""
+    ended = f"ended after {at} samples" if reader.exact == at else f"has no sample {at} (it ends there or before)"
     return (
-        f"the stream ended after {at} samples, but samples={samples} was declared; pass the number of samples "
-        "it yields, or samples=None to count them."
+        f"the stream {ended}, but samples={samples} was declared; pass the number of samples it yields, or "
+        "samples=None to count them."
     )
 
 
