@@ -116,7 +116,7 @@ class Runner:
         o = self.o
         n = min(o.batch_size, o.shard_size or o.batch_size, o.samples or o.batch_size)
         part = self._part(0, n)
-        if not part.count:
+        if not part.rows:
             raise ValueError("the stream is empty (it yielded no sample): there is nothing to cache.")
         if o.source.stream:  # every rank read these samples: the same stream on every rank
             _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
@@ -143,10 +143,10 @@ class Runner:
             if part.digests and not got:
                 _source.check_follows(self.records.get(first - size), part.digests[0], s)
             parts.append(part)
-            got += part.count
+            got += part.rows
             if bar is not None:
-                bar.update(part.count)
-            if part.count < n:
+                bar.update(part.rows)
+            if part.rows < n:
                 break
         if o.samples is not None and got < want:
             raise _source.StreamError(_source.short(o.samples, self.reader, first + got))
@@ -155,7 +155,7 @@ class Runner:
         extra: dict[str, Any] = {}
         if o.source.stream:
             extra = self._next(first, got, want, parts)
-        tensors = {name: torch.cat([p.tensors[name] for p in parts if p.count]) for name in parts[0].tensors}
+        tensors = {name: torch.cat([p.tensors[name] for p in parts if p.rows]) for name in parts[0].tensors}
         return {**_store.write_shard(o.folder / _store.shard_name(s), tensors, first), **extra}
 
     def _next(self, first: int, got: int, want: int, parts: list[_Part]) -> dict[str, Any]:
@@ -242,11 +242,11 @@ class Runner:
 
 
 class _Part(NamedTuple):
-    """A batch of a shard: its stored tensors, its samples' digests (a stream's) and how many samples."""
+    """A batch of a shard: its stored tensors, its samples' digests (a stream's) and its number of samples."""
 
     tensors: dict[str, torch.Tensor]
     digests: list[str]
-    count: int
+    rows: int
 
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}

@@ -152,7 +152,8 @@ class Reader:
         self.buffer: list[Any] = []  # a peeked sample at self.position
         self.started = False  # a one-shot iterator was read from
         self.exact: int | None = None
-        self.lower, self.upper = 0, None
+        self.lower = 0
+        self.upper: int | None = None
         self.warned = False
 
     def read(self, first: int, n: int) -> list[Any]:
