@@ -118,6 +118,17 @@ def test_a_stream_that_does_not_match_its_declared_length_is_refused(models, x, 
         TeacherCache.open(tmp_path / "c")
 
 
+def test_augmentation_draws_of_a_stream(models, x, tmp_path):
+    def augment(row, g):
+        return row + 0.1 * torch.randn(row.shape, generator=g)
+
+    kw = {"augment": augment, "draws": 2, "seed": 1}
+    cache = build(models, generator(x), tmp_path / "c", **kw)  # the seeds follow the sample count
+    reference = build(models, x, tmp_path / "map", **kw)
+    idx, draws = torch.arange(N), torch.arange(N) % 2
+    assert torch.equal(cache[idx, draws].values[0], reference[idx, draws].values[0])
+
+
 def test_bad_streams_and_lengths_are_refused(models, x, tmp_path):
     with pytest.raises(ValueError, match=r"the stream is empty \(it yielded no sample\)"):
         build(models, iter(()), tmp_path / "c")
@@ -167,14 +178,17 @@ def test_a_stream_positioned_wrong_on_resume_is_refused(models, x, tmp_path):
     assert torch.equal(outputs(build(models, Skippable(x), tmp_path / "c")), outputs(build(models, x, tmp_path / "m")))
 
 
-def test_a_stream_without_skip_is_resumed_by_reading_and_dropping(models, x, tmp_path, caplog):
+@pytest.mark.parametrize("kind", ["re-iterable", "one-shot iterator"])
+def test_a_stream_without_skip_is_resumed_by_reading_and_dropping(models, x, tmp_path, caplog, kind):
     with pytest.raises(RuntimeError, match="disk error"):
         build(models, Skippable(x, fail_at=21), tmp_path / "c")
-    stream = Iterable(x)
+    read: list[int] = []
+    stream = Iterable(x) if kind == "re-iterable" else generator(x, read)  # a new generator, from the start
     with caplog.at_level(logging.WARNING, logger="funcdistill.cache"):
         cache = build(models, stream, tmp_path / "c")
-    assert stream.read == list(range(N))  # the documented cost: the 16 finished samples are read (not run) again
-    assert "reading and dropping 16 samples of the stream (a re-iterable dataset) to reach sample 16" in caplog.text
+    read = stream.read if kind == "re-iterable" else read
+    assert read == list(range(N))  # the documented cost: the 16 finished samples are read (not run) again
+    assert f"reading and dropping 16 samples of the stream (a {kind} dataset) to reach sample 16" in caplog.text
     assert torch.equal(outputs(cache), outputs(build(models, x, tmp_path / "map")))
 
 
@@ -284,3 +298,20 @@ def test_a_cache_built_from_a_datasets_stream(models, hf_stream, tmp_path):
     cache = build(models, lambda start: (r["x"] for r in hf_stream.skip(start)), tmp_path / "c")
     assert len(cache) == N
     assert torch.equal(outputs(cache), outputs(build(models, rows, tmp_path / "map")))
+
+
+def test_ranks_that_saw_streams_of_different_lengths_are_refused():
+    ranks = [
+        {"problem": None, "exact": 37, "lower": 37, "upper": None},
+        {"problem": None, "exact": 30, "lower": 30, "upper": None},
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"the ranks read streams of different lengths \(rank 0 read 37 samples, saw it end at 37; rank 1 read "
+        r"30 samples, saw it end at 30\); every rank must be given the same stream",
+    ):
+        _source.settle(None, ranks)
+    ranks[1] = {"problem": None, "exact": None, "lower": 16, "upper": 32}  # nothing at 32: the end is there or before
+    with pytest.raises(ValueError, match="the ranks read streams of different lengths"):
+        _source.settle(None, ranks)
+    assert _source.settle(None, [{"problem": None, "exact": None, "lower": 16, "upper": 16}]) == 16
