@@ -122,25 +122,24 @@ class TeacherCache(Frozen):
             fn: the distill function (:func:`funcdistill.distill`); its teacher
                 must be in eval mode. The student never runs.
             teacher_state: the teacher state to run with, as for ``fn``.
-            dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``),
-                or a stream of samples read in order: an iterable (an
-                ``IterableDataset``, a generator, a ``datasets`` streaming
-                dataset) or a function ``start -> iterable`` of the samples
-                from sample ``start``. A stream is positioned at a shard's
-                first sample (on a resume, or for a rank's next shard) by its
-                ``.skip(n)``, by the function, or else by reading and
-                dropping samples (see "Streaming builds" on the "Offline
-                distillation" page). Each item is the model input (a
-                tensor), or a tuple whose first ``inputs`` entries are the
-                model's positional inputs (``(x, label)``: the label is
-                ignored). Items are batched with
+            dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``) or a stream (see ``samples``).
+                Each item is the model input (a tensor), or a tuple whose
+                first ``inputs`` entries are the model's positional inputs
+                (``(x, label)``: the label is ignored). Items are batched with
                 :func:`torch.utils.data.default_collate`; every sample must
                 give outputs of the same shape (pad sequences to one length).
             path: the cache's folder (created if needed).
             batch_size: samples per teacher call.
-            samples: how many samples a stream yields (checked: a stream that
-                ends sooner or goes on is refused); ``None``: counted, and
-                recorded when it ends. A map-style dataset has ``len(dataset)``.
+            samples: a stream's number of samples (checked: a stream that
+                ends sooner or goes on is refused), or ``None``: counted, and
+                recorded when it ends. A stream is an iterable of samples (an
+                ``IterableDataset``, a generator, a ``datasets`` streaming
+                dataset) or a function ``start -> iterable`` of the samples
+                from sample ``start``, read in order; it is positioned at a
+                shard's first sample (to resume, or for a rank's next shard)
+                by its ``.skip(n)``, by the function, or by reading and
+                dropping samples ("Streaming builds" on the "Offline
+                distillation" page).
             inputs: how many leading entries of a tuple item are model inputs.
             dtype: storage dtype of the floating outputs (e.g. ``torch.float16``),
                 for every pair, or ``{pair_index: dtype}``; ``None`` keeps the
