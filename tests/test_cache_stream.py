@@ -140,7 +140,20 @@ def test_bad_streams_and_lengths_are_refused(models, x, tmp_path):
         build(models, 3.0, tmp_path / "c")
     with pytest.raises(TypeError, match=r"returned a int for start=0, not an iterable of the samples"):
         build(models, lambda start: 0, tmp_path / "c")
+    with pytest.raises(TypeError, match=r"dataset is a DataLoader, which yields batches, not samples; pass its data"):
+        build(models, torch.utils.data.DataLoader(x, batch_size=4), tmp_path / "c")
     assert build(models, x, tmp_path / "ok", samples=N).__len__() == N  # a map-style dataset's own length
+
+
+def test_the_checksum_of_a_sample_sees_every_value():
+    import numpy as np
+
+    big = np.zeros(10_000, dtype=np.float32)
+    changed = big.copy()
+    changed[5_000] = 1  # in the middle, which a NumPy repr leaves out
+    assert _source.digest((big, 1)) != _source.digest((changed, 1))
+    assert _source.digest((torch.zeros(3), 1)) != _source.digest((torch.zeros(3), 2))  # labels count too
+    assert _source.digest(torch.zeros(3)) != _source.digest(torch.zeros(3, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- resume

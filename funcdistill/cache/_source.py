@@ -83,6 +83,11 @@ def source(dataset: Any, samples: Any) -> Source:
     """
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples must be a positive int (the number of samples a stream yields), got {samples!r}.")
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        raise TypeError(
+            "dataset is a DataLoader, which yields batches, not samples; pass its dataset (loader.dataset): the "
+            "build batches the samples itself (batch_size=...)."
+        )
     if _map_style(dataset):
         n = len(dataset)
         if samples is not None and samples != n:
@@ -115,7 +120,7 @@ def _map_style(dataset: Any) -> bool:
 
 
 def digest(item: Any) -> str:
-    """SHA-256 of one sample's values: each leaf's dtype, shape and bytes (a tensor), else its ``repr``.
+    """SHA-256 of one sample's values: each leaf's dtype, shape and bytes (a tensor or array), else its ``repr``.
 
     Example:
         >>> digest(torch.ones(2)) == digest(torch.ones(2)), digest(torch.ones(2)) == digest(torch.ones(3))
@@ -123,6 +128,8 @@ def digest(item: Any) -> str:
     """
     h = hashlib.sha256()
     for leaf in tree_leaves(item):
+        if not isinstance(leaf, torch.Tensor) and hasattr(leaf, "__array_interface__"):
+            leaf = torch.as_tensor(leaf)  # a NumPy array: its bytes (its repr elides the middle of large ones)
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().to("cpu").contiguous()
             h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
