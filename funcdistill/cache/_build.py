@@ -6,7 +6,9 @@ the teacher of the distill function runs once per batch, and the student never
 runs. Each finished shard is written atomically and then listed in this rank's
 progress file, so a build that stops (an exception, a kill, a power cut) is
 resumed by calling it again with the same arguments: finished shards are kept
-and their samples are not read again. Under :mod:`torch.distributed`, rank
+and their samples are not run again (a stream is positioned at the first
+unfinished shard, :mod:`~funcdistill.cache._source`; a stream's length is
+settled by the ranks at the end). Under :mod:`torch.distributed`, rank
 ``r`` of ``w`` builds the shards ``s`` with ``s % w == r``; rank 0 writes the
 index once every rank is done. Before anything is written the ranks check that
 they were given the same build (:mod:`~funcdistill.cache._ranks`), and the
