@@ -116,9 +116,9 @@ class Side:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
 
-    def new_shadow(self) -> Shadow:
-        """Another shadow of the model, with its swap plan."""
-        return Shadow(self.model, self.points, self.role).bind(self.spec)
+    def new_shadow(self, *, dry: bool = False) -> Shadow:
+        """Another shadow of the model, with its swap plan (``dry``: for the shape-only dry run)."""
+        return Shadow(self.model, self.points, self.role, dry=dry).bind(self.spec)
 
     def run(self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False, report: bool = False) -> SideRun:
         """Run the model on the ``given`` state.
