@@ -117,7 +117,7 @@ def check_placement(p: Any, role: str, name: str, module: nn.Module, spec: Any =
             "tensor-parallel parameters placed Shard(dim) or Replicate() on each mesh dimension "
             "(parallelize_module's ColwiseParallel, RowwiseParallel, embedding and SequenceParallel "
             "styles), with FSDP2 (fully_shard) shards on top or alone. "
-            f"{', '.join(map(str, dict.fromkeys(map(str, bad))))} is not supported: redistribute the "
+            f"{', '.join(dict.fromkeys(map(repr, bad)))} is not supported: redistribute the "
             "parameter to Shard or Replicate placements (param.redistribute(mesh, [Replicate()])) or "
             f"parallelize {repr(owner) if owner else 'the module'} with one of those styles."
         )
