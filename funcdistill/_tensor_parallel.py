@@ -31,6 +31,7 @@ tensor-parallel model is refused there (:func:`refuse_under_transforms`).
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -307,3 +308,64 @@ def refuse_under_transforms(role: str, model: nn.Module) -> None:
         "loss.backward() instead (fn(...) on funcdistill.state(model), then loss.backward() and "
         "optimizer.step()); a teacher run under no_grad (nograd_teacher=True) works under torch.func.grad."
     )
+
+
+class Shapes:
+    """The unsharded model's shapes of a side's values, per input signature, and the check against them.
+
+    A value that a layout hook did not return (a sum of local shards outside
+    any style: a sequence-parallel residual stream) is a local shard that
+    funcdistill cannot gather; its shape differs from the unsharded model's,
+    which the shape-only dry run of a shadow without layout hooks gives.
+    Where the dry run cannot run, nothing is checked.
+    """
+
+    __slots__ = ("_side", "_cache", "_lock", "_dry")
+
+    def __init__(self, side: Any):
+        self._side = side
+        self._cache: dict[tuple, dict[Any, list[tuple[int, ...]]] | None] = {}
+        self._lock = threading.Lock()
+        self._dry: Any = None
+
+    def check(self, values: dict[Any, Any], args: tuple, kwargs: dict) -> None:
+        """Raise for a value whose shape is not the unsharded model's (a local shard)."""
+        from funcdistill import _dryrun
+
+        sig = _dryrun.signature(args, kwargs)
+        if sig is None:
+            return
+        with self._lock:
+            if sig not in self._cache:
+                if len(self._cache) >= 1024:
+                    self._cache.clear()
+                specs = self._side._verdicts._fake_specs(sig)
+                self._cache[sig] = _dryrun.count_calls(self._shapes, specs, sig)
+            expected = self._cache[sig]
+        for point, value in values.items():
+            want = (expected or {}).get(point)
+            got = [tuple(t.shape) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+            if want is not None and len(want) == len(got) and want != got:
+                i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+                raise RuntimeError(
+                    f"the {self._side.role}'s value at {point!r} is a local shard of a tensor-parallel "
+                    f"model (shape {got[i]}; the unsharded model's is {want[i]}): the model computes it "
+                    "from a parallel style's local outputs outside any style (a sequence-parallel residual "
+                    "stream, say), so funcdistill cannot gather it. Map a point whose value a style returns "
+                    "(a module with ColwiseParallel, RowwiseParallel or SequenceParallel, or the model's "
+                    "replicated logits), or give the style use_local_output=False so it stays a DTensor."
+                )
+
+    def _shapes(self, fake_state: dict, args: tuple, kwargs: dict) -> dict[Any, list[tuple[int, ...]]]:
+        from funcdistill._taps import CallRecord
+
+        if self._dry is None:
+            self._dry = self._side.new_shadow(dry=True)
+        shadow = self._dry
+        shadow.sync_modes()
+        record = CallRecord(versions=False)
+        output = shadow.run(record, fake_state, args, kwargs, functional=True)
+        values = {**(record.values or {}), "": output}
+        return {
+            p: [tuple(t.shape) for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)] for p, v in values.items()
+        }

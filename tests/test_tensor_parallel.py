@@ -282,6 +282,40 @@ def tp_refused(rank: int) -> None:
         fd.distill(partial, models()[1])
 
 
+@check(2)
+def tp_sequence_parallel(rank: int) -> None:
+    """Sequence parallel: a style's Shard(1) output comes back full; a residual sum of local shards is refused."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    teacher, student = models()
+    ref_t = copy.deepcopy(teacher)
+    plan = {
+        "emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "out": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    for i in range(len(teacher.blocks)):
+        plan |= {
+            f"blocks.{i}.up": ColwiseParallel(input_layouts=Shard(1)),
+            f"blocks.{i}.down": RowwiseParallel(output_layouts=Shard(1)),
+        }
+    parallelize_module(teacher, tp_mesh(), plan)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    fn = fd.distill(teacher, student, fd.Mapping().add("blocks.0.down", "blocks.0").add("", ""))
+    down, out = fn(fd.state(teacher), fd.state(student), ids)
+    with torch.no_grad():
+        h = ref_t.emb(ids)
+        torch.testing.assert_close(down.teacher, ref_t.blocks[0].down(torch.tanh(ref_t.blocks[0].up(h))), **TOL)
+        torch.testing.assert_close(out.teacher, ref_t(ids), **TOL)
+    fn = fd.distill(teacher, student, fd.Mapping().add("blocks.0", "blocks.0"))
+    with pytest.raises(
+        RuntimeError,
+        match=r"the teacher's value at 'blocks.0' is a local shard of a tensor-parallel model \(shape \(2, 3, 8\); "
+        r"the unsharded model's is \(2, 6, 8\)\)",
+    ):
+        fn(fd.state(teacher), fd.state(student), ids)
+
+
 # --- 4 ranks: a 2x2 mesh, tensor parallel inside ("tp"), FSDP2 across ("dp") ---------------
 
 
