@@ -34,7 +34,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -221,8 +221,9 @@ class Parallel:
             self.shards.clear()
 
     def _finish(self, values: dict[Any, Any] | None, nograd: bool) -> None:
-        for point, value in (values or {}).items():
-            values[point] = self.full(value, nograd)
+        if values is not None:
+            for point, value in values.items():
+                values[point] = self.full(value, nograd)
 
     def full(self, value: Any, nograd: bool) -> Any:
         """``value`` with each ``DTensor`` leaf and each noted local shard gathered into a full tensor."""
@@ -236,7 +237,7 @@ class Parallel:
         if noted is not None and noted[0]() is t:
             spec = noted[1]
             t = DTensor.from_local(t, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride)
-        if is_dtensor(t):
+        if isinstance(t, DTensor):
             t = t.full_tensor()
         if nograd and isinstance(t, AsyncCollectiveTensor):
             t = t.wait()  # a plain tensor for the transform the values go back to
@@ -340,7 +341,7 @@ class Shapes:
                 if len(self._cache) >= 1024:
                     self._cache.clear()
                 specs = self._side._verdicts._fake_specs(sig)
-                self._cache[sig] = _dryrun.count_calls(self._shapes, specs, sig)
+                self._cache[sig] = cast(Any, _dryrun.count_calls(cast(Any, self._shapes), specs, sig))
             expected = self._cache[sig]
         for point, value in values.items():
             want = (expected or {}).get(point)
