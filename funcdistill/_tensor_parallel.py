@@ -201,6 +201,11 @@ class Parallel:
         """
         from funcdistill._taps import Stop
 
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"funcdistill does not compile tensor-parallel models (the {self.role}): call the distill "
+                "function eagerly and compile the loss that takes its pairs."
+            )
         nograd = not torch.is_grad_enabled()
         off = torch._C._are_functorch_transforms_active()
         if off:
