@@ -17,20 +17,24 @@ every rank: a ``DTensor`` leaf of a mapped value is gathered
 (a ``ColwiseParallel`` output, by default ``use_local_output=True``), which
 the hook's wrapper remembers by identity, weakly, with its placements. The
 shape-only dry run (truncation's check) runs the shadow without layout hooks
-on full-size fake tensors: the unsharded model.
+on full-size fake tensors: the unsharded model. Its shapes also show a value
+that is a local shard no hook returned (a sequence-parallel residual stream),
+which is refused (:class:`Shapes`).
 
 ``torch.func`` transforms cannot run ``DTensor``'s autograd Functions
 (``DTensor.from_local`` and the styles' redistributions: "an autograd.Function
 ... must override the setup_context staticmethod", torch 2.13). A teacher
-run under ``no_grad`` inside ``torch.func.grad`` therefore runs with the
-transforms disabled on the tensors under their wrappers (its values are
-constants to the transform, as under ``no_grad`` they are); a differentiated
-tensor-parallel model is refused there (:func:`refuse_under_transforms`).
+run under ``no_grad`` inside ``torch.func.grad`` therefore runs outside the
+transforms (their interpreters set aside, the tensors under their ``grad``
+wrappers): its values are constants to the transform, as under ``no_grad``
+they are. A differentiated tensor-parallel model is refused there
+(:func:`refuse_under_transforms`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -49,8 +53,6 @@ _TENSOR_PACKAGE = "torch/distributed/tensor/"
 
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``DTensor`` (``False`` without importing it when nothing made one)."""
-    import sys
-
     api = sys.modules.get("torch.distributed.tensor")
     return api is not None and isinstance(t, api.DTensor)
 
