@@ -52,13 +52,23 @@ _TENSOR_PACKAGE = "torch/distributed/tensor/"
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (``False`` without importing it when nothing made one)."""
+    """Whether ``t`` is a ``DTensor`` (``False`` without importing it when nothing made one).
+
+    Example:
+        >>> is_dtensor(torch.ones(1))
+        False
+    """
     api = sys.modules.get("torch.distributed.tensor")
     return api is not None and isinstance(t, api.DTensor)
 
 
 def layout_hook(hook: Any) -> bool:
-    """Whether a module hook is a parallel style's (defined in ``torch.distributed.tensor``)."""
+    """Whether a module hook is a parallel style's (defined in ``torch.distributed.tensor``).
+
+    Example:
+        >>> layout_hook(lambda module, args: None)  # a user's hook
+        False
+    """
     code = getattr(hook, "__code__", None) or getattr(getattr(hook, "func", None), "__code__", None)
     return code is not None and _TENSOR_PACKAGE in code.co_filename.replace("\\", "/")
 
