@@ -139,28 +139,33 @@ def _error_message(response: Any) -> str:
 
 
 def _timed_out(error: BaseException) -> bool:
-    """Whether a requests error (possibly after urllib3's retries) was a timeout."""
+    """Whether a requests error (possibly after urllib3's retries) was a timeout, not a refused connection."""
+    from urllib3.exceptions import NewConnectionError
     from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, (Urllib3Timeout, TimeoutError)) or type(seen).__name__.endswith("Timeout"):
+    for seen in _chain(error):
+        if isinstance(seen, NewConnectionError):  # urllib3 derives it from its timeout error
+            return False
+        if isinstance(seen, (Urllib3Timeout, TimeoutError)):
             return True
+    return False
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """A requests / urllib3 error and its causes, outermost first (urllib3 keeps them in ``reason`` or ``args[0]``)."""
+    chain = [error]
+    while len(chain) < 10:
+        seen = chain[-1]
         reason = getattr(seen, "reason", None)
         nested = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
-        seen = reason if isinstance(reason, BaseException) else nested
-    return False
+        inner = reason if isinstance(reason, BaseException) else nested
+        if inner is None or inner in chain:
+            break
+        chain.append(inner)
+    return chain
 
 
 def _reason(error: BaseException) -> str:
     """The innermost cause of a requests / urllib3 error, shortly."""
-    seen: BaseException = error
-    while True:
-        reason = getattr(seen, "reason", None)
-        nested = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
-        inner = reason if isinstance(reason, BaseException) else nested
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    text = str(seen)
-    return text.split(": ", 1)[-1] if "object at 0x" in text else text
+    text = str(_chain(error)[-1])
+    return text.split("): ", 1)[-1] if text.startswith("HTTPConnection(") else text
