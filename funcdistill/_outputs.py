@@ -80,9 +80,7 @@ class BuiltFor(Frozen):
         self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure] | None, *, model: str | None = None
     ):
         keys = tuple(keys)
-        init(
-            self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, model=model, _accepted={}
-        )
+        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, model=model, _accepted={})
 
     def positions(self, fn: DistillFn) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
@@ -129,7 +127,9 @@ class TeacherOutputs(Frozen):
                 f"({', '.join(built_for.points)}); give one value per point."
             )
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 2):
-            raise TypeError(f"TeacherOutputs(mask=...) must be None or a 2-D bool tensor (batch, tokens), got {_kind(mask)}.")
+            raise TypeError(
+                f"TeacherOutputs(mask=...) must be None or a 2-D bool tensor (batch, tokens), got {_kind(mask)}."
+            )
         init(self, values=tuple(values), built_for=built_for, mask=mask)
 
     def to(self, *args: Any, **kwargs: Any) -> TeacherOutputs:

@@ -101,9 +101,7 @@ def vllm_answer(logits_of: Callable[[list[int]], torch.Tensor], *, model: str = 
                 prompt.append(_entries(logprobs[t - 1], k, actual=ids[t]))
             top = logprobs[-1].topk(body["logprobs"])
             last = {f"token_id:{int(j)}": float(v) for v, j in zip(top.values, top.indices)}
-            choices.append(
-                {"index": i, "text": "x", "logprobs": {"top_logprobs": [last]}, "prompt_logprobs": prompt}
-            )
+            choices.append({"index": i, "text": "x", "logprobs": {"top_logprobs": [last]}, "prompt_logprobs": prompt})
         return 200, {"id": "cmpl-1", "object": "text_completion", "model": model, "choices": choices[::-1]}
 
     return answer
@@ -111,7 +109,9 @@ def vllm_answer(logits_of: Callable[[list[int]], torch.Tensor], *, model: str = 
 
 def _entries(logprobs: torch.Tensor, k: int, *, actual: int) -> dict[str, Any]:
     top = logprobs.topk(k)
-    entries = {str(int(j)): {"logprob": float(v), "rank": r + 1} for r, (v, j) in enumerate(zip(top.values, top.indices))}
+    entries = {
+        str(int(j)): {"logprob": float(v), "rank": r + 1} for r, (v, j) in enumerate(zip(top.values, top.indices))
+    }
     if str(actual) not in entries:  # vLLM adds the actual token, with its rank, after the top k
         rank = int((logprobs > logprobs[actual]).sum()) + 1
         entries = {str(actual): {"logprob": float(logprobs[actual]), "rank": rank}, **entries}

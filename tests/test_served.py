@@ -28,8 +28,16 @@ V, K = 97, 5
 
 def llama(hidden: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(8)  # peaked distributions, as a trained model's (no near ties in the top k)
@@ -107,7 +115,7 @@ def test_served_topk_is_the_teachers_own_at_every_real_position(models, layout):
 
 
 def _sent_entries(peer, teacher):
-    code, answer = vllm_answer(logits_of(teacher))(peer.bodies[0])
+    _, answer = vllm_answer(logits_of(teacher))(peer.bodies[0])
     return [e for c in answer["choices"] for e in c["prompt_logprobs"][1:]]
 
 
@@ -123,12 +131,14 @@ def test_served_outputs_go_through_fn_and_the_topk_losses_as_online_topk(models)
     params = {k: v.detach() for k, v in fd.state(student, buffers=False).items()}
 
     def objective(student_params, teacher_top):
-        (t_logits, s_logits, _), (t_top, s_hidden, _) = fn(outputs, student_params, input_ids=ids,
-                                                             attention_mask=mask.long())
+        (t_logits, s_logits, _), (t_top, s_hidden, _) = fn(
+            outputs, student_params, input_ids=ids, attention_mask=mask.long()
+        )
         assert isinstance(t_logits, TopK) and isinstance(t_top, TopK)
         plain = topk_kl_loss(*t_logits, s_logits, mask=outputs.mask)
-        fused = fused_linear_topk_kl_loss(*t_top, s_hidden, student_params["lm_head.weight"], mask=outputs.mask,
-                                          chunk_size=4)
+        fused = fused_linear_topk_kl_loss(
+            *t_top, s_hidden, student_params["lm_head.weight"], mask=outputs.mask, chunk_size=4
+        )
         reference = topk_kl_loss(*teacher_top, s_logits, mask=mask)
         return plain, fused, reference
 
@@ -168,9 +178,12 @@ def test_a_served_teachers_outputs_skip_the_layout_check_but_not_the_points(mode
     (pair,) = same_point(outputs, fd.state(student), input_ids=torch.tensor([[3, 4, 5]]))
     assert pair.teacher is outputs.values[0]
     hidden = fd.distill(teacher, student, fd.Mapping(teacher, student).add("model.norm", "model.norm"))
-    with pytest.raises(ValueError, match=r"the served teacher at http://127\.0\.0\.1:\d+ \(model 'tiny-teacher'\) holds "
-                       r"the teacher outputs at 'lm_head'; .* 'model\.norm', which it does not hold\. Make the served "
-                       r"teacher with this distill function"):
+    with pytest.raises(
+        ValueError,
+        match=r"the served teacher at http://127\.0\.0\.1:\d+ \(model 'tiny-teacher'\) holds "
+        r"the teacher outputs at 'lm_head'; .* 'model\.norm', which it does not hold\. Make the served "
+        r"teacher with this distill function",
+    ):
         hidden(outputs, fd.state(student), input_ids=torch.tensor([[3, 4, 5]]))
 
 
@@ -180,9 +193,12 @@ def test_a_served_teachers_outputs_skip_the_layout_check_but_not_the_points(mode
 def test_a_server_that_is_down_is_a_connection_error_naming_the_url_and_how_to_start_one(models):
     port = free_port()
     served = served_for(models, f"http://127.0.0.1:{port}/v1", retries=1, backoff=0.01)
-    with pytest.raises(ConnectionError, match=rf"cannot reach the served teacher at http://127\.0\.0\.1:{port}/v1/"
-                       r"completions \(2 attempts\): .*Is the server running at .* Start it with `python -m "
-                       r"vllm\.entrypoints\.openai\.api_server --model MODEL --max-logprobs K`"):
+    with pytest.raises(
+        ConnectionError,
+        match=rf"cannot reach the served teacher at http://127\.0\.0\.1:{port}/v1/"
+        r"completions \(2 attempts\): .*Is the server running at .* Start it with `python -m "
+        r"vllm\.entrypoints\.openai\.api_server --model MODEL --max-logprobs K`",
+    ):
         served([torch.tensor([1, 2])])
 
 
@@ -208,10 +224,15 @@ def test_a_server_failing_every_retry_is_a_server_error_with_its_message(models)
 
 
 def test_k_above_the_servers_max_logprobs_says_start_it_with_max_logprobs(models):
-    message = "Requested prompt logprobs of 5, which is greater than max allowed: 2 (parameter=prompt_logprobs, value=5)"
+    message = (
+        "Requested prompt logprobs of 5, which is greater than max allowed: 2 (parameter=prompt_logprobs, value=5)"
+    )
     with Peer(status(400, message, "prompt_logprobs")) as peer:
-        with pytest.raises(ServerError, match=r"refuses top-5 log-probabilities \(HTTP 400: Requested prompt logprobs "
-                           r"of 5.*\)\. Start the server with --max-logprobs 5 \(or more\)"):
+        with pytest.raises(
+            ServerError,
+            match=r"refuses top-5 log-probabilities \(HTTP 400: Requested prompt logprobs "
+            r"of 5.*\)\. Start the server with --max-logprobs 5 \(or more\)",
+        ):
             served_for(models, peer.url)([torch.tensor([1, 2])])
     assert len(peer.bodies) == 1  # a refusal is not retried
 
@@ -221,14 +242,19 @@ def test_a_model_the_server_does_not_serve_names_both_and_the_closest(models):
     fn = fd.distill(teacher, student, fd.Mapping(teacher, student).add("lm_head", "lm_head"))
     with Peer(status(404, "The model `tiny-teachr` does not exist.", "model")) as peer:
         served = ServedTeacher(fn, peer.url, model="tiny-teachr", topk=K, retries=0)
-        with pytest.raises(ServerError, match=r"does not serve model 'tiny-teachr' \(HTTP 404: The model `tiny-teachr` "
-                           r"does not exist\.\)\. It serves \['tiny-teacher', 'other-model'\]: pass model='tiny-teacher'"):
+        with pytest.raises(
+            ServerError,
+            match=r"does not serve model 'tiny-teachr' \(HTTP 404: The model `tiny-teachr` "
+            r"does not exist\.\)\. It serves \['tiny-teacher', 'other-model'\]: pass model='tiny-teacher'",
+        ):
             served([torch.tensor([1, 2])])
 
 
 def test_an_answer_for_another_model_names_both(models):
     with Peer(vllm_answer(logits_of(models[0]), model="someone-else")) as peer:
-        with pytest.raises(ServerError, match=r"answered for model 'someone-else', but model 'tiny-teacher' was asked for"):
+        with pytest.raises(
+            ServerError, match=r"answered for model 'someone-else', but model 'tiny-teacher' was asked for"
+        ):
             served_for(models, peer.url)([torch.tensor([1, 2])])
 
 
@@ -245,10 +271,16 @@ def _drop_entry(answer):
         (lambda a: a["choices"][0].update(index=5), r"choices with indices \['0', '5'\], not one per prompt 0\.\.1"),
         (lambda a: a["choices"][1]["prompt_logprobs"].pop(), r"prompt 0 of 4 tokens: the answer has 3 positions"),
         (_drop_entry, r"prompt 1, position 0: 3 top log-probabilities where topk=5 were asked for"),
-        (lambda a: a["choices"][0]["logprobs"].update(top_logprobs=[]), r"prompt 1: the answer has no log-probabilities "
-         r"after the last token"),
-        (lambda a: a["choices"][0]["logprobs"]["top_logprobs"][0].update({"tok": -1.0}), r"prompt 1, position 1: token "
-         r"keys are not ids"),
+        (
+            lambda a: a["choices"][0]["logprobs"].update(top_logprobs=[]),
+            r"prompt 1: the answer has no log-probabilities "
+            r"after the last token",
+        ),
+        (
+            lambda a: a["choices"][0]["logprobs"]["top_logprobs"][0].update({"tok": -1.0}),
+            r"prompt 1, position 1: token "
+            r"keys are not ids",
+        ),
     ],
 )
 def test_an_answer_that_does_not_fit_the_request_is_a_server_error(models, edit, message):
@@ -259,8 +291,11 @@ def test_an_answer_that_does_not_fit_the_request_is_a_server_error(models, edit,
 
 def test_an_answer_that_is_not_json_is_a_server_error(models):
     with Peer(lambda body: (200, "<html>hello</html>")) as peer:
-        with pytest.raises(ServerError, match=r"with something that is not JSON \('<html>hello</html>'\); is it an "
-                           r"OpenAI-compatible server"):
+        with pytest.raises(
+            ServerError,
+            match=r"with something that is not JSON \('<html>hello</html>'\); is it an "
+            r"OpenAI-compatible server",
+        ):
             served_for(models, peer.url)([torch.tensor([1, 2])])
 
 
@@ -270,9 +305,12 @@ def test_an_answer_that_is_not_json_is_a_server_error(models):
 def test_the_mapping_must_read_the_teachers_logits_only(models):
     teacher, student = models
     hidden = fd.distill(teacher, student, fd.Mapping(teacher, student).add("model.norm", "model.norm"))
-    with pytest.raises(ValueError, match=r"gives the top-k log-probabilities of the teacher's logits only, but this "
-                       r"distill function's mapping reads the teacher at 'model\.norm'\. Map one teacher point holding "
-                       r"the logits: '' or 'lm_head'"):
+    with pytest.raises(
+        ValueError,
+        match=r"gives the top-k log-probabilities of the teacher's logits only, but this "
+        r"distill function's mapping reads the teacher at 'model\.norm'\. Map one teacher point holding "
+        r"the logits: '' or 'lm_head'",
+    ):
         ServedTeacher(hidden, "http://127.0.0.1:1", model=MODEL, topk=K)
     two = fd.distill(teacher, student, fd.Mapping(teacher, student).add("lm_head", "lm_head").add("", ""))
     with pytest.raises(ValueError, match=r"reads the teacher at 'lm_head', ''\. Map one"):
@@ -303,14 +341,30 @@ def test_bad_settings_are_refused(models, kwargs, message):
 @pytest.mark.parametrize(
     ("args", "error", "message"),
     [
-        (([torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64)],), ValueError, r"sequence\(s\) \[1\] have no tokens"),
-        (([torch.tensor([1.0, 2.0])],), TypeError, r"sequence 0 must be a 1-D integer tensor of token ids, got a "
-         r"torch\.float32"),
+        (
+            ([torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64)],),
+            ValueError,
+            r"sequence\(s\) \[1\] have no tokens",
+        ),
+        (
+            ([torch.tensor([1.0, 2.0])],),
+            TypeError,
+            r"sequence 0 must be a 1-D integer tensor of token ids, got a "
+            r"torch\.float32",
+        ),
         (([],), TypeError, r"input_ids must be a non-empty list of 1-D integer tensors"),
-        ((torch.tensor([[1, 2, 3]]), torch.tensor([[1, 0, 1]])), ValueError, r"the attention mask of row\(s\) \[0\] has "
-         r"gaps"),
-        ((torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1]])), ValueError, r"attention_mask must be a tensor of the "
-         r"shape of input_ids \[1, 3\]"),
+        (
+            (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 0, 1]])),
+            ValueError,
+            r"the attention mask of row\(s\) \[0\] has "
+            r"gaps",
+        ),
+        (
+            (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1]])),
+            ValueError,
+            r"attention_mask must be a tensor of the "
+            r"shape of input_ids \[1, 3\]",
+        ),
         (([torch.tensor([1, 2])], torch.tensor([[1, 1]])), ValueError, r"attention_mask= goes with a padded"),
     ],
 )

