@@ -140,7 +140,7 @@ def distil(url: str, model: str, config: Any, tokenizer: Any, *, steps: int, top
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"step {step}: top-{topk} KL {losses[-1]:.4f}")
     return losses
 

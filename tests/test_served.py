@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import funcdistill as fd
 from funcdistill.cache import TeacherOutputs, TopK
 from funcdistill.losses import fused_linear_topk_kl_loss, topk_kl_loss
-from funcdistill.served import ServedTeacher, ServerError
+from funcdistill.served import ServedTeacher, ServerError, VLLMServer
 from tests.conftest import free_port
 from tests.served_peer import MODEL, RESET, Peer, edited, status, vllm_answer
 
@@ -382,3 +382,16 @@ def test_import_served_adds_no_http_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+def test_a_local_server_that_exits_on_start_is_an_error_with_its_log(tmp_path):
+    # without vllm the module is missing; with it, the unknown flag stops it: either way it exits before it answers
+    server = VLLMServer(tmp_path, args=["--no-such-flag"], startup_timeout=120)
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)the vLLM server exited with code \d+ before it answered; the end of "
+        r"its log \(.*vllm-.*\.log\):\n.*(No module named 'vllm'|no-such-flag)",
+    ):
+        with server:
+            pass
+    assert server.process is None

@@ -50,6 +50,13 @@ class VLLMServer:
     Raises:
         RuntimeError: on start, the server exited or did not answer in
             time; the message holds the end of its log.
+
+    Example:
+        >>> server = VLLMServer("./teacher", max_logprobs=64, port=8000)
+        >>> server, server.url
+        (VLLMServer('./teacher', url='http://127.0.0.1:8000', stopped), 'http://127.0.0.1:8000')
+        >>> server.command[1:7]
+        ['-m', 'vllm.entrypoints.openai.api_server', '--model', './teacher', '--port', '8000']
     """
 
     def __init__(
@@ -89,7 +96,7 @@ class VLLMServer:
         ]
         self.env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        self.log: Path | None = None
 
     def __enter__(self) -> VLLMServer:
         self.start()
@@ -100,7 +107,9 @@ class VLLMServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers (or raise, having stopped it)."""
-        with open(self.log, "wb") as out:
+        descriptor, log = tempfile.mkstemp(prefix="vllm-", suffix=".log")
+        self.log = Path(log)
+        with os.fdopen(descriptor, "wb") as out:
             self.process = subprocess.Popen(
                 self.command,
                 stdout=out,
@@ -143,8 +152,9 @@ class VLLMServer:
     def tail(self, lines: int = 30) -> str:
         """The last lines of the server's log."""
         try:
+            assert self.log is not None  # set by start()
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
+        except (OSError, AssertionError):
             return "(no log)"
 
     def _answers(self) -> bool:

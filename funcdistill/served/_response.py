@@ -32,7 +32,13 @@ __all__: list[str] = []
 
 
 def request(model: str, prompts: Sequence[list[int]], k: int) -> dict[str, Any]:
-    """The ``/v1/completions`` body asking for the top-``k`` log-probabilities at every position of each prompt."""
+    """The ``/v1/completions`` body asking for the top-``k`` log-probabilities at every position of each prompt.
+
+    Example:
+        >>> body = request("tiny", [[5, 6, 7]], 4)
+        >>> body["prompt"], body["prompt_logprobs"], body["logprobs"], body["max_tokens"]
+        ([[5, 6, 7]], 4, 4, 1)
+    """
     return {
         "model": model,
         "prompt": [list(p) for p in prompts],

@@ -152,7 +152,8 @@ class ServedTeacher(Frozen):
 def _logits_point(fn: DistillFn) -> Any:
     """The one teacher point of ``fn``, checked to hold the logits: ``""`` or the output embedding's name."""
     teacher = fn.teacher_model
-    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    getter = getattr(teacher, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
     head_name = next((n for n, m in teacher.named_modules() if head is not None and m is head), None)
     allowed = {point_key(""): "''"} | ({point_key(head_name): repr(head_name)} if head_name else {})
     points = fn.teacher_points

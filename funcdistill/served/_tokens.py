@@ -26,7 +26,15 @@ class Batch(NamedTuple):
 
 
 def batch(input_ids: Any, attention_mask: Any = None) -> Batch:
-    """The prompts and mask of a list of 1-D id tensors, or of a padded id tensor and its attention mask."""
+    """The prompts and mask of a list of 1-D id tensors, or of a padded id tensor and its attention mask.
+
+    Example:
+        >>> batch([torch.tensor([5, 6, 7]), torch.tensor([8])])
+        Batch(prompts=[[5, 6, 7], [8]], mask=tensor([[ True,  True,  True],
+                [ True, False, False]]))
+        >>> batch(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])).prompts
+        [[5, 6], [7, 8, 9]]
+    """
     if isinstance(input_ids, torch.Tensor):
         return _padded(input_ids, attention_mask)
     if attention_mask is not None:
