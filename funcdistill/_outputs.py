@@ -98,17 +98,19 @@ class BuiltFor(Frozen):
 
 
 class TeacherOutputs(Frozen):
-    """Teacher outputs of a batch of samples, read from a :class:`~funcdistill.TeacherCache` or a served teacher.
+    """Teacher outputs of a batch of samples, read from a :class:`~funcdistill.TeacherCache`.
 
     Pass it to a distill function in place of the teacher state:
     ``fn(cache[idx], student_state, *inputs)`` returns the pairs
     ``fn(teacher_state, student_state, *inputs)`` would, without running the
     teacher. ``values`` holds one output per cached teacher point, in the order
     of ``built_for.points``; a top-k pair's output is a :class:`TopK`.
-    ``mask`` is ``None`` for outputs of one shape per sample; for token
-    sequences of different lengths, padded to the longest, it is a bool
-    ``(batch, tokens)`` tensor, ``True`` at real tokens: pass it to the token
-    losses (``mask=outputs.mask``).
+
+    ``mask`` is ``None`` for samples of one shape. For token samples of
+    different lengths (a ragged cache), the per-token values are padded on
+    the right to the batch's longest sample and ``mask`` is a bool tensor
+    ``(batch, tokens)``, ``True`` at the real tokens: the ``mask`` the token
+    losses take. It is a leaf of the pytree, as the values are.
     """
 
     __slots__ = ("values", "built_for", "mask")
@@ -127,13 +129,15 @@ class TeacherOutputs(Frozen):
                 f"({', '.join(built_for.points)}); give one value per point."
             )
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 2):
+            got = f"a {mask.dtype} tensor of shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
             raise TypeError(
-                f"TeacherOutputs(mask=...) must be None or a 2-D bool tensor (batch, tokens), got {_kind(mask)}."
+                f"TeacherOutputs(mask=...) must be None or a bool tensor (batch, tokens), True at the real "
+                f"tokens, got {got}; for a 0/1 attention mask pass attention_mask.bool()."
             )
         init(self, values=tuple(values), built_for=built_for, mask=mask)
 
     def to(self, *args: Any, **kwargs: Any) -> TeacherOutputs:
-        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices keep their dtype)."""
+        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices and the mask keep their dtype)."""
 
         def move(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
@@ -150,11 +154,8 @@ class TeacherOutputs(Frozen):
             for v in self.values
         ]
         pairs = ", ".join(f"{p}: {s}" for p, s in zip(self.built_for.points, shapes))
-        return f"TeacherOutputs({pairs})"
-
-
-def _kind(x: Any) -> str:
-    return f"a {x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        mask = "" if self.mask is None else f", mask: {list(self.mask.shape)}"
+        return f"TeacherOutputs({pairs}{mask})"
 
 
 def _device(args: tuple, kwargs: dict, x: torch.Tensor) -> torch.device:
@@ -258,9 +259,10 @@ _traced_positions = constant_under_compile(lambda built_for, fn: built_for.posit
 
 
 def _flatten(outputs: TeacherOutputs) -> tuple[tuple[Any, ...], tuple[BuiltFor, bool]]:
-    # the mask, when there is one, is the last child: outputs without one flatten as before it existed
-    masked = outputs.mask is not None
-    return (*outputs.values, outputs.mask) if masked else outputs.values, (outputs.built_for, masked)
+    """The values, then the mask when there is one (samples of one shape flatten as they always did)."""
+    if outputs.mask is None:
+        return outputs.values, (outputs.built_for, False)
+    return (*outputs.values, outputs.mask), (outputs.built_for, True)
 
 
 def _unflatten(context: tuple[BuiltFor, bool], children: tuple[Any, ...]) -> TeacherOutputs:

@@ -165,7 +165,9 @@ def test_teacher_outputs_with_a_mask_stay_one_pytree():
     assert doubled.built_for is served_like.built_for and float(doubled.values[0].logprobs[0, 0, 0]) == 1.0
     assert torch.equal(served_like.to(torch.float64).mask, served_like.mask)
     assert "model='m'" in repr(served_like.built_for)
-    with pytest.raises(TypeError, match=r"mask=\.\.\.\) must be None or a 2-D bool tensor .* got a torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"mask=\.\.\.\) must be None or a bool tensor \(batch, tokens\).* got a torch.int64"
+    ):
         TeacherOutputs(served_like.values, served_like.built_for, torch.ones(2, 3, dtype=torch.int64))
 
 
