@@ -73,8 +73,8 @@ def served_section(cfg: Any) -> Section:
     from funcdistill.served import ServedTeacher, VLLMServer
 
     batch, length = (4, 32) if cfg.quick else (8, 128)
-    batches = 4 if cfg.quick else 8
-    rounds = 3 if cfg.quick else 9
+    batches = 2 if cfg.quick else 4
+    rounds = 3 if cfg.quick else 7
     with tempfile.TemporaryDirectory() as folder:
         teacher, tokenizer = build_teacher(folder, hidden=256, layers=4, seed=cfg.seed)
         student = build_student(teacher.config)
@@ -109,7 +109,7 @@ def served_section(cfg: Any) -> Section:
                 part="teacher outputs only" if part == "outputs" else "whole step",
                 source=name,
                 **{"tokens/s": _rate(tokens, t), "vs online": f"{r['median']:.2f} [{r['p25']:.2f}, {r['p75']:.2f}]"},
-                note=f"{statistics.median(t) / batches * 1000:.0f} ms per batch of {batch} x {length}",
+                note=f"{statistics.median(t) / batches * 1000:.3g} ms per batch of {batch} x {length}",
             )
     sec.notes.append(f"k = {K}; {batches} batches of {batch} prompts x {length} tokens per round, {rounds} rounds.")
     return sec
