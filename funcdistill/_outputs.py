@@ -56,25 +56,31 @@ class TopK(NamedTuple):
 
 
 class BuiltFor(Frozen):
-    """What a cache was built for: its path, the teacher points it holds, the teacher's state layout.
+    """What teacher outputs were built for: their source, the teacher points they hold, the teacher's state layout.
 
-    ``keys`` are the points' stable keys, as the index records them (what a
-    distill function's points are matched by); ``points`` shows them as
-    ``repr`` strings, for messages; ``teacher`` is the teacher's class name
-    and the name, shape and dtype of each of its state entries.
+    ``path`` is a cache's folder, or a served teacher's URL (then ``model`` is
+    the served model's name); ``keys`` are the points' stable keys, as the
+    index records them (what a distill function's points are matched by);
+    ``points`` shows them as ``repr`` strings, for messages; ``teacher`` is
+    the teacher's class name and the name, shape and dtype of each of its
+    state entries, or ``None`` for a served teacher, which has no state here
+    (so nothing about the local teacher's layout is checked).
     """
 
-    __slots__ = ("path", "keys", "points", "teacher", "_accepted")
+    __slots__ = ("path", "keys", "points", "teacher", "model", "_accepted")
     _immutable_name = "a teacher cache's record"
     path: str
     keys: tuple[str, ...]
     points: tuple[str, ...]
-    teacher: tuple[str, Structure]
+    teacher: tuple[str, Structure] | None
+    model: str | None
     _accepted: dict[int, tuple[Any, tuple[int, ...]]]
 
-    def __init__(self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure]):
+    def __init__(
+        self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure] | None, *, model: str | None = None
+    ):
         keys = tuple(keys)
-        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, _accepted={})
+        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, model=model, _accepted={})
 
     def positions(self, fn: DistillFn) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
@@ -86,6 +92,8 @@ class BuiltFor(Frozen):
         return positions
 
     def __repr__(self) -> str:
+        if self.teacher is None:
+            return f"BuiltFor(path={self.path!r}, points={list(self.points)}, model={self.model!r})"
         return f"BuiltFor(path={self.path!r}, points={list(self.points)}, teacher={self.teacher[0]})"
 
 
@@ -97,15 +105,22 @@ class TeacherOutputs(Frozen):
     ``fn(teacher_state, student_state, *inputs)`` would, without running the
     teacher. ``values`` holds one output per cached teacher point, in the order
     of ``built_for.points``; a top-k pair's output is a :class:`TopK`.
+
+    ``mask`` is ``None`` for samples of one shape. For token samples of
+    different lengths (a ragged cache), the per-token values are padded on
+    the right to the batch's longest sample and ``mask`` is a bool tensor
+    ``(batch, tokens)``, ``True`` at the real tokens: the ``mask`` the token
+    losses take. It is a leaf of the pytree, as the values are.
     """
 
-    __slots__ = ("values", "built_for")
+    __slots__ = ("values", "built_for", "mask")
     _immutable_name = "TeacherOutputs"
     _immutable_hint = " Index the cache again, or use tree_map for a changed copy."
     values: tuple[Any, ...]
     built_for: BuiltFor
+    mask: torch.Tensor | None
 
-    def __init__(self, values: tuple[Any, ...], built_for: BuiltFor):
+    def __init__(self, values: tuple[Any, ...], built_for: BuiltFor, mask: torch.Tensor | None = None):
         if not isinstance(built_for, BuiltFor):
             raise TypeError(f"TeacherOutputs(built_for=...) must be a BuiltFor, got {type(built_for).__name__}.")
         if len(values) != len(built_for.points):
@@ -113,10 +128,16 @@ class TeacherOutputs(Frozen):
                 f"TeacherOutputs got {len(values)} values for {len(built_for.points)} cached points "
                 f"({', '.join(built_for.points)}); give one value per point."
             )
-        init(self, values=tuple(values), built_for=built_for)
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 2):
+            got = f"a {mask.dtype} tensor of shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
+            raise TypeError(
+                f"TeacherOutputs(mask=...) must be None or a bool tensor (batch, tokens), True at the real "
+                f"tokens, got {got}; for a 0/1 attention mask pass attention_mask.bool()."
+            )
+        init(self, values=tuple(values), built_for=built_for, mask=mask)
 
     def to(self, *args: Any, **kwargs: Any) -> TeacherOutputs:
-        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices keep their dtype)."""
+        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices and the mask keep their dtype)."""
 
         def move(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
@@ -133,7 +154,8 @@ class TeacherOutputs(Frozen):
             for v in self.values
         ]
         pairs = ", ".join(f"{p}: {s}" for p, s in zip(self.built_for.points, shapes))
-        return f"TeacherOutputs({pairs})"
+        mask = "" if self.mask is None else f", mask: {list(self.mask.shape)}"
+        return f"TeacherOutputs({pairs}{mask})"
 
 
 def _device(args: tuple, kwargs: dict, x: torch.Tensor) -> torch.device:
@@ -161,15 +183,27 @@ def teacher_values(outputs: TeacherOutputs, fn: DistillFn) -> dict[Any, Any]:
 
 
 def _check(built_for: BuiltFor, fn: DistillFn) -> tuple[int, ...]:
-    where = f"the teacher cache at {built_for.path}"
+    served = built_for.teacher is None
+    where = (
+        f"the served teacher at {built_for.path} (model {built_for.model!r})"
+        if served
+        else f"the teacher cache at {built_for.path}"
+    )
     missing = [k for k in dict.fromkeys(map(point_key, fn.teacher_points)) if k not in built_for.keys]
     if missing:
+        fix = (
+            "Make the served teacher with this distill function (ServedTeacher(fn, ...))"
+            if served
+            else "Build a cache with this distill function (TeacherCache.build(fn, ...))"
+        )
         raise ValueError(
             f"{where} holds the teacher outputs at {', '.join(built_for.points)}; this distill function "
-            f"also maps teacher point(s) {', '.join(map(display, missing))}, which it does not hold. Build a cache with "
-            "this distill function (TeacherCache.build(fn, ...)), or distill with the mapping the cache "
-            "was built for."
+            f"also maps teacher point(s) {', '.join(map(display, missing))}, which it does not hold. {fix}, "
+            f"or distill with the mapping the {'served teacher' if served else 'cache'} was built for."
         )
+    if served:  # a served teacher's weights live in the server: there is no local state layout to compare
+        return tuple(built_for.keys.index(point_key(t)) for t, _ in fn.mapping.names)
+    assert built_for.teacher is not None  # a cache always records its teacher
     difference = _structure_difference(built_for.teacher, teacher_record(fn.teacher_model))
     if difference is not None:
         raise ValueError(
@@ -224,13 +258,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 _traced_positions = constant_under_compile(lambda built_for, fn: built_for.positions(fn))
 
 
-def _flatten(outputs: TeacherOutputs) -> tuple[tuple[Any, ...], BuiltFor]:
-    return outputs.values, outputs.built_for
+def _flatten(outputs: TeacherOutputs) -> tuple[tuple[Any, ...], tuple[BuiltFor, bool]]:
+    """The values, then the mask when there is one (samples of one shape flatten as they always did)."""
+    if outputs.mask is None:
+        return outputs.values, (outputs.built_for, False)
+    return (*outputs.values, outputs.mask), (outputs.built_for, True)
 
 
-def _unflatten(built_for: BuiltFor, values: tuple[Any, ...]) -> TeacherOutputs:
+def _unflatten(context: tuple[BuiltFor, bool], children: tuple[Any, ...]) -> TeacherOutputs:
+    built_for, masked = context
     new = object.__new__(TeacherOutputs)
-    init(new, values=tuple(values), built_for=built_for)
+    values, mask = (children[:-1], children[-1]) if masked else (children, None)
+    init(new, values=tuple(values), built_for=built_for, mask=mask)
     return new
 
 
