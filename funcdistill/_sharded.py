@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from funcdistill import _reshard
 from funcdistill._tensors import cast_floating, levels
 
 __all__: list[str] = []
@@ -85,7 +86,8 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     shadows = dict(shadow.named_modules(remove_duplicate=False))
     units = Units(_plain_name(model))
     for name in names:
-        units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]))
+        root = not any(name.startswith(f"{n}.") or (not n and name) for n in names if n != name)
+        units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]), (live[name], root))
     return units
 
 
@@ -168,19 +170,22 @@ class Units:
 
     def __init__(self, model: str):
         self.model = model  # the model's class name, for messages
-        self.stack: list[tuple[list[_Slot], list[Any], list[Any]]] = []  # (slots, before, own) of running units
+        self.stack: list[tuple[list[_Slot], list[Any], list[Any], Any]] = []  # (slots, before, own, refill)
 
-    def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any) -> None:
+    def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any, live: tuple[nn.Module, bool]) -> None:
         """Make ``module`` (the shadow of the unit ``name``) a plain module that gathers ``slots`` while it runs.
 
         ``policy``: the unit's ``MixedPrecisionPolicy``, applied as FSDP2 does (floating inputs
         cast to ``param_dtype``, shards cast before the gather, gradients reduced in
-        ``reduce_dtype``, outputs cast to ``output_dtype``).
+        ``reduce_dtype``, outputs cast to ``output_dtype``). ``live``: the model's own unit and
+        whether it is a root one, whose ``reshard_after_forward`` says whether a call that
+        will be differentiated frees the gathered tensors after the forward
+        (:mod:`funcdistill._reshard`).
         """
         _strip_fsdp(module)
         param_dtype = getattr(policy, "param_dtype", None)
         if slots:  # first among the hooks, so the module's other hooks see full tensors
-            gather, restore = self._hooks(name, slots, param_dtype, getattr(policy, "reduce_dtype", None))
+            gather, restore = self._hooks(name, slots, param_dtype, getattr(policy, "reduce_dtype", None), live)
             module.register_forward_pre_hook(gather, prepend=True)
             module.register_forward_hook(restore, prepend=True)
         if param_dtype is not None and policy.cast_forward_inputs:
@@ -190,7 +195,9 @@ class Units:
         if getattr(policy, "output_dtype", None) is not None:
             module.register_forward_hook(lambda m, a, out: cast_floating(out, policy.output_dtype), prepend=True)
 
-    def _hooks(self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any) -> tuple[Any, Any]:
+    def _hooks(
+        self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any, live: tuple[nn.Module, bool]
+    ) -> tuple[Any, Any]:
         own = [table[key] for table, key, _ in slots]
 
         def gather(module: nn.Module, args: Any) -> None:
@@ -202,30 +209,35 @@ class Units:
             before = [table[key] for table, key, _ in slots]
             bases = [_base(v) for v in before]
             if not any(map(_is_dtensor, bases)) and all(map(_is_fake, bases)):  # the shape-only dry run
-                self.stack.append(([], [], []))
+                self.stack.append(([], [], [], None))
                 return
             plain = [entry for (_, _, entry), b in zip(slots, bases) if not _is_dtensor(b)]
             if plain:
                 raise ValueError(_unsharded_message(self.model, name, plain))
-            self.stack.append((slots, before, own))
             first: dict[int, int] = {}  # a tensor under several names (tied) is gathered once
             index = [first.setdefault(id(v), len(first)) for v in before]
             unique = list({id(v): (v, b) for v, b in zip(before, bases)}.values())
             full = gather_full([v for v, _ in unique], [b for _, b in unique], param_dtype, reduce_dtype)
+            refill = None
+            if torch.is_grad_enabled() and _reshard.after_forward(live[0], root=live[1]):
+                refill = _reshard.Refill(full, [b for _, b in unique], param_dtype) or None
+            self.stack.append((slots, before, own, refill))
             for (table, key, _), i in zip(slots, index):
                 table[key] = full[i]
 
         def restore(module: nn.Module, args: Any, output: Any) -> None:
-            done, before, _ = self.stack.pop()
+            done, before, _, refill = self.stack.pop()
             for (table, key, _), t in zip(done, before):
                 table[key] = t
+            if refill is not None and refill.arm(output):  # a gradient will reach this unit: free it until then
+                refill.free()
 
         return gather, restore
 
     def release(self) -> None:
         """After a call: the shadow's own tensors back in the slots of units left gathered (an early stop)."""
         while self.stack:
-            slots, _, own = self.stack.pop()
+            slots, _, own, _ = self.stack.pop()
             for (table, key, _), t in zip(slots, own):
                 table[key] = t
 

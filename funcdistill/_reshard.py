@@ -1,0 +1,119 @@
+"""Resharding a student unit after its forward: its gathered tensors freed, and gathered again for its backward.
+
+FSDP2 frees a unit's unsharded parameters after the unit's forward
+(``reshard_after_forward``, on by default for every unit but the root) and
+all-gathers them again just before the unit's backward, so a rank never
+holds the whole model gathered. funcdistill does the same for the units it
+gathers (:mod:`funcdistill._sharded`), on the call's state and without FSDP's
+hooks:
+
+- after a unit's forward, the storage of each tensor its gather made is
+  resized to zero bytes (the tensors themselves stay, so what autograd saved
+  for the backward keeps pointing at them);
+- a hook on the unit's outputs (and on values a tap reads inside the unit)
+  runs when their gradient arrives, before autograd reaches the unit's own
+  backward: it gives each storage its bytes back and all-gathers the shards
+  into it again (in the dtype they were gathered in), then lets go of them.
+
+Tensor hooks run in a ``.backward()`` loop and under ``torch.func.grad``
+alike (the refill works on the tensors under ``torch.func``'s wrappers, with
+the version counters kept, so autograd does not see an in-place change).
+Only a unit whose outputs carry a gradient is freed; the teacher runs under
+``no_grad`` and keeps freeing its units as before. A unit on a mesh dimension
+of one rank gathers nothing, so there is nothing to free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from funcdistill import _sharded
+from funcdistill._pytree import tree_leaves
+from funcdistill._tensors import levels
+
+__all__: list[str] = []
+
+
+def after_forward(module: Any, *, root: bool) -> bool:
+    """Whether FSDP2 would free the FSDP unit ``module``'s gathered parameters after its forward.
+
+    Its ``reshard_after_forward``: ``True`` (or a group size: resharded here
+    to the whole mesh dimension) unless set ``False``; a root unit (one no
+    other unit holds) left at the default is not resharded, as FSDP2 decides
+    on its first forward. Read at each call, so ``set_reshard_after_forward``
+    takes effect at the next one.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+
+    state = _get_module_fsdp_state(module)
+    if state is None:
+        return False
+    if root and getattr(state, "_auto_reshard_after_forward", True):
+        return False
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch releases with one group per state
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return any(g.post_forward_mesh_info is not None for g in groups)
+
+
+class Refill:
+    """The tensors one call of a unit gathered, to free after its forward and gather again before its backward.
+
+    ``fulls``: the gathered tensors (as the unit used them); ``shards``: the
+    ``DTensor`` shards each was gathered from (under any ``torch.func``
+    wrapper); ``param_dtype``: the unit's mixed-precision compute dtype, if
+    any. Tensors of a mesh dimension of one rank are left out: they share the
+    shard's storage.
+    """
+
+    __slots__ = ("items", "freed")
+
+    def __init__(self, fulls: list[Any], shards: list[Any], param_dtype: torch.dtype | None):
+        items = []
+        for full, shard in zip(fulls, shards):
+            lay = _sharded._layout(shard, param_dtype, None)
+            if lay.spec.mesh.size(lay.mesh_dim) > 1:
+                plain = levels(full)[-1]
+                items.append((plain if plain._base is None else plain._base, shard._local_tensor, lay))
+        self.items: list[tuple[torch.Tensor, torch.Tensor, Any]] | None = items
+        self.freed = False
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def arm(self, value: Any) -> bool:
+        """Hook the refill on the tensors of ``value`` that carry a gradient; whether any does."""
+        armed = False
+        for t in tree_leaves(value):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._on_grad)
+                armed = True
+        return armed
+
+    def free(self) -> None:
+        """Give back the gathered tensors' memory (their storage shrinks to zero bytes)."""
+        with torch._C._DisableFuncTorch():
+            for buffer, _, _ in self.items or ():
+                buffer.untyped_storage().resize_(0)
+        self.freed = True
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        self.fill()
+
+    def fill(self) -> None:
+        """All-gather the shards into the freed storage again (once; later calls do nothing)."""
+        items, self.items = self.items, None  # let go of the tensors: autograd's saved references remain
+        if not items or not self.freed:
+            return
+        gather = _sharded._collective("all_gather_single", "all_gather_into_tensor")
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            for buffer, local, lay in items:
+                mesh = lay.spec.mesh
+                part = _sharded._padded(local.movedim(lay.dim, 0), lay.rows)
+                part = part.to(_sharded._device(local, mesh), lay.param_dtype)
+                buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
+                with torch.autograd._unsafe_preserve_version_counter(buffer):
+                    gather(buffer, part, group=mesh.get_group(lay.mesh_dim))
