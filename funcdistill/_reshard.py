@@ -60,26 +60,28 @@ def after_forward(module: Any, *, root: bool) -> bool:
 
 
 class Refill:
-    """The tensors one call of a unit gathered, to free after its forward and gather again before its backward.
+    """The tensors one call of a unit gathered: freed after its forward, gathered again for its backward.
 
-    ``fulls``: the gathered tensors (as the unit used them); ``shards``: the
-    ``DTensor`` shards each was gathered from (under any ``torch.func``
-    wrapper); ``param_dtype``: the unit's mixed-precision compute dtype, if
-    any. Tensors of a mesh dimension of one rank are left out: they share the
-    shard's storage.
+    ``fulls``: the gathered tensors (as the unit uses them); ``shards``: the
+    ``DTensor`` each was gathered from (under any ``torch.func`` wrapper);
+    ``param_dtype``: the unit's mixed-precision compute dtype, if any.
+    Tensors of a mesh dimension of one rank are left out (they share the
+    shard's storage), and so are empty ones. A tensor's storage says its
+    state: zero bytes while freed.
     """
 
-    __slots__ = ("items", "freed")
+    __slots__ = ("items",)
 
     def __init__(self, fulls: list[Any], shards: list[Any], param_dtype: torch.dtype | None):
-        items = []
+        self.items: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
         for full, shard in zip(fulls, shards):
             lay = _sharded._layout(shard, param_dtype, None)
-            if lay.spec.mesh.size(lay.mesh_dim) > 1:
+            if lay.spec.mesh.size(lay.mesh_dim) > 1 and full.numel():
                 plain = levels(full)[-1]
-                items.append((plain if plain._base is None else plain._base, shard._local_tensor, lay))
-        self.items: list[tuple[torch.Tensor, torch.Tensor, Any]] | None = items
-        self.freed = False
+                buffer = plain if plain._base is None else plain._base  # the gather's padded buffer
+                if full.requires_grad:  # its gradient complete: the unit's backward is done with it
+                    full.register_hook(lambda grad, i=len(self.items): self._free(i))
+                self.items.append((buffer, shard._local_tensor, lay))
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -89,31 +91,35 @@ class Refill:
         armed = False
         for t in tree_leaves(value):
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._on_grad)
+                t.register_hook(self._fill)
                 armed = True
         return armed
 
     def free(self) -> None:
         """Give back the gathered tensors' memory (their storage shrinks to zero bytes)."""
+        for i in range(len(self.items)):
+            self._free(i)
+
+    def _free(self, i: int, *_: Any) -> None:
         with torch._C._DisableFuncTorch():
-            for buffer, _, _ in self.items or ():
-                buffer.untyped_storage().resize_(0)
-        self.freed = True
+            self.items[i][0].untyped_storage().resize_(0)
 
-    def _on_grad(self, grad: torch.Tensor) -> None:
-        self.fill()
+    def _fill(self, *_: Any) -> None:
+        """All-gather the shards into the freed storages again (those not freed are left as they are).
 
-    def fill(self) -> None:
-        """All-gather the shards into the freed storage again (once; later calls do nothing)."""
-        items, self.items = self.items, None  # let go of the tensors: autograd's saved references remain
-        if not items or not self.freed:
-            return
+        Under ``torch.func.grad`` autograd keeps the graph, and what it saved,
+        until the transform returns, so each tensor is freed again once its
+        gradient is complete (a second backward through the graph refills it).
+        """
         gather = _sharded._collective("all_gather_single", "all_gather_into_tensor")
         with torch._C._DisableFuncTorch(), torch.no_grad():
-            for buffer, local, lay in items:
+            for buffer, local, lay in self.items:
+                storage = buffer.untyped_storage()
+                if storage.nbytes():
+                    continue
                 mesh = lay.spec.mesh
                 part = _sharded._padded(local.movedim(lay.dim, 0), lay.rows)
                 part = part.to(_sharded._device(local, mesh), lay.param_dtype)
-                buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
+                storage.resize_(buffer.numel() * buffer.element_size())
                 with torch.autograd._unsafe_preserve_version_counter(buffer):
                     gather(buffer, part, group=mesh.get_group(lay.mesh_dim))
