@@ -234,6 +234,16 @@ class Units:
 
         return gather, restore
 
+    def guard(self, value: Any) -> None:
+        """Hook the refill of the running units on ``value``, which a tap reads inside them.
+
+        A gradient may reach a unit's inside through such a value before (or
+        without) passing through the unit's outputs.
+        """
+        for *_, refill in self.stack:
+            if refill is not None:
+                refill.arm(value)
+
     def release(self) -> None:
         """After a call: the shadow's own tensors back in the slots of units left gathered (an early stop)."""
         while self.stack:

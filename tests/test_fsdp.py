@@ -283,6 +283,40 @@ def resharded_student(rank: int) -> None:
                 torch.testing.assert_close(full(s.get_parameter(name).grad), p.grad, rtol=1e-5, atol=1e-6)
 
 
+class _Branch(nn.Module):
+    """A block with a side branch that only a tap reads: a gradient reaches it without passing the block's output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.main, self.side = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(self.main(h))
+        self.side(out)  # after the output: autograd reaches it first, from the tap
+        return out
+
+
+@check
+def resharded_tapped_inside(rank: int) -> None:
+    """A student point inside a resharded unit, off the unit's output path: the unit is gathered again for it."""
+    teacher, student = models()
+    torch.manual_seed(1)
+    student.blocks = nn.ModuleList(_Branch(5) for _ in range(2))
+    ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    names = (("blocks.1", "blocks.0.side"), ("", ""))
+    shard(teacher), shard(student)
+    fn = fd.distill(teacher, student, fd.Mapping().add(*names[0]).add(*names[1]))
+    grads = torch.func.grad(lambda p: loss_of(fn(fd.state(teacher), p, batch(rank))))(fd.state(student, buffers=False))
+    by_hand(ref_t, ref_s, whole(), names).backward()
+    for name, p in ref_s.named_parameters():  # tolerance: as in resharded_student; blocks.1.side is unused
+        expected = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(grads[name].full_tensor(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    ref_s.zero_grad()
+    sgd_steps(lambda k: loss_of(fn(fd.state(teacher), fd.state(student), batch(rank, k))), student.parameters())
+    sgd_steps(lambda k: by_hand(ref_t, ref_s, whole(k), names), ref_s.parameters())
+    assert_same_params(student, ref_s)
+
+
 def step_growth(step, repeats: int = 2) -> int:
     """How far this process's resident memory rises above its level before ``step()``, at its highest.
 
