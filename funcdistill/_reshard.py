@@ -80,7 +80,7 @@ class Refill:
                 plain = levels(full)[-1]
                 buffer = plain if plain._base is None else plain._base  # the gather's padded buffer
                 if full.requires_grad:  # its gradient complete: the unit's backward is done with it
-                    full.register_hook(lambda grad, i=len(self.items): self._free(i))
+                    full.register_hook(self._freer(len(self.items)))
                 self.items.append((buffer, shard._local_tensor, lay))
 
     def __bool__(self) -> bool:
@@ -100,7 +100,10 @@ class Refill:
         for i in range(len(self.items)):
             self._free(i)
 
-    def _free(self, i: int, *_: Any) -> None:
+    def _freer(self, i: int) -> Any:
+        return lambda grad: self._free(i)
+
+    def _free(self, i: int) -> None:
         with torch._C._DisableFuncTorch():
             self.items[i][0].untyped_storage().resize_(0)
 

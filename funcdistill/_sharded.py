@@ -12,8 +12,10 @@ module classes without FSDP's hooks, and :class:`Units` does their work on the
 state of the call instead: before a unit's forward it gathers the unit's
 ``DTensor`` entries into full tensors (one all-gather per tensor, straight
 into its own buffer), and after it puts the ``DTensor`` entries back, so the
-full tensors live only while the unit runs (unless autograd saves them for
-backward: a student's stay until its backward). Units after a
+full tensors live only while the unit runs. Those autograd saves for a
+student unit's backward are freed after its forward and gathered again for
+its backward, as the unit's ``reshard_after_forward`` says
+(:mod:`funcdistill._reshard`). Units after a
 truncated teacher's deepest mapped point never run, so they are never gathered.
 
 The gather is differentiable (:class:`_Gather`, an ``autograd.Function`` with
@@ -86,7 +88,7 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     shadows = dict(shadow.named_modules(remove_duplicate=False))
     units = Units(_plain_name(model))
     for name in names:
-        root = not any(name.startswith(f"{n}.") or (not n and name) for n in names if n != name)
+        root = not any(n != name and (not n or name.startswith(f"{n}.")) for n in names)  # in no other unit
         units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]), (live[name], root))
     return units
 

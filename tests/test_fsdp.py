@@ -233,7 +233,9 @@ def gathers_of(step) -> list[int]:
 
 def tensor_sizes(*modules: nn.Module) -> list[int]:
     """What funcdistill's all-gathers of these modules' own parameters move: one per tensor, padded as in gathered_size."""
-    return [WORLD * -(-p.shape[0] // WORLD) * (p.numel() // p.shape[0]) for m in modules for p in m._parameters.values()]
+    return [
+        WORLD * -(-p.shape[0] // WORLD) * (p.numel() // p.shape[0]) for m in modules for p in m._parameters.values()
+    ]
 
 
 @check
@@ -254,33 +256,38 @@ def resharded_student(rank: int) -> None:
     own_gathers = gathers_of(lambda: by_hand(ref_t, own, batch(rank)).backward())
     assert len(own_gathers) == 1 + 2 * len(ref_s.blocks), own_gathers  # FSDP2: its root once, each block twice
     for reshard in (True, False):
-        t, s, ref = shard(copy.deepcopy(teacher)), shard(copy.deepcopy(student)), copy.deepcopy(ref_s)
-        for block in s.blocks:
-            block.set_reshard_after_forward(reshard)
-        fn = fd.distill(t, s, mapping_for(t, s))
-        expected = sorted(once + blocks * (2 if reshard else 1))
-        got = gathers_of(lambda: loss_of(fn(fd.state(t), fd.state(s), batch(rank))).backward())
-        assert sorted(got) == expected, (reshard, got)
-        params = fd.state(s, buffers=False)
-        got = gathers_of(lambda: torch.func.grad(lambda p: loss_of(fn(fd.state(t), p, batch(rank))))(params))
-        assert sorted(got) == expected, (reshard, got)
-        s.zero_grad()
-        # fp32, the whole batch in one process against two halves whose gradients a reduce-scatter
-        # sums: the same sums in another order, a few ulps apart (1e-5 relative is ~100 ulps)
-        sgd_steps(lambda k: loss_of(fn(fd.state(t), fd.state(s), batch(rank, k))), s.parameters())
-        sgd_steps(lambda k: by_hand(ref_t, ref, whole(k)), ref.parameters())
-        assert_same_params(s, ref)
-        grads = torch.func.grad(lambda p: loss_of(fn(fd.state(t), p, batch(rank))))(fd.state(s, buffers=False))
-        by_hand(ref_t, ref, whole()).backward()
+        resharded_case(rank, (teacher, student, ref_t, ref_s), once, blocks, reshard)
+
+
+def resharded_case(rank: int, models_: tuple, once: list[int], blocks: list[int], reshard: bool) -> None:
+    teacher, student, ref_t, ref_s = models_
+    t, s, ref = shard(copy.deepcopy(teacher)), shard(copy.deepcopy(student)), copy.deepcopy(ref_s)
+    for block in s.blocks:
+        block.set_reshard_after_forward(reshard)
+    fn = fd.distill(t, s, mapping_for(t, s))
+    expected = sorted(once + blocks * (2 if reshard else 1))
+    got = gathers_of(lambda: loss_of(fn(fd.state(t), fd.state(s), batch(rank))).backward())
+    assert sorted(got) == expected, (reshard, got)
+    params = fd.state(s, buffers=False)
+    got = gathers_of(lambda: torch.func.grad(lambda p: loss_of(fn(fd.state(t), p, batch(rank))))(params))
+    assert sorted(got) == expected, (reshard, got)
+    s.zero_grad()
+    # fp32, the whole batch in one process against two halves whose gradients a reduce-scatter
+    # sums: the same sums in another order, a few ulps apart (1e-5 relative is ~100 ulps)
+    sgd_steps(lambda k: loss_of(fn(fd.state(t), fd.state(s), batch(rank, k))), s.parameters())
+    sgd_steps(lambda k: by_hand(ref_t, ref, whole(k)), ref.parameters())
+    assert_same_params(s, ref)
+    grads = torch.func.grad(lambda p: loss_of(fn(fd.state(t), p, batch(rank))))(fd.state(s, buffers=False))
+    by_hand(ref_t, ref, whole()).backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    if reshard:  # a kept graph: each freed block is gathered again for the second backward
+        loss = loss_of(fn(fd.state(t), fd.state(s), batch(rank)))
+        loss.backward(retain_graph=True)
+        assert sorted(gathers_of(loss.backward)) == sorted(blocks)
+        by_hand(ref_t, ref, whole()).backward()  # ref.grad: twice the gradient, as s's
         for name, p in ref.named_parameters():
-            torch.testing.assert_close(grads[name].full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
-        if reshard:  # a kept graph: each freed block is gathered again for the second backward
-            loss = loss_of(fn(fd.state(t), fd.state(s), batch(rank)))
-            loss.backward(retain_graph=True)
-            assert sorted(gathers_of(loss.backward)) == sorted(blocks)
-            by_hand(ref_t, ref, whole()).backward()  # ref.grad: twice the gradient, as s's
-            for name, p in ref.named_parameters():
-                torch.testing.assert_close(full(s.get_parameter(name).grad), p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(full(s.get_parameter(name).grad), p.grad, rtol=1e-5, atol=1e-6)
 
 
 class _Branch(nn.Module):
