@@ -64,7 +64,8 @@ class Refill:
 
     ``fulls``: the gathered tensors (as the unit uses them); ``shards``: the
     ``DTensor`` each was gathered from (under any ``torch.func`` wrapper);
-    ``param_dtype``: the unit's mixed-precision compute dtype, if any.
+    ``param_dtype``: the unit's mixed-precision compute dtype, if any;
+    ``tp``: each tensor's tensor-parallel spec (2-D meshes), as gathered.
     Tensors of a mesh dimension of one rank are left out (they share the
     shard's storage), and so are empty ones. A tensor's storage says its
     state: zero bytes while freed.
@@ -72,10 +73,10 @@ class Refill:
 
     __slots__ = ("items",)
 
-    def __init__(self, fulls: list[Any], shards: list[Any], param_dtype: torch.dtype | None):
+    def __init__(self, fulls: list[Any], shards: list[Any], param_dtype: torch.dtype | None, tp: list[Any]):
         self.items: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-        for full, shard in zip(fulls, shards):
-            lay = _sharded._layout(shard, param_dtype, None)
+        for full, shard, spec in zip(fulls, shards, tp):
+            lay = _sharded._layout(shard, param_dtype, None, spec)
             if lay.spec.mesh.size(lay.mesh_dim) > 1 and full.numel():
                 plain = levels(full)[-1]
                 buffer = plain if plain._base is None else plain._base  # the gather's padded buffer

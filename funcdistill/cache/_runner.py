@@ -11,14 +11,14 @@ reads them back), so a build that stops is resumed where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from funcdistill._pytree import tree_map
-from funcdistill.cache import _augment, _layout, _store
+from funcdistill.cache import _augment, _layout, _ranks, _source, _store
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 
@@ -52,60 +52,135 @@ class Runner:
         assert self.entries is not None and self.shard_size is not None  # set by run()
         return {**self.meta, "shard_size": self.shard_size, "entries": self.entries}
 
-    def run(self) -> None:
+    def run(self) -> dict[str, Any]:
+        """Build this rank's unfinished shards; return what it saw of a stream's end, and a stream problem.
+
+        A :class:`~funcdistill.cache._source.StreamError` (a stream shorter or
+        longer than declared, or one that changed since a shard was built) stops
+        this rank's loop and is returned, so that the build reports it on every
+        rank (:func:`~funcdistill.cache._source.settle`) rather than leaving the
+        others waiting in a collective.
+        """
         o, ranks = self.o, self.ranks
         folder = o.folder
         done, by_rank = finished(folder)
-        pending_first: dict[int, dict[str, torch.Tensor]] = {}
+        self.records = {int(r["first"]): r for r in done.values()}
+        known = {f: (int(r["count"]), r["inputs"]) for f, r in self.records.items() if "inputs" in r}
+        self.reader = o.source.reader(known)
+        head = None
         if self.entries is None:  # a fresh build: the first batch fixes the layout (and the shard size)
-            pending_first[0] = self._first_batch()
+            head = self._first_batch()
             if ranks.rank == 0:
                 _store.write_json(folder / _store.BUILD, self.layout())
         size = self.shard_size
         assert size is not None
-        shards = [s for s in range(-(-o.samples // size)) if s % ranks.world == ranks.rank]
-        todo = [s for s in shards if _store.shard_name(s) not in done]
+        self.end = o.samples if o.samples is not None else _source.recorded_end(self.records.values())
         mine = dict(by_rank.get(ranks.rank, {}))
-        bar = _bar(sum(min(size, o.samples - s * size) for s in todo), o.progress and ranks.rank == 0)
+        bar = _bar(self._todo_samples(done), o.progress and ranks.rank == 0)
+        problem = None
         try:
-            for s in todo:
-                first, count = s * size, min(size, o.samples - s * size)
-                record = self._shard(s, first, count, pending_first.pop(first, None), bar)
-                mine[record["file"]] = record
-                _store.write_json(folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine})
+            try:
+                for s in self._todo(done):
+                    record = self._shard(s, head if s == 0 else None, bar)
+                    if record is None:
+                        break
+                    mine[record["file"]] = record
+                    _store.write_json(
+                        folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine}
+                    )
+            except _source.StreamError as error:
+                problem = str(error)
             self._drain()
         finally:
             if bar is not None:
                 bar.close()
+        return _source.seen(self.reader, self.records.values(), problem)
 
-    def _first_batch(self) -> dict[str, torch.Tensor]:
+    def _todo(self, done: dict[str, Any]) -> Iterator[int]:
+        """This rank's unfinished shards, in order, up to the end (of a stream: as far as it is known)."""
+        size, s = self.shard_size, self.ranks.rank
+        assert size is not None
+        while self.end is None or s * size < self.end:
+            if _store.shard_name(s) not in done:
+                yield s
+            s += self.ranks.world
+
+    def _todo_samples(self, done: dict[str, Any]) -> int | None:
+        if self.end is None:
+            return None
+        size = self.shard_size
+        assert size is not None
+        return sum(min(size, self.end - s * size) for s in self._todo(done))
+
+    def _first_batch(self) -> _Part:
         o = self.o
-        tensors = self._batch(0, min(o.batch_size, o.samples))
+        n = min(o.batch_size, o.shard_size or o.batch_size, o.samples or o.batch_size)
+        part = self._part(0, n)
+        if not part.rows:
+            raise ValueError("the stream is empty (it yielded no sample): there is nothing to cache.")
+        if o.source.stream:  # every rank read these samples: the same stream on every rank
+            _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
         if self.shard_size is None:
             per_sample = sum(_layout.bytes_per_sample(e, self.draws) for e in self.entries or [])
             self.shard_size = _default_shard_size(per_sample, o.batch_size)
-        return tensors
+        return part
 
     @property
     def draws(self) -> int:
         return self.o.draws
 
-    def _shard(self, s: int, first: int, count: int, head: dict | None, bar: Any) -> dict[str, Any]:
-        parts: list[dict[str, torch.Tensor]] = []
-        start = first
-        while start < first + count:
-            n = min(self.o.batch_size, first + count - start)
-            parts.append(head if head is not None and start == first and _rows(head) == n else self._batch(start, n))
-            start += n
+    def _shard(self, s: int, head: _Part | None, bar: Any) -> dict[str, Any] | None:
+        """Read, run and write shard ``s``; its record, or ``None`` where a stream ended before it."""
+        o, size = self.o, self.shard_size
+        assert size is not None
+        first = s * size
+        want = size if self.end is None else min(size, self.end - first)
+        parts: list[_Part] = []
+        got = 0
+        while got < want:
+            n = min(o.batch_size, want - got)
+            part, head = (head, None) if head is not None else (self._part(first + got, n), None)
+            if part.digests and not got:
+                _source.check_follows(self.records.get(first - size), part.digests[0], s)
+            parts.append(part)
+            got += part.rows
             if bar is not None:
-                bar.update(n)
-        tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        return _store.write_shard(self.o.folder / _store.shard_name(s), tensors, first)
+                bar.update(part.rows)
+            if part.rows < n:
+                break
+        if o.samples is not None and got < want:
+            raise _source.StreamError(_source.short(o.samples, self.reader, first + got))
+        if not got:
+            return None
+        extra: dict[str, Any] = {}
+        if o.source.stream:
+            extra = self._next(first, got, want, parts)
+        tensors = {name: torch.cat([p.tensors[name] for p in parts if p.rows]) for name in parts[0].tensors}
+        return {**_store.write_shard(o.folder / _store.shard_name(s), tensors, first), **extra}
 
-    def _batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
-        """Stored tensors of samples ``first .. first + n - 1`` (every draw)."""
-        o = self.o
-        items = [o.dataset[i] for i in range(first, first + n)]
+    def _next(self, first: int, got: int, want: int, parts: list[_Part]) -> dict[str, Any]:
+        """A stream shard's ``inputs`` and ``next`` checksums (a peek at the sample after it); its end, if there."""
+        after = self.reader.peek(first + got) if got == want else None
+        if after is not None and first + got == self.o.samples:
+            raise _source.StreamError(_source.longer(self.o.samples))
+        if after is None:
+            self.end = first + got
+        return {
+            "inputs": _source.combined([d for p in parts for d in p.digests]),
+            "next": None if after is None else _source.digest(after),
+        }
+
+    def _part(self, first: int, n: int) -> _Part:
+        """Samples ``first .. first + n - 1`` (fewer where a stream ends), read and run through the teacher."""
+        items = self.reader.read(first, n)
+        if not items:
+            return _Part({}, [], 0)
+        digests = [_source.digest(it) for it in items] if self.o.source.stream else []
+        return _Part(self._batch(items, first), digests, len(items))
+
+    def _batch(self, items: list[Any], first: int) -> dict[str, torch.Tensor]:
+        """Stored tensors of the samples ``items``, from ``first`` on (every draw)."""
+        o, n = self.o, len(items)
         args = _to(_collate(items, o.inputs), o.teacher_device)
         if not self.draws:
             return self._run(args, n, first)
@@ -148,7 +223,7 @@ class Runner:
         o = self.o
         while self.ranks.anyone(False, o.teacher_device):
             if self.spare is None:
-                self.spare = _to(_collate([o.dataset[0]], o.inputs), o.teacher_device)
+                self.spare = _to(_collate(self.reader.read(0, 1), o.inputs), o.teacher_device)
             with torch.no_grad():
                 o.fn.run_teacher(o.teacher_state, self.spare, {})
 
@@ -166,8 +241,15 @@ class Runner:
         return out
 
 
-def _rows(tensors: dict[str, torch.Tensor]) -> int:
-    return next(iter(tensors.values())).shape[0]
+class _Part(NamedTuple):
+    """A batch of a shard: its stored tensors, its samples' digests (a stream's) and its number of samples."""
+
+    tensors: dict[str, torch.Tensor]
+    digests: list[str]
+    rows: int
+
+
+_FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 
 
 def _default_shard_size(per_sample: int, batch_size: int) -> int:
@@ -216,7 +298,7 @@ def finished(folder: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     return done, by_rank
 
 
-def _bar(total: int, show: bool) -> Any:
+def _bar(total: int | None, show: bool) -> Any:
     if not show or total == 0:
         return None
     try:
