@@ -474,3 +474,172 @@ def tensor_parallel_section(cfg: Any) -> Section:
         "thread each): the ratios are noisy and are rerun on a quiet machine."
     )
     return sec
+
+
+# --- a resharded student: peak memory and step time against FSDP2's own step ------------------
+
+RESHARD_WORLDS = (2, 4)
+RESHARD_STUDENT = (1024, 32)  # Linear(width, width) units, each its own FSDP unit: 128 MiB in all
+RESHARD_STYLES = (
+    "FSDP2 by hand",
+    "funcdistill",
+    "funcdistill, torch.func.grad",
+    "funcdistill, reshard_after_forward=False",
+)
+
+
+def _student_step(style: str, rank: int, width: int, units: int):
+    """One training step of ``style`` on a sharded stack of ``units`` Linear(width, width) (a small plain teacher)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(width, width).eval(), nn.Sequential(*(nn.Linear(width, width) for _ in range(units)))
+    for unit in student:
+        fully_shard(unit, reshard_after_forward=not style.endswith("=False"))
+    fully_shard(student)
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
+    if style == "FSDP2 by hand":
+        loss_fn = _ByHandStudent(teacher, student).loss
+    else:
+        fn = fd.distill(teacher, student, fd.Mapping().add("", ""))
+
+        def loss_fn(x: torch.Tensor, params: Any = None) -> torch.Tensor:
+            (pair,) = fn(fd.state(teacher), fd.state(student) if params is None else params, x)
+            return (pair.student - pair.teacher).pow(2).mean()
+
+    if style == "funcdistill, torch.func.grad":
+        params = fd.state(student, buffers=False)
+
+        def step() -> None:
+            grads = torch.func.grad(lambda p: loss_fn(x, p))(params)
+            with torch.no_grad():
+                for name, g in grads.items():
+                    params[name].add_(g, alpha=-1e-3)  # SGD in place, as optimizer.step()
+
+        return step
+    return _stepper(loss_fn, student, x)
+
+
+class _ByHandStudent:
+    """FSDP2's own step: the teacher under no_grad, the sharded student with FSDP2's hooks."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        self.teacher, self.student = teacher, student
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_out = self.teacher(x)
+        return (self.student(x) - t_out).pow(2).mean()
+
+
+def _count_gathers(step) -> int:
+    """How many all-gathers ``step()`` makes (funcdistill's and FSDP2's both go through this name)."""
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    original, count = getattr(dist, name), [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counted)
+    try:
+        step()
+    finally:
+        setattr(dist, name, original)
+    return count[0]
+
+
+def _student_memory_worker(rank: int, world: int, port: int, out: str, style: str, size: tuple[int, int]) -> None:
+    torch.set_num_threads(1)
+    _exact_malloc()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        step = _student_step(style, rank, *size)
+        step()  # FSDP2's lazy init; funcdistill's dry run
+        gathers = _count_gathers(step)
+        dist.barrier()
+        result = {"growth": _max_over_ranks(_peak_growth(step)), "gathers": gathers}
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _student_timing_worker(rank: int, world: int, port: int, out: str, rounds: int, size: tuple[int, int]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        steps = {style: _student_step(style, rank, *size) for style in RESHARD_STYLES}
+        times = paired_rounds(steps, rounds=rounds, inner=1, warmup=1)
+        result = {
+            "ratio": {s: ratio(times, s, "FSDP2 by hand") for s in RESHARD_STYLES},
+            "ms": {s: 1000 * sorted(v)[len(v) // 2] for s, v in times.items()},
+        }
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, world: int, *args: Any) -> dict[str, Any]:
+    """Run ``worker(rank, world, port, out, *args)`` on ``world`` fresh processes; rank 0's JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp, "result.json"))
+        mp.spawn(worker, args=(world, _free_port(), out, *args), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def resharded_student_section(cfg: Any) -> Section:
+    """Rows per world size: a step's peak memory and time for a resharded student, against FSDP2's own step."""
+    size = (256, 8) if cfg.quick else RESHARD_STUDENT
+    rounds = 5
+    width, units = size
+    student_mib = units * (width * width + width) * 4 / 2**20
+    sec = Section(
+        f"A resharded FSDP2 student on CPU, gloo ({units} Linear({width}, {width}) units, "
+        f"{student_mib:.0f} MiB; batch 8 per rank)",
+        [
+            "world",
+            "style",
+            "peak_growth_MiB",
+            "memory_ratio",
+            "all_gathers",
+            "step_ms",
+            "time_ratio",
+        ],
+        intro=(
+            "One training step (forward, `.backward()` or `torch.func.grad`, SGD) of a student whose every "
+            "layer is an FSDP unit, distilled from a small plain teacher. `peak_growth_MiB`: how far a "
+            "rank's resident memory rises during a step above its level before it (Linux VmHWM, large "
+            "allocations unmapped when freed; the largest over the ranks and over 3 steps), each style "
+            "in its own process group. `memory_ratio`: that rise over FSDP2's own step with "
+            "`reshard_after_forward=True`. `all_gathers`: per step and rank. `time_ratio`: step time over "
+            "FSDP2's, in interleaved rounds in one process group (median, quartiles in brackets), on rank 0."
+        ),
+    )
+    for world in RESHARD_WORLDS:
+        memory = {s: _spawn(_student_memory_worker, world, s, size) for s in RESHARD_STYLES}
+        timing = _spawn(_student_timing_worker, world, rounds, size)
+        base = memory["FSDP2 by hand"]["growth"]
+        for style in RESHARD_STYLES:
+            r = timing["ratio"][style]
+            sec.add(
+                world=world,
+                style=style,
+                peak_growth_MiB=_mb(memory[style]["growth"]),
+                memory_ratio=f"{memory[style]['growth'] / base:.2f}",
+                all_gathers=memory[style]["gathers"],
+                step_ms=f"{timing['ms'][style]:.1f}",
+                time_ratio=f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})",
+            )
+    sec.notes.append(
+        "funcdistill makes one all-gather per tensor (a weight and a bias per unit) where FSDP2 makes one "
+        "per unit; resharded, each student unit is gathered twice per step (for its forward and again "
+        "for its backward), as FSDP2 does. `reshard_after_forward=False` is the behaviour before "
+        "resharding: every unit stays gathered from its forward to its backward."
+    )
+    sec.notes.append(
+        "Time ratios are noisy: 2 CPU cores shared with other jobs, and 4 ranks oversubscribe them; "
+        "each rank uses one thread."
+    )
+    return sec

@@ -43,6 +43,7 @@ SECTIONS = {
     "cache": cache.cache_section,
     "distributed": distributed.distributed_section,
     "tensor_parallel": distributed.tensor_parallel_section,
+    "distributed_student": distributed.resharded_student_section,
     "llm": llm.llm_section,
     "cross_align": cross.align_section,
     "cross_uld": cross.uld_section,

@@ -90,6 +90,8 @@ class Shadow:
             module, node_taps = _taps.with_node_taps(module, nodes)
         by_name = {**_names.module_names(module), **node_taps}
         self.taps = _taps.Taps()
+        if self.units is not None:
+            self.taps.guard = self.units.guard  # a value read inside a resharded unit refills it too
         for point in points:
             if point != WHOLE:
                 _taps.register(self.taps, by_name[_taps.name_of(point)], point, len(points), role)

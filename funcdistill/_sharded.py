@@ -12,8 +12,10 @@ module classes without FSDP's hooks, and :class:`Units` does their work on the
 state of the call instead: before a unit's forward it gathers the unit's
 ``DTensor`` entries into full tensors (one all-gather per tensor, straight
 into its own buffer), and after it puts the ``DTensor`` entries back, so the
-full tensors live only while the unit runs (unless autograd saves them for
-backward: a student's stay until its backward). Units after a
+full tensors live only while the unit runs. Those autograd saves for a
+student unit's backward are freed after its forward and gathered again for
+its backward, as the unit's ``reshard_after_forward`` says
+(:mod:`funcdistill._reshard`). Units after a
 truncated teacher's deepest mapped point never run, so they are never gathered.
 
 The gather is differentiable (:class:`_Gather`, an ``autograd.Function`` with
@@ -37,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from funcdistill import _tensor_parallel
+from funcdistill import _reshard, _tensor_parallel
 from funcdistill._tensors import cast_floating, levels
 
 __all__: list[str] = []
@@ -88,7 +90,8 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     shadows = dict(shadow.named_modules(remove_duplicate=False))
     units = Units(_plain_name(model), _tensor_parallel.fsdp_specs(model))
     for name in names:
-        units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]))
+        root = not any(n != name and (not n or name.startswith(f"{n}.")) for n in names)  # in no other unit
+        units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]), (live[name], root))
     return units
 
 
@@ -168,19 +171,22 @@ class Units:
     def __init__(self, model: str, tp: dict[str, Any] | None = None):
         self.model = model  # the model's class name, for messages
         self.tp = tp or {}  # the tensor-parallel spec of an entry FSDP2 shards on top of TP (2-D meshes)
-        self.stack: list[tuple[list[_Slot], list[Any], list[Any]]] = []  # (slots, before, own) of running units
+        self.stack: list[tuple[list[_Slot], list[Any], list[Any], Any]] = []  # (slots, before, own, refill)
 
-    def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any) -> None:
+    def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any, live: tuple[nn.Module, bool]) -> None:
         """Make ``module`` (the shadow of the unit ``name``) a plain module that gathers ``slots`` while it runs.
 
         ``policy``: the unit's ``MixedPrecisionPolicy``, applied as FSDP2 does (floating inputs
         cast to ``param_dtype``, shards cast before the gather, gradients reduced in
-        ``reduce_dtype``, outputs cast to ``output_dtype``).
+        ``reduce_dtype``, outputs cast to ``output_dtype``). ``live``: the model's own unit and
+        whether it is a root one, whose ``reshard_after_forward`` says whether a call that
+        will be differentiated frees the gathered tensors after the forward
+        (:mod:`funcdistill._reshard`).
         """
         _strip_fsdp(module)
         param_dtype = getattr(policy, "param_dtype", None)
         if slots:  # first among the hooks, so the module's other hooks see full tensors
-            gather, restore = self._hooks(name, slots, param_dtype, getattr(policy, "reduce_dtype", None))
+            gather, restore = self._hooks(name, slots, param_dtype, getattr(policy, "reduce_dtype", None), live)
             module.register_forward_pre_hook(gather, prepend=True)
             module.register_forward_hook(restore, prepend=True)
         if param_dtype is not None and policy.cast_forward_inputs:
@@ -190,7 +196,9 @@ class Units:
         if getattr(policy, "output_dtype", None) is not None:
             module.register_forward_hook(lambda m, a, out: cast_floating(out, policy.output_dtype), prepend=True)
 
-    def _hooks(self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any) -> tuple[Any, Any]:
+    def _hooks(
+        self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any, live: tuple[nn.Module, bool]
+    ) -> tuple[Any, Any]:
         own = [table[key] for table, key, _ in slots]
         specs = [self.tp.get(entry) for _, _, entry in slots]
 
@@ -203,32 +211,47 @@ class Units:
             before = [table[key] for table, key, _ in slots]
             bases = [_base(v) for v in before]
             if not any(map(_is_dtensor, bases)) and all(map(_is_fake, bases)):  # the shape-only dry run
-                self.stack.append(([], [], []))
+                self.stack.append(([], [], [], None))
                 return
             plain = [entry for (_, _, entry), b in zip(slots, bases) if not _is_dtensor(b)]
             if plain:
                 raise ValueError(_unsharded_message(self.model, name, plain))
-            self.stack.append((slots, before, own))
             first: dict[int, int] = {}  # a tensor under several names (tied) is gathered once
             index = [first.setdefault(id(v), len(first)) for v in before]
             unique = list({id(v): (v, b, tp) for v, b, tp in zip(before, bases, specs)}.values())
             tp = [s for _, _, s in unique]
             full = gather_full([v for v, _, _ in unique], [b for _, b, _ in unique], param_dtype, reduce_dtype, tp)
             placed = _tensor_parallel.as_tensor_parallel(full, tp) if self.tp else full
+            refill = None
+            if torch.is_grad_enabled() and _reshard.after_forward(live[0], root=live[1]):
+                refill = _reshard.Refill(full, [b for _, b, _ in unique], param_dtype, tp) or None
+            self.stack.append((slots, before, own, refill))
             for (table, key, _), i in zip(slots, index):
                 table[key] = placed[i]
 
         def restore(module: nn.Module, args: Any, output: Any) -> None:
-            done, before, _ = self.stack.pop()
+            done, before, _, refill = self.stack.pop()
             for (table, key, _), t in zip(done, before):
                 table[key] = t
+            if refill is not None and refill.arm(output):  # a gradient will reach this unit: free it until then
+                refill.free()
 
         return gather, restore
+
+    def guard(self, value: Any) -> None:
+        """Hook the refill of the running units on ``value``, which a tap reads inside them.
+
+        A gradient may reach a unit's inside through such a value before (or
+        without) passing through the unit's outputs.
+        """
+        for *_, refill in self.stack:
+            if refill is not None:
+                refill.arm(value)
 
     def release(self) -> None:
         """After a call: the shadow's own tensors back in the slots of units left gathered (an early stop)."""
         while self.stack:
-            slots, _, own = self.stack.pop()
+            slots, _, own, _ = self.stack.pop()
             for (table, key, _), t in zip(slots, own):
                 table[key] = t
 

@@ -90,13 +90,16 @@ class Taps:
 
     The shadow sets :attr:`record` for the duration of a forward and resets it
     in ``finally``: a tap that runs outside a call (a checkpoint's recompute
-    during backward, say) finds ``None`` and records nothing.
+    during backward, say) finds ``None`` and records nothing. :attr:`guard`,
+    if set, sees each value a tap keeps (a resharded unit's refill hooks on
+    it: :mod:`funcdistill._reshard`).
     """
 
-    __slots__ = ("record",)
+    __slots__ = ("record", "guard")
 
     def __init__(self) -> None:
         self.record: CallRecord | None = None
+        self.guard: Callable[[Any], None] | None = None
 
 
 def register(taps: Taps, module: nn.Module, point: str | Point, n_points: int, role: str) -> None:
@@ -169,6 +172,8 @@ def _seen(taps: Taps, point: str | Point, keep: int | str | None, n_points: int,
         sink[point] = value
     else:
         return
+    if taps.guard is not None:
+        taps.guard(value)
     versions = record.versions
     if versions is not None:
         if isinstance(value, torch.Tensor):
