@@ -97,15 +97,22 @@ class TeacherOutputs(Frozen):
     ``fn(teacher_state, student_state, *inputs)`` would, without running the
     teacher. ``values`` holds one output per cached teacher point, in the order
     of ``built_for.points``; a top-k pair's output is a :class:`TopK`.
+
+    ``mask`` is ``None`` for samples of one shape. For token samples of
+    different lengths (a ragged cache), the per-token values are padded on
+    the right to the batch's longest sample and ``mask`` is a bool tensor
+    ``(batch, tokens)``, ``True`` at the real tokens: the ``mask`` the token
+    losses take. It is a leaf of the pytree, as the values are.
     """
 
-    __slots__ = ("values", "built_for")
+    __slots__ = ("values", "built_for", "mask")
     _immutable_name = "TeacherOutputs"
     _immutable_hint = " Index the cache again, or use tree_map for a changed copy."
     values: tuple[Any, ...]
     built_for: BuiltFor
+    mask: torch.Tensor | None
 
-    def __init__(self, values: tuple[Any, ...], built_for: BuiltFor):
+    def __init__(self, values: tuple[Any, ...], built_for: BuiltFor, mask: torch.Tensor | None = None):
         if not isinstance(built_for, BuiltFor):
             raise TypeError(f"TeacherOutputs(built_for=...) must be a BuiltFor, got {type(built_for).__name__}.")
         if len(values) != len(built_for.points):
@@ -113,10 +120,16 @@ class TeacherOutputs(Frozen):
                 f"TeacherOutputs got {len(values)} values for {len(built_for.points)} cached points "
                 f"({', '.join(built_for.points)}); give one value per point."
             )
-        init(self, values=tuple(values), built_for=built_for)
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 2):
+            got = f"a {mask.dtype} tensor of shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
+            raise TypeError(
+                f"TeacherOutputs(mask=...) must be None or a bool tensor (batch, tokens), True at the real "
+                f"tokens, got {got}; for a 0/1 attention mask pass attention_mask.bool()."
+            )
+        init(self, values=tuple(values), built_for=built_for, mask=mask)
 
     def to(self, *args: Any, **kwargs: Any) -> TeacherOutputs:
-        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices keep their dtype)."""
+        """A copy with every tensor moved or cast by ``Tensor.to(*args, **kwargs)`` (top-k indices and the mask keep their dtype)."""
 
         def move(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
@@ -133,7 +146,8 @@ class TeacherOutputs(Frozen):
             for v in self.values
         ]
         pairs = ", ".join(f"{p}: {s}" for p, s in zip(self.built_for.points, shapes))
-        return f"TeacherOutputs({pairs})"
+        mask = "" if self.mask is None else f", mask: {list(self.mask.shape)}"
+        return f"TeacherOutputs({pairs}{mask})"
 
 
 def _device(args: tuple, kwargs: dict, x: torch.Tensor) -> torch.device:
@@ -224,13 +238,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 _traced_positions = constant_under_compile(lambda built_for, fn: built_for.positions(fn))
 
 
-def _flatten(outputs: TeacherOutputs) -> tuple[tuple[Any, ...], BuiltFor]:
-    return outputs.values, outputs.built_for
+def _flatten(outputs: TeacherOutputs) -> tuple[tuple[Any, ...], tuple[BuiltFor, bool]]:
+    """The values, then the mask when there is one (samples of one shape flatten as they always did)."""
+    if outputs.mask is None:
+        return outputs.values, (outputs.built_for, False)
+    return (*outputs.values, outputs.mask), (outputs.built_for, True)
 
 
-def _unflatten(built_for: BuiltFor, values: tuple[Any, ...]) -> TeacherOutputs:
+def _unflatten(context: tuple[BuiltFor, bool], children: tuple[Any, ...]) -> TeacherOutputs:
+    built_for, masked = context
     new = object.__new__(TeacherOutputs)
-    init(new, values=tuple(values), built_for=built_for)
+    values, mask = (children[:-1], children[-1]) if masked else (children, None)
+    init(new, values=tuple(values), built_for=built_for, mask=mask)
     return new
 
 

@@ -13,7 +13,7 @@ import torch
 from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
-from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _store
 from funcdistill.cache._options import Options
 
 __all__ = ["TeacherCache"]
@@ -63,6 +63,7 @@ class TeacherCache(Frozen):
         "_entries",
         "_specs",
         "_names",
+        "_token_names",
         "_shards",
         "_shard_size",
         "_verify",
@@ -81,6 +82,7 @@ class TeacherCache(Frozen):
     _entries: list[dict[str, Any]]
     _specs: list[Any]
     _names: list[str]
+    _token_names: list[str] | None
     _shards: list[dict[str, Any]]
     _shard_size: int
     _verify: bool
@@ -259,6 +261,7 @@ class TeacherCache(Frozen):
             _entries=entries,
             _specs=[_layout.load_spec(e) for e in entries],
             _names=[n for e in entries for n in _layout.tensor_names(e)],
+            _token_names=[n for e in entries for n in _layout.token_names(e)] if index.get("ragged") else None,
             _shards=index["shards"],
             _shard_size=index["shard_size"],
             _verify=bool(verify),
@@ -286,6 +289,11 @@ class TeacherCache(Frozen):
     def nbytes(self) -> int:
         """Bytes of its shard files on disk."""
         return sum(int(r["bytes"]) for r in self._shards)
+
+    @property
+    def tokens(self) -> int | None:
+        """The real tokens it holds, for a cache of token samples (ragged); ``None`` for samples of one shape."""
+        return None if self._token_names is None else sum(int(r["tokens"]) for r in self._shards)
 
     @property
     def bytes_per_sample(self) -> float:
@@ -319,9 +327,14 @@ class TeacherCache(Frozen):
             ValueError: a shard read for the first time is damaged.
         """
         indices, draws = self._key(key)
-        read = self._gather(indices, draws, self._names)
+        mask = None
+        if self._token_names is None:
+            read = self._gather(indices, draws, self._names)
+        else:  # token samples: padded on the right to the longest of this batch, with the mask of real tokens
+            rest = [n for n in self._names if n not in self._token_names]
+            read, mask = _ragged.gather(indices, self._shard_size, self._shard, self._token_names, rest)
         values = tuple(_layout.from_tensors(e, spec, read) for e, spec in zip(self._entries, self._specs))
-        return TeacherOutputs(values, self.built_for)
+        return TeacherOutputs(values, self.built_for, mask)
 
     def replay(self, x: torch.Tensor, indices: Any, draws: Any) -> torch.Tensor:
         """The augmented inputs whose teacher outputs ``cache[indices, draws]`` holds, bit for bit.
@@ -407,7 +420,11 @@ class TeacherCache(Frozen):
             with self._lock:
                 tensors = self._loaded.get(s)
                 if tensors is None:
-                    tensors = self._loaded[s] = _store.load_shard(self.path, self._shards[s], verify=self._verify)
+                    record = self._shards[s]
+                    tensors = _store.load_shard(self.path, record, verify=self._verify)
+                    if self._token_names is not None:
+                        _ragged.check_offsets(tensors[_ragged.OFFSETS], record, self.path)
+                    self._loaded[s] = tensors
         return tensors
 
 

@@ -7,6 +7,13 @@ batch (and per recorded augmentation draw) under :func:`torch.no_grad`
 online call), and the student never runs. Each finished shard is written
 atomically and then listed in this rank's progress file (:func:`finished`
 reads them back), so a build that stops is resumed where it stopped.
+
+When the first item is a token sample (a 1-D integer tensor of token ids, or
+a dict with ``input_ids``: :mod:`~funcdistill.cache._tokens`), the build is
+*ragged*: each batch is padded on the right to its longest sample
+(:func:`~funcdistill.cache.pad_tokens`), the teacher is called with the
+attention mask, and only the real tokens of per-token outputs are stored,
+packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from typing import Any
 
 import torch
 
-from funcdistill._pytree import tree_map
-from funcdistill.cache import _augment, _layout, _store
+from funcdistill._pytree import torch_pytree, tree_map
+from funcdistill.cache import _augment, _layout, _ragged, _store, _tokens
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 
@@ -45,12 +52,16 @@ class Runner:
         self.ranks = ranks
         # an FSDP2 teacher's forward gathers its shards: every rank must run as many forwards (see _drain)
         self.lockstep = ranks.distributed and options.sharded()
-        self.spare: tuple[Any, ...] | None = None  # inputs of this rank's last forward, for _drain
+        self.spare: tuple[tuple, dict] | None = None  # inputs of this rank's last forward, for _drain
+        # token samples of any length (decided by the first item; recorded in the layout)
+        self.ragged: bool | None = None if layout is None else bool(layout.get("ragged"))
+        self.tokens_per_sample = 1.0  # a ragged build's first batch: its mean length, for the default shard size
 
     def layout(self) -> dict[str, Any]:
         """``build.json``: the settings, the shard size and the output layout."""
         assert self.entries is not None and self.shard_size is not None  # set by run()
-        return {**self.meta, "shard_size": self.shard_size, "entries": self.entries}
+        ragged = {"version": _store.RAGGED_VERSION, "ragged": True} if self.ragged else {}
+        return {**self.meta, **ragged, "shard_size": self.shard_size, "entries": self.entries}
 
     def run(self) -> None:
         o, ranks = self.o, self.ranks
@@ -82,7 +93,8 @@ class Runner:
         o = self.o
         tensors = self._batch(0, min(o.batch_size, o.samples))
         if self.shard_size is None:
-            per_sample = sum(_layout.bytes_per_sample(e, self.draws) for e in self.entries or [])
+            tokens = self.tokens_per_sample
+            per_sample = sum(_layout.bytes_per_sample(e, self.draws, tokens=tokens) for e in self.entries or [])
             self.shard_size = _default_shard_size(per_sample, o.batch_size)
         return tensors
 
@@ -100,12 +112,23 @@ class Runner:
             if bar is not None:
                 bar.update(n)
         tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        return _store.write_shard(self.o.folder / _store.shard_name(s), tensors, first)
+        path = self.o.folder / _store.shard_name(s)
+        lengths = tensors.pop(_LENGTHS, None)
+        if lengths is None:
+            return _store.write_shard(path, tensors, first)
+        tensors[_ragged.OFFSETS] = _ragged.offsets(lengths)
+        return _store.write_shard(path, tensors, first, count=count, tokens=int(lengths.sum()))
 
     def _batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
         """Stored tensors of samples ``first .. first + n - 1`` (every draw)."""
         o = self.o
         items = [o.dataset[i] for i in range(first, first + n)]
+        if self.ragged is None:  # the first item decides: token samples of any length, or samples of one shape
+            self.ragged = _tokens.is_token_sample(items[0])
+        if self.ragged:
+            args, kwargs, mask = self._padded(items, first)
+            self.tokens_per_sample = float(mask.sum()) / n if first == 0 else self.tokens_per_sample
+            return {**self._run(args, n, first, kwargs=kwargs, mask=mask), _LENGTHS: mask.sum(1)}
         args = _to(_collate(items, o.inputs), o.teacher_device)
         if not self.draws:
             return self._run(args, n, first)
@@ -125,14 +148,36 @@ class Runner:
         out["seeds"] = draw_seeds
         return out
 
-    def _forward(self, args: tuple) -> dict[Any, Any]:
+    def _padded(self, items: list[Any], first: int) -> tuple[tuple, dict[str, Any], torch.Tensor]:
+        """Token samples as the teacher's padded batch: ``(args, kwargs)`` on its device, and the mask of real tokens."""
+        o = self.o
+        if o.augment is not None or o.inputs != 1:
+            option = "augment=..." if o.augment is not None else f"inputs={o.inputs}"
+            raise ValueError(
+                f"{option} does not apply to token samples (this dataset's items are token ids): augmentation "
+                "needs inputs of one shape, and inputs= counts the model inputs of tuple items. Leave it out."
+            )
+        samples = []
+        for j, item in enumerate(items):
+            try:
+                samples.append(_tokens.tokens(item, f"dataset item {first + j}"))
+            except TypeError as error:
+                raise TypeError(
+                    f"this build caches token samples (its first item is one), so every item must be one: {error}"
+                ) from None
+        ids, attention = _tokens.pad(samples)
+        args, kwargs = _tokens.teacher_call(o.fn.teacher_model, ids, attention)
+        return _to(args, o.teacher_device), dict(_to((kwargs,), o.teacher_device)[0]), attention.bool()
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any] | None = None) -> dict[Any, Any]:
         """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
         o = self.o
+        kwargs = kwargs or {}
         if self.lockstep:
             self.ranks.anyone(True, o.teacher_device)
-            self.spare = args
+            self.spare = args, kwargs
         with torch.no_grad():
-            return o.fn.run_teacher(o.teacher_state, args, {})
+            return o.fn.run_teacher(o.teacher_state, args, kwargs)
 
     def _drain(self) -> None:
         """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
@@ -148,26 +193,64 @@ class Runner:
         o = self.o
         while self.ranks.anyone(False, o.teacher_device):
             if self.spare is None:
-                self.spare = _to(_collate([o.dataset[0]], o.inputs), o.teacher_device)
+                item = o.dataset[0]
+                if self.ragged:
+                    self.spare = self._padded([item], 0)[:2]
+                else:
+                    self.spare = _to(_collate([item], o.inputs), o.teacher_device), {}
             with torch.no_grad():
-                o.fn.run_teacher(o.teacher_state, self.spare, {})
+                o.fn.run_teacher(o.teacher_state, *self.spare)
 
-    def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
+    def _run(
+        self, args: tuple, n: int, first: int, *, kwargs: dict[str, Any] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         o = self.o
-        captured = self._forward(args)
+        captured = self._forward(args, kwargs)
         if self.entries is None:
+            per_token = None if mask is None else self._per_token(captured, args, kwargs or {}, mask)
             self.entries = [
-                _layout.entry(i, key, captured[p], n, storage=st)
+                _layout.entry(i, key, captured[p], n, storage=st, per_token=None if per_token is None else per_token[p])
                 for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
             ]
         out: dict[str, torch.Tensor] = {}
         for p, pairs, entry in zip(o.teacher_points, o.pairs, self.entries):
-            out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs)))
+            out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs), mask=mask))
         return out
+
+    def _per_token(self, captured: dict[Any, Any], args: tuple, kwargs: dict[str, Any], mask: torch.Tensor) -> dict:
+        """Which output leaves are per token: those whose second dimension follows the padded length.
+
+        The first sample alone, padded to one token more than the batch, runs
+        once more (a probe): a leaf ``(batch, T, ...)`` on the batch and
+        ``(1, T + 1, ...)`` on the probe is per token; any other leaf is per
+        sample (a pooled output, say), even where its size happens to be T.
+        """
+        longest = mask.shape[1]
+
+        def widen(a: Any) -> Any:  # the first row, one padding position more (the mask's is 0)
+            return torch.nn.functional.pad(a[:1], (0, 1)) if isinstance(a, torch.Tensor) and a.dim() == 2 else a
+
+        probe = self._forward(tuple(map(widen, args)), {k: widen(v) for k, v in kwargs.items()})
+
+        def follows(a: Any, b: Any) -> bool:
+            tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2
+            return tensors and a.shape[1] == longest and b.shape[1] == longest + 1
+
+        return {
+            p: [follows(a, b) for a, b in zip(_leaves(captured[p]), _leaves(probe[p]))] for p in self.o.teacher_points
+        }
+
+
+_LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
 
 
 def _rows(tensors: dict[str, torch.Tensor]) -> int:
-    return next(iter(tensors.values())).shape[0]
+    lengths = tensors.get(_LENGTHS)
+    return (lengths if lengths is not None else next(iter(tensors.values()))).shape[0]
+
+
+def _leaves(output: Any) -> list[Any]:
+    return torch_pytree.tree_leaves(output)
 
 
 def _default_shard_size(per_sample: int, batch_size: int) -> int:
