@@ -139,7 +139,8 @@ def _top_level(index: dict[str, Any], problems: list[str]) -> set[str]:
     ragged = index.get("ragged", False)
     if not isinstance(ragged, bool) or ragged != (index.get("version") == _store.RAGGED_VERSION):
         problems.append(
-            f"field 'ragged' is {_short(ragged)} in a format {index.get('version')!r} index, where format "
+            f"field 'ragged' is {_short(ragged) if 'ragged' in index else 'missing'} in a format "
+            f"{index.get('version')!r} index, where format "
             f"{_store.RAGGED_VERSION} (token samples) has true and format {_store.VERSION} none"
         )
         bad.add("ragged")

@@ -18,7 +18,7 @@ packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,7 @@ def _collate(items: Sequence[Any], inputs: int) -> tuple[Any, ...]:
                 f"each dataset item must be the model input (a tensor) or a tuple whose first {inputs} "
                 f"entries are the model inputs (e.g. (x, label) with inputs=1), got {type(it).__name__}"
                 + (f" of length {len(it)}" if isinstance(it, (tuple, list)) else "")
+                + (f" ({_tokens.dict_hint(it)})" if isinstance(it, Mapping) else "")
                 + "."
             )
     return tuple(default_collate(rows))

@@ -37,13 +37,22 @@ SAMPLE = (
 
 
 def is_token_sample(item: Any) -> bool:
-    """Whether a dataset item is (meant as) a token sample: a dict, or a 1-D integer tensor.
+    """Whether a dataset item is a token sample: a dict with ``input_ids``, or a 1-D integer tensor.
 
     Example:
         >>> is_token_sample(torch.tensor([5, 9, 2])), is_token_sample(torch.randn(3)), is_token_sample({"x": 1})
-        (True, False, True)
+        (True, False, False)
     """
-    return isinstance(item, Mapping) or (isinstance(item, torch.Tensor) and item.dim() == 1 and _integer(item))
+    if isinstance(item, Mapping):
+        return "input_ids" in item
+    return isinstance(item, torch.Tensor) and item.dim() == 1 and _integer(item)
+
+
+def dict_hint(item: Mapping[Any, Any]) -> str:
+    """What a dict item lacks to be a token sample, for the message refusing it."""
+    keys = [str(k) for k in item]
+    close = difflib.get_close_matches("input_ids", keys, n=1)
+    return f"a dict item is a token sample when it has 'input_ids'{f' (did you mean {close[0]!r}?)' if close else ''}; its keys are {keys}"
 
 
 def _integer(t: torch.Tensor) -> bool:
@@ -72,10 +81,7 @@ def _describe(item: Any) -> str:
 
 def _from_dict(item: Mapping[Any, Any], where: str) -> torch.Tensor:
     if "input_ids" not in item:
-        keys = [str(k) for k in item]
-        close = difflib.get_close_matches("input_ids", keys, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TypeError(f"{where} is a dict without 'input_ids'{hint}; its keys are {keys}: {SAMPLE}.")
+        raise TypeError(f"{where} is a dict without 'input_ids' ({dict_hint(item)}): {SAMPLE}.")
     ids = _as_ids(item["input_ids"], f"{where}['input_ids']")
     mask = item.get("attention_mask")
     if mask is None:
