@@ -43,7 +43,9 @@ def check_offsets(found: torch.Tensor, record: dict, folder: Path) -> None:
     name, count, tokens = folder / record["file"], record["count"], record["tokens"]
     problem = None
     if found.dtype != torch.int64 or list(found.shape) != [count + 1]:
-        problem = f"its offsets are {str(found.dtype).removeprefix('torch.')} {list(found.shape)}, not int64 [{count + 1}]"
+        problem = (
+            f"its offsets are {str(found.dtype).removeprefix('torch.')} {list(found.shape)}, not int64 [{count + 1}]"
+        )
     elif int(found[0]) != 0:
         problem = f"its offsets start at {int(found[0])}, not 0"
     elif count and int((found[1:] - found[:-1]).min()) < 1:
@@ -99,13 +101,19 @@ def gather(
             t = tensors[name]
             if per_token:
                 m = mask[where]
-                placed = torch.zeros((*m.shape, *t.shape[1:]), dtype=t.dtype)
-                placed[m] = t.index_select(0, token_rows[where][m])
+                real = _widened(t.index_select(0, token_rows[where][m]))
+                placed = real.new_zeros((*m.shape, *t.shape[1:]))
+                placed[m] = real
                 parts.append(placed)
             else:
-                parts.append(t.index_select(0, rows[where]))
+                parts.append(_widened(t.index_select(0, rows[where])))
         out[name] = _scatter(parts, [w for w, _ in groups], len(indices))
     return out, mask
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``uint16`` top-k indices as ``int32`` (torch has no ``index_put`` for ``uint16``; they are read as ``int64``)."""
+    return t.to(torch.int32) if t.dtype == torch.uint16 else t
 
 
 def _scatter(parts: list[torch.Tensor], wheres: list[torch.Tensor], n: int) -> torch.Tensor:

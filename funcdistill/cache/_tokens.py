@@ -108,7 +108,9 @@ def _as_ids(value: Any, where: str) -> torch.Tensor:
         try:
             value = torch.tensor(value, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise TypeError(f"{where} must be a 1-D integer tensor or a list of ints; got a list that is not.") from None
+            raise TypeError(
+                f"{where} must be a 1-D integer tensor or a list of ints; got a list that is not."
+            ) from None
     if not (isinstance(value, torch.Tensor) and value.dim() == 1 and _integer(value)):
         raise TypeError(f"{where} must be a 1-D integer tensor or a list of ints, got {_describe(value)}.")
     return value.to(torch.int64)
