@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cache, calls, cross, distributed, llm, report, suite  # noqa: E402
+from benchmarks import cache, calls, cross, distributed, llm, ragged, report, suite  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -41,6 +41,7 @@ SECTIONS = {
     "compile": suite.compile_section,
     "precision": suite.precision_section,
     "cache": cache.cache_section,
+    "ragged": ragged.ragged_section,
     "distributed": distributed.distributed_section,
     "llm": llm.llm_section,
     "cross_align": cross.align_section,

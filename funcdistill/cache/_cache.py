@@ -128,7 +128,16 @@ class TeacherCache(Frozen):
                 first ``inputs`` entries are the model's positional inputs
                 (``(x, label)``: the label is ignored). Items are batched with
                 :func:`torch.utils.data.default_collate`; every sample must
-                give outputs of the same shape (pad sequences to one length).
+                give outputs of the same shape. Or each item is a *token
+                sample* of any length: a 1-D integer tensor of token ids, or a
+                dict with ``input_ids`` (and optionally ``attention_mask``).
+                Then each batch is padded on the right to its longest sample
+                (:func:`~funcdistill.cache.pad_tokens`), the teacher is called
+                with ``input_ids=`` (positionally when its ``forward`` has no
+                such parameter) and ``attention_mask=`` (when it has one), and
+                only the real tokens of per-token outputs are stored; reading
+                gives them padded, with a ``mask`` (see the "Offline
+                distillation" page).
             path: the cache's folder (created if needed).
             batch_size: samples per teacher call.
             inputs: how many leading entries of a tuple item are model inputs.
@@ -317,7 +326,11 @@ class TeacherCache(Frozen):
 
         ``indices`` is a 1-D integer tensor, a list or tuple of ints, a range
         or a slice of sample indices; ``draws`` gives each sample's draw
-        (``0 .. K-1``), in the same forms.
+        (``0 .. K-1``), in the same forms. For a cache of token samples, the
+        per-token outputs come padded on the right to the longest of these
+        samples (zeros at the padding), and ``mask`` (``(batch, tokens)``,
+        ``True`` at the real tokens) equals the ``attention_mask.bool()`` of
+        :func:`~funcdistill.cache.pad_tokens` on the same samples.
 
         Raises:
             TypeError: ``indices`` or ``draws`` is of another kind (a single
