@@ -106,6 +106,7 @@ def test_ragged_pairs_equal_the_online_pairs_token_for_token(models, samples, ca
         assert not t_cached[~out.mask].any()  # the padding holds zeros
         torch.testing.assert_close(s_cached, s_online, rtol=0, atol=0)  # the student ran on the same batch
     assert full.tokens == sum(len(s) for s in samples)
+    assert f"samples={N}, tokens={full.tokens}," in repr(full) and repr(full).endswith(" bytes/token)")
 
 
 def test_ragged_topk_equals_the_online_topk_within_bfloat16(models, samples, caches):
@@ -357,6 +358,8 @@ def test_damaged_offsets_are_named_when_the_shard_is_read(copied, caches):
         cache[[6]]
     with pytest.raises(ValueError, match=r"shard-00001\.safetensors is damaged: its SHA-256"):
         TeacherCache.open(copied)[[6]]
+    with pytest.raises(ValueError, match=r"shard-00001\.safetensors is damaged: its SHA-256"):
+        cache.verify()
 
 
 # ---------------------------------------------------------------- the mask is a leaf

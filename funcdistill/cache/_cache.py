@@ -311,6 +311,12 @@ class TeacherCache(Frozen):
 
     def __repr__(self) -> str:
         draws = f", draws={self.draws}" if self.draws else ""
+        tokens = self.tokens
+        if tokens is not None:
+            return (
+                f"TeacherCache({str(self.path)!r}, samples={len(self)}, tokens={tokens}, "
+                f"points={list(self.points)}, {self.nbytes / tokens:.1f} bytes/token)"
+            )
         return (
             f"TeacherCache({str(self.path)!r}, samples={len(self)}, points={list(self.points)}{draws}, "
             f"{self.bytes_per_sample:.0f} bytes/sample)"
@@ -381,7 +387,9 @@ class TeacherCache(Frozen):
             ValueError: naming the first damaged, truncated or missing file.
         """
         for record in self._shards:
-            _store.load_shard(self.path, record, verify=True)
+            tensors = _store.load_shard(self.path, record, verify=True)
+            if self._token_names is not None:
+                _ragged.check_offsets(tensors[_ragged.OFFSETS], record, self.path)
 
     def _key(self, key: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         draws: Any = _NO_DRAWS

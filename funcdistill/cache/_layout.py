@@ -154,7 +154,7 @@ def to_tensors(
             continue
         _check_batch_first(point, j, leaf, batch)
         token = bool(spec.get("tokens")) and mask is not None
-        if token:
+        if token and mask is not None:
             _check_tokens(point, j, leaf, mask, first)
         per = list(leaf.shape[2:] if token else leaf.shape[1:])
         if per != spec["shape"] or dtype_name(leaf.dtype) != spec["dtype"]:

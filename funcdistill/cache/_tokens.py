@@ -179,7 +179,7 @@ def teacher_call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         (1, [])
     """
     try:
-        params = inspect.signature(model.forward).parameters
+        params: Mapping[str, Any] = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # no signature to read: the first positional input
         params = {}
     kwargs: dict[str, Any] = {}
