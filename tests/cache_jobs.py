@@ -7,6 +7,10 @@
     for ``--go`` to exist before going on (a slow dataset); with
     ``--pause-index`` it does so after every shard is written, just before the
     index (a slow file system).
+``stream FOLDER --reads FILE [--pause-at I] --signal FILE --go FILE``
+    builds the cache of teacher 0 from a stream positioned by ``.skip(n)``
+    (:class:`Skippable`) of unknown length, appending each sample it reads to
+    ``--reads``; with ``--pause-at`` it pauses at sample ``I`` as ``build`` does.
 ``hold FOLDER``
     holds ``FOLDER``'s build lock, prints ``held``, and keeps it until its
     standard input closes (or it is killed).
@@ -64,6 +68,46 @@ class Paused(torch.utils.data.Dataset):
         return self.x[i]
 
 
+class Skippable:
+    """A stream positioned by ``.skip(n)``, as ``datasets.IterableDataset`` is; records every sample it yields.
+
+    ``read`` collects the indices read (and ``log``, when given, gets one line
+    per sample, flushed: it survives a kill); at ``pause_at`` it signals and
+    waits for the go, at ``fail_at`` it raises.
+    """
+
+    def __init__(self, x, read=None, *, start=0, log=None, pause_at=None, fail_at=None, signal=None, go=None):
+        self.x, self.start, self.log = x, start, log
+        self.read = [] if read is None else read
+        self.pause_at, self.fail_at, self.signal, self.go = pause_at, fail_at, signal, go
+
+    def skip(self, n: int) -> Skippable:
+        kw = {"log": self.log, "pause_at": self.pause_at, "fail_at": self.fail_at, "signal": self.signal}
+        return Skippable(self.x, self.read, start=self.start + n, go=self.go, **kw)
+
+    def __iter__(self):
+        for i in range(self.start, len(self.x)):
+            if i == self.fail_at:
+                raise RuntimeError(f"disk error at sample {i}")
+            if i == self.pause_at and not self.signal.exists():
+                self.signal.touch()
+                wait_for(self.go)
+            self.read.append(i)
+            if self.log is not None:
+                with open(self.log, "a") as f:
+                    f.write(f"{i}\n")
+            yield self.x[i]
+
+
+def stream(args: argparse.Namespace) -> None:
+    t = teacher(0)
+    samples = Skippable(data(), log=args.reads, pause_at=args.pause_at, signal=Path(args.signal), go=Path(args.go))
+    fd.TeacherCache.build(
+        fd.distill(t, student()), fd.state(t), samples, args.folder, batch_size=4, shard_size=SHARD, progress=False
+    )
+    print("built", flush=True)
+
+
 def build(args: argparse.Namespace) -> None:
     from funcdistill.cache import _build
 
@@ -115,10 +159,16 @@ def main() -> None:
     b.add_argument("--go", default="/nonexistent/go")
     b.add_argument("--after")
     b.add_argument("--timeout", type=float)
+    st = jobs.add_parser("stream")
+    st.add_argument("folder")
+    st.add_argument("--reads", required=True)
+    st.add_argument("--pause-at", type=int)
+    st.add_argument("--signal", default="/nonexistent/signal")
+    st.add_argument("--go", default="/nonexistent/go")
     h = jobs.add_parser("hold")
     h.add_argument("folder")
     args = parser.parse_args()
-    {"build": build, "hold": hold}[args.job](args)
+    {"build": build, "stream": stream, "hold": hold}[args.job](args)
 
 
 if __name__ == "__main__":

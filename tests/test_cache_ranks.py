@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import funcdistill as fd
+from tests.cache_jobs import Skippable
 from tests.conftest import free_port
 from tests.test_cache_concurrency import Job
 
@@ -110,6 +111,34 @@ def an_fsdp2_teacher_is_cached_as_unsharded(rank: int, folder: Path, holder: int
     torch.testing.assert_close(t_out, reference[idx])
 
 
+STREAM = 37  # shards 0 .. 4 (the last one short): rank 0 builds 0, 2, 4 and rank 1 builds 1, 3
+
+
+@check
+def a_stream_is_split_between_the_ranks(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    read: list[int] = []
+    cache = build(teacher, student, Skippable(x[:STREAM], read), folder)  # of unknown length
+    assert len(cache) == STREAM  # the ranks agree on the count: rank 0 saw the end, rank 1 only that 40 is past it
+    Path(folder, f"read-{rank}.json").write_text(json.dumps(read))
+
+
+@check
+def a_stream_of_another_length_or_other_samples_stops_every_rank(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    with pytest.raises(
+        ValueError,
+        match=r"the stream ended after 37 samples, but samples=45 was declared; .* to count them\. \(rank 0\)",
+    ):  # rank 0 finds its shard 4 short, rank 1 no sample 40: every rank raises rank 0's error (none waits)
+        build(teacher, student, Skippable(x[:STREAM]), folder / "short", samples=45)
+    with pytest.raises(
+        ValueError,
+        match=r"given different builds.*\n  the stream's first samples \(SHA-256 of the first batch\): rank 0 "
+        r"[0-9a-f]{12}; rank 1 [0-9a-f]{12}\n",
+    ):  # a stream shuffled with another seed on each rank, say
+        build(teacher, student, Skippable(x[torch.randperm(N, generator=torch.Generator().manual_seed(rank))]), folder)
+
+
 @check
 def a_lock_held_elsewhere_stops_every_rank(rank: int, folder: Path, holder: int) -> None:
     teacher, student, x = setup()
@@ -179,3 +208,22 @@ def test_each_rank_builds_its_shards_and_all_open_the_whole_cache(out, results):
     index = json.loads((folder / "index.json").read_text())
     assert [s["file"] for s in index["shards"]] == [f"shard-0000{i}.safetensors" for i in range(5)]
     assert not list(folder.glob("progress-rank*.json"))
+
+
+def test_a_stream_is_split_between_the_ranks_and_equals_a_one_rank_build(out, results, tmp_path):
+    folder = out / "a_stream_is_split_between_the_ranks"
+    reads = [json.loads((folder / f"read-{r}.json").read_text()) for r in range(WORLD)]
+    # each rank: the first batch (0 .. 3, for the layout), its shards (positioned by skip), and after each full
+    # shard a peek at the next sample (its checksum, for a resume); rank 1 finds nothing at 40
+    assert reads[0] == [*range(0, 9), *range(16, 25), *range(32, 37)]
+    assert reads[1] == [*range(0, 4), *range(8, 17), *range(24, 33)]
+    shards = [set(range(s * SHARD, min(STREAM, (s + 1) * SHARD))) for s in range(5)]
+    whole = [[r for r in range(WORLD) if shard <= set(reads[r])] for shard in shards]
+    assert whole == [[0], [1], [0], [1], [0]]  # each shard read whole by one rank, s % 2: the stream, once
+    index = json.loads((folder / "index.json").read_text())
+    assert index["samples"] == STREAM and [s["count"] for s in index["shards"]] == [8, 8, 8, 8, 5]
+    teacher, student, x = setup()
+    one = build(teacher, student, Skippable(x[:STREAM]), tmp_path / "one")  # this process: 1 rank
+    both = fd.TeacherCache.open(folder)
+    # the same batches through the same kernels, but in other processes (1 thread there): float32 rounding apart
+    torch.testing.assert_close(both[torch.arange(STREAM)].values[0], one[torch.arange(STREAM)].values[0])

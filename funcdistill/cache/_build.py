@@ -6,7 +6,9 @@ the teacher of the distill function runs once per batch, and the student never
 runs. Each finished shard is written atomically and then listed in this rank's
 progress file, so a build that stops (an exception, a kill, a power cut) is
 resumed by calling it again with the same arguments: finished shards are kept
-and their samples are not read again. Under :mod:`torch.distributed`, rank
+and their samples are not run again (a stream is positioned at the first
+unfinished shard, :mod:`~funcdistill.cache._source`; a stream's length is
+settled by the ranks at the end). Under :mod:`torch.distributed`, rank
 ``r`` of ``w`` builds the shards ``s`` with ``s % w == r``; rank 0 writes the
 index once every rank is done. Before anything is written the ranks check that
 they were given the same build (:mod:`~funcdistill.cache._ranks`), and the
@@ -19,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from funcdistill.cache import _lock, _ranks, _store
+from funcdistill.cache import _lock, _ranks, _source, _store
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 from funcdistill.cache._runner import Runner, finished
@@ -94,10 +96,9 @@ def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
     ranks.barrier()  # every rank decides "fresh or resumed" on the same files, before rank 0 writes the record
     shard_size = options.shard_size or (layout["shard_size"] if layout else None)
     runner = Runner(options, meta, layout, shard_size, ranks)
-    runner.run()
-    ranks.barrier()
+    samples = _source.settle(options.samples, ranks.gather(runner.run()))  # a stream's count, agreed by the ranks
     if ranks.rank == 0:
-        _write_index(folder, runner.layout(), ranks.world)
+        _write_index(folder, {**runner.layout(), "samples": samples}, ranks.world)
     ranks.barrier()
 
 
@@ -111,7 +112,11 @@ def _same_settings(folder: Path, recorded: dict[str, Any], meta: dict[str, Any],
         "points": "teacher points of the mapping",
         "storage": "storage (dtype, topk) per teacher point",
     }
-    diffs = [f"{labels[k]}: {recorded.get(k)!r} then, {meta[k]!r} now" for k in labels if recorded.get(k) != meta[k]]
+    diffs = [
+        f"{labels[k]}: {recorded.get(k)!r} then, {meta[k]!r} now"
+        for k in labels
+        if recorded.get(k) != meta[k] and not (k == "samples" and None in (recorded.get(k), meta[k]))
+    ]  # a stream of unknown length (samples None) may finish or reopen a build of a declared one, and back
     if options.shard_size is not None and recorded.get("shard_size") != options.shard_size:
         diffs.append(f"shard_size: {recorded.get('shard_size')!r} then, {options.shard_size!r} now")
     teacher, now = recorded.get("teacher", {}), meta["teacher"]

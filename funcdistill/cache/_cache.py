@@ -98,6 +98,7 @@ class TeacherCache(Frozen):
         path: str | os.PathLike[str],
         *,
         batch_size: int = 64,
+        samples: int | None = None,
         inputs: int = 1,
         dtype: torch.dtype | AbcMapping[int, torch.dtype] | None = None,
         topk: int | AbcMapping[int, int] | None = None,
@@ -123,7 +124,7 @@ class TeacherCache(Frozen):
             fn: the distill function (:func:`funcdistill.distill`); its teacher
                 must be in eval mode. The student never runs.
             teacher_state: the teacher state to run with, as for ``fn``.
-            dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``).
+            dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``) or a stream (see ``samples``).
                 Each item is the model input (a tensor), or a tuple whose
                 first ``inputs`` entries are the model's positional inputs
                 (``(x, label)``: the label is ignored). Items are batched with
@@ -140,6 +141,16 @@ class TeacherCache(Frozen):
                 distillation" page).
             path: the cache's folder (created if needed).
             batch_size: samples per teacher call.
+            samples: a stream's number of samples (checked: a stream that
+                ends sooner or goes on is refused), or ``None``: counted, and
+                recorded when it ends. A stream is an iterable of samples (an
+                ``IterableDataset``, a generator, a ``datasets`` streaming
+                dataset) or a function ``start -> iterable`` of the samples
+                from sample ``start``, read in order; it is positioned at a
+                shard's first sample (to resume, or for a rank's next shard)
+                by its ``.skip(n)``, by the function, or by reading and
+                dropping samples ("Streaming builds" on the "Offline
+                distillation" page).
             inputs: how many leading entries of a tuple item are model inputs.
             dtype: storage dtype of the floating outputs (e.g. ``torch.float16``),
                 for every pair, or ``{pair_index: dtype}``; ``None`` keeps the
@@ -183,6 +194,7 @@ class TeacherCache(Frozen):
             dataset,
             path,
             batch_size=batch_size,
+            samples=samples,
             inputs=inputs,
             dtype=dtype,
             topk=topk,

@@ -25,7 +25,7 @@ from funcdistill._keys import point_key
 from funcdistill._outputs import dtype_name, teacher_record
 from funcdistill._point import Point
 from funcdistill._state import state
-from funcdistill.cache import _augment, _fingerprint, _store
+from funcdistill.cache import _augment, _fingerprint, _source, _store
 
 __all__: list[str] = []
 
@@ -55,10 +55,12 @@ class Options:
     shard_size: int | None
     device: torch.device | str | None
     progress: bool
+    samples: int | None = None
+    """``len(dataset)``, a stream's declared number of samples, or ``None`` (a stream of unknown length)."""
     folder: Path = field(init=False)
     """The cache's folder."""
-    samples: int = field(init=False)
-    """``len(dataset)``."""
+    source: _source.Source = field(init=False)
+    """How the dataset is read: map-style, or a stream and how it is positioned."""
     teacher_device: torch.device = field(init=False)
     """Where the teacher runs: ``device``, else that of the teacher state (or the teacher's own tensors)."""
     teacher_points: tuple[str | Point, ...] = field(init=False)
@@ -80,13 +82,7 @@ class Options:
             raise TypeError(
                 f"teacher_state must be a dict of tensors (funcdistill.state(teacher)), got {type(teacher_state).__name__}."
             )
-        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-            raise TypeError(
-                f"dataset must be a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}."
-            )
-        samples = len(dataset)
-        if samples == 0:
-            raise ValueError("dataset is empty: there is nothing to cache.")
+        source = _source.source(dataset, self.samples)
         _positive_int("batch_size", self.batch_size)
         _positive_int("inputs", self.inputs)
         if self.shard_size is not None:
@@ -101,7 +97,8 @@ class Options:
         _set(
             self,
             folder=Path(self.path),
-            samples=samples,
+            source=source,
+            samples=source.samples,
             draws=draws,
             seed=_augment.check_seed(self.seed),
             progress=bool(self.progress),

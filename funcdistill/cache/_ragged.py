@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from funcdistill._pytree import torch_pytree
 
 __all__: list[str] = []
 
@@ -124,3 +127,33 @@ def _scatter(parts: list[torch.Tensor], wheres: list[torch.Tensor], n: int) -> t
     for part, where in zip(parts, wheres):
         out[where] = part
     return out
+
+
+def per_token(
+    forward: Callable[[tuple, dict[str, Any]], dict[Any, Any]],
+    captured: dict[Any, Any],
+    call: tuple[tuple, dict[str, Any]],
+    mask: torch.Tensor,
+) -> dict[Any, list[bool]]:
+    """Which output leaves of each teacher point are per token: those whose second dimension follows the padding.
+
+    The first sample alone, padded to one token more than the batch, runs
+    once more (a probe, through ``forward``): a leaf ``(batch, T, ...)`` on
+    the batch (``captured``, from the call ``call``) and ``(1, T + 1, ...)`` on
+    the probe is per token; any other leaf is per sample (a pooled output,
+    say), even where its size happens to be ``T``.
+    """
+    longest = mask.shape[1]
+
+    def widen(a: Any) -> Any:  # the first row, one padding position more (token id 0, mask 0)
+        return torch.nn.functional.pad(a[:1], (0, 1)) if isinstance(a, torch.Tensor) and a.dim() == 2 else a
+
+    args, kwargs = call
+    probe = forward(tuple(map(widen, args)), {k: widen(v) for k, v in kwargs.items()})
+
+    def follows(a: Any, b: Any) -> bool:
+        tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2
+        return tensors and a.shape[1] == longest and b.shape[1] == longest + 1
+
+    leaves = torch_pytree.tree_leaves
+    return {p: [follows(a, b) for a, b in zip(leaves(captured[p]), leaves(probe[p]))] for p in captured}

@@ -18,14 +18,14 @@ packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from funcdistill._pytree import torch_pytree, tree_map
-from funcdistill.cache import _augment, _layout, _ragged, _store, _tokens
+from funcdistill._pytree import tree_map
+from funcdistill.cache import _augment, _layout, _ragged, _ranks, _source, _store, _tokens
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 
@@ -63,71 +63,146 @@ class Runner:
         ragged = {"version": _store.RAGGED_VERSION, "ragged": True} if self.ragged else {}
         return {**self.meta, **ragged, "shard_size": self.shard_size, "entries": self.entries}
 
-    def run(self) -> None:
+    def run(self) -> dict[str, Any]:
+        """Build this rank's unfinished shards; return what it saw of a stream's end, and a stream problem.
+
+        A :class:`~funcdistill.cache._source.StreamError` (a stream shorter or
+        longer than declared, or one that changed since a shard was built) stops
+        this rank's loop and is returned, so that the build reports it on every
+        rank (:func:`~funcdistill.cache._source.settle`) rather than leaving the
+        others waiting in a collective.
+        """
         o, ranks = self.o, self.ranks
         folder = o.folder
         done, by_rank = finished(folder)
-        pending_first: dict[int, dict[str, torch.Tensor]] = {}
+        self.records = {int(r["first"]): r for r in done.values()}
+        known = {f: (int(r["count"]), r["inputs"]) for f, r in self.records.items() if "inputs" in r}
+        self.reader = o.source.reader(known)
+        head = None
         if self.entries is None:  # a fresh build: the first batch fixes the layout (and the shard size)
-            pending_first[0] = self._first_batch()
+            head = self._first_batch()
             if ranks.rank == 0:
                 _store.write_json(folder / _store.BUILD, self.layout())
         size = self.shard_size
         assert size is not None
-        shards = [s for s in range(-(-o.samples // size)) if s % ranks.world == ranks.rank]
-        todo = [s for s in shards if _store.shard_name(s) not in done]
+        self.end = o.samples if o.samples is not None else _source.recorded_end(self.records.values())
         mine = dict(by_rank.get(ranks.rank, {}))
-        bar = _bar(sum(min(size, o.samples - s * size) for s in todo), o.progress and ranks.rank == 0)
+        bar = _bar(self._todo_samples(done), o.progress and ranks.rank == 0)
+        problem = None
         try:
-            for s in todo:
-                first, count = s * size, min(size, o.samples - s * size)
-                record = self._shard(s, first, count, pending_first.pop(first, None), bar)
-                mine[record["file"]] = record
-                _store.write_json(folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine})
+            try:
+                for s in self._todo(done):
+                    record = self._shard(s, head if s == 0 else None, bar)
+                    if record is None:
+                        break
+                    mine[record["file"]] = record
+                    _store.write_json(
+                        folder / _store.progress_name(ranks.rank), {"format": _store.FORMAT, "shards": mine}
+                    )
+            except _source.StreamError as error:
+                problem = str(error)
             self._drain()
         finally:
             if bar is not None:
                 bar.close()
+        return _source.seen(self.reader, self.records.values(), problem)
 
-    def _first_batch(self) -> dict[str, torch.Tensor]:
+    def _todo(self, done: dict[str, Any]) -> Iterator[int]:
+        """This rank's unfinished shards, in order, up to the end (of a stream: as far as it is known)."""
+        size, s = self.shard_size, self.ranks.rank
+        assert size is not None
+        while self.end is None or s * size < self.end:
+            if _store.shard_name(s) not in done:
+                yield s
+            s += self.ranks.world
+
+    def _todo_samples(self, done: dict[str, Any]) -> int | None:
+        if self.end is None:
+            return None
+        size = self.shard_size
+        assert size is not None
+        return sum(min(size, self.end - s * size) for s in self._todo(done))
+
+    def _first_batch(self) -> _Part:
         o = self.o
-        tensors = self._batch(0, min(o.batch_size, o.samples))
+        n = min(o.batch_size, o.shard_size or o.batch_size, o.samples or o.batch_size)
+        part = self._part(0, n)
+        if not part.rows:
+            raise ValueError("the stream is empty (it yielded no sample): there is nothing to cache.")
+        if o.source.stream:  # every rank read these samples: the same stream on every rank
+            _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
         if self.shard_size is None:
             tokens = self.tokens_per_sample
             per_sample = sum(_layout.bytes_per_sample(e, self.draws, tokens=tokens) for e in self.entries or [])
             self.shard_size = _default_shard_size(per_sample, o.batch_size)
-        return tensors
+        return part
 
     @property
     def draws(self) -> int:
         return self.o.draws
 
-    def _shard(self, s: int, first: int, count: int, head: dict | None, bar: Any) -> dict[str, Any]:
-        parts: list[dict[str, torch.Tensor]] = []
-        start = first
-        while start < first + count:
-            n = min(self.o.batch_size, first + count - start)
-            parts.append(head if head is not None and start == first and _rows(head) == n else self._batch(start, n))
-            start += n
+    def _shard(self, s: int, head: _Part | None, bar: Any) -> dict[str, Any] | None:
+        """Read, run and write shard ``s``; its record, or ``None`` where a stream ended before it."""
+        o, size = self.o, self.shard_size
+        assert size is not None
+        first = s * size
+        want = size if self.end is None else min(size, self.end - first)
+        parts: list[_Part] = []
+        got = 0
+        while got < want:
+            n = min(o.batch_size, want - got)
+            part, head = (head, None) if head is not None else (self._part(first + got, n), None)
+            if part.digests and not got:
+                _source.check_follows(self.records.get(first - size), part.digests[0], s)
+            parts.append(part)
+            got += part.rows
             if bar is not None:
-                bar.update(n)
-        tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        path = self.o.folder / _store.shard_name(s)
-        lengths = tensors.pop(_LENGTHS, None)
+                bar.update(part.rows)
+            if part.rows < n:
+                break
+        if o.samples is not None and got < want:
+            raise _source.StreamError(_source.short(o.samples, self.reader, first + got))
+        if not got:
+            return None
+        extra: dict[str, Any] = {}
+        if o.source.stream:
+            extra = self._next(first, got, want, parts)
+        tensors = {name: torch.cat([p.tensors[name] for p in parts if p.rows]) for name in parts[0].tensors}
+        path, lengths = o.folder / _store.shard_name(s), tensors.pop(_LENGTHS, None)
         if lengths is None:
-            return _store.write_shard(path, tensors, first)
+            return {**_store.write_shard(path, tensors, first), **extra}
         tensors[_ragged.OFFSETS] = _ragged.offsets(lengths)
-        return _store.write_shard(path, tensors, first, count=count, tokens=int(lengths.sum()))
+        return {**_store.write_shard(path, tensors, first, count=got, tokens=int(lengths.sum())), **extra}
 
-    def _batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
-        """Stored tensors of samples ``first .. first + n - 1`` (every draw)."""
-        o = self.o
-        items = [o.dataset[i] for i in range(first, first + n)]
+    def _next(self, first: int, got: int, want: int, parts: list[_Part]) -> dict[str, Any]:
+        """A stream shard's ``inputs`` and ``next`` checksums (a peek at the sample after it); its end, if there."""
+        after = self.reader.peek(first + got) if got == want else None
+        if after is not None and first + got == self.o.samples:
+            raise _source.StreamError(_source.longer(self.o.samples))
+        if after is None:
+            self.end = first + got
+        return {
+            "inputs": _source.combined([d for p in parts for d in p.digests]),
+            "next": None if after is None else _source.digest(after),
+        }
+
+    def _part(self, first: int, n: int) -> _Part:
+        """Samples ``first .. first + n - 1`` (fewer where a stream ends), read and run through the teacher."""
+        items = self.reader.read(first, n)
+        if not items:
+            return _Part({}, [], 0)
+        digests = [_source.digest(it) for it in items] if self.o.source.stream else []
+        return _Part(self._batch(items, first), digests, len(items))
+
+    def _batch(self, items: list[Any], first: int) -> dict[str, torch.Tensor]:
+        """Stored tensors of the samples ``items``, from ``first`` on (every draw)."""
+        o, n = self.o, len(items)
         if self.ragged is None:  # the first item decides: token samples of any length, or samples of one shape
             self.ragged = _tokens.is_token_sample(items[0])
         if self.ragged:
             args, kwargs, mask = self._padded(items, first)
-            self.tokens_per_sample = float(mask.sum()) / n if first == 0 else self.tokens_per_sample
+            if first == 0:
+                self.tokens_per_sample = float(mask.sum()) / n
             return {**self._run(args, n, first, kwargs=kwargs, mask=mask), _LENGTHS: mask.sum(1)}
         args = _to(_collate(items, o.inputs), o.teacher_device)
         if not self.draws:
@@ -149,25 +224,11 @@ class Runner:
         return out
 
     def _padded(self, items: list[Any], first: int) -> tuple[tuple, dict[str, Any], torch.Tensor]:
-        """Token samples as the teacher's padded batch: ``(args, kwargs)`` on its device, and the mask of real tokens."""
+        """Token samples as the teacher's padded batch, ``(args, kwargs)`` on its device, and the mask of real tokens."""
         o = self.o
-        if o.augment is not None or o.inputs != 1:
-            option = "augment=..." if o.augment is not None else f"inputs={o.inputs}"
-            raise ValueError(
-                f"{option} does not apply to token samples (this dataset's items are token ids): augmentation "
-                "needs inputs of one shape, and inputs= counts the model inputs of tuple items. Leave it out."
-            )
-        samples = []
-        for j, item in enumerate(items):
-            try:
-                samples.append(_tokens.tokens(item, f"dataset item {first + j}"))
-            except TypeError as error:
-                raise TypeError(
-                    f"this build caches token samples (its first item is one), so every item must be one: {error}"
-                ) from None
-        ids, attention = _tokens.pad(samples)
-        args, kwargs = _tokens.teacher_call(o.fn.teacher_model, ids, attention)
-        return _to(args, o.teacher_device), dict(_to((kwargs,), o.teacher_device)[0]), attention.bool()
+        option = "augment=..." if o.augment is not None else f"inputs={o.inputs}" if o.inputs != 1 else None
+        args, kwargs, mask = _tokens.teacher_batch(items, first, model=o.fn.teacher_model, options=option)
+        return _to(args, o.teacher_device), dict(_to((kwargs,), o.teacher_device)[0]), mask
 
     def _forward(self, args: tuple, kwargs: dict[str, Any] | None = None) -> dict[Any, Any]:
         """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
@@ -193,11 +254,11 @@ class Runner:
         o = self.o
         while self.ranks.anyone(False, o.teacher_device):
             if self.spare is None:
-                item = o.dataset[0]
+                items = self.reader.read(0, 1)
                 if self.ragged:
-                    self.spare = self._padded([item], 0)[:2]
+                    self.spare = self._padded(items, 0)[:2]
                 else:
-                    self.spare = _to(_collate([item], o.inputs), o.teacher_device), {}
+                    self.spare = _to(_collate(items, o.inputs), o.teacher_device), {}
             with torch.no_grad():
                 o.fn.run_teacher(o.teacher_state, *self.spare)
 
@@ -207,9 +268,9 @@ class Runner:
         o = self.o
         captured = self._forward(args, kwargs)
         if self.entries is None:
-            per_token = None if mask is None else self._per_token(captured, args, kwargs or {}, mask)
+            tokens = None if mask is None else _ragged.per_token(self._forward, captured, (args, kwargs or {}), mask)
             self.entries = [
-                _layout.entry(i, key, captured[p], n, storage=st, per_token=None if per_token is None else per_token[p])
+                _layout.entry(i, key, captured[p], n, storage=st, per_token=None if tokens is None else tokens[p])
                 for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
             ]
         out: dict[str, torch.Tensor] = {}
@@ -217,40 +278,17 @@ class Runner:
             out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs), mask=mask))
         return out
 
-    def _per_token(self, captured: dict[Any, Any], args: tuple, kwargs: dict[str, Any], mask: torch.Tensor) -> dict:
-        """Which output leaves are per token: those whose second dimension follows the padded length.
 
-        The first sample alone, padded to one token more than the batch, runs
-        once more (a probe): a leaf ``(batch, T, ...)`` on the batch and
-        ``(1, T + 1, ...)`` on the probe is per token; any other leaf is per
-        sample (a pooled output, say), even where its size happens to be T.
-        """
-        longest = mask.shape[1]
+class _Part(NamedTuple):
+    """A batch of a shard: its stored tensors, its samples' digests (a stream's) and its number of samples."""
 
-        def widen(a: Any) -> Any:  # the first row, one padding position more (the mask's is 0)
-            return torch.nn.functional.pad(a[:1], (0, 1)) if isinstance(a, torch.Tensor) and a.dim() == 2 else a
-
-        probe = self._forward(tuple(map(widen, args)), {k: widen(v) for k, v in kwargs.items()})
-
-        def follows(a: Any, b: Any) -> bool:
-            tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2
-            return tensors and a.shape[1] == longest and b.shape[1] == longest + 1
-
-        return {
-            p: [follows(a, b) for a, b in zip(_leaves(captured[p]), _leaves(probe[p]))] for p in self.o.teacher_points
-        }
+    tensors: dict[str, torch.Tensor]
+    digests: list[str]
+    rows: int
 
 
+_FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 _LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
-
-
-def _rows(tensors: dict[str, torch.Tensor]) -> int:
-    lengths = tensors.get(_LENGTHS)
-    return (lengths if lengths is not None else next(iter(tensors.values()))).shape[0]
-
-
-def _leaves(output: Any) -> list[Any]:
-    return torch_pytree.tree_leaves(output)
 
 
 def _default_shard_size(per_sample: int, batch_size: int) -> int:
@@ -300,7 +338,7 @@ def finished(folder: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     return done, by_rank
 
 
-def _bar(total: int, show: bool) -> Any:
+def _bar(total: int | None, show: bool) -> Any:
     if not show or total == 0:
         return None
     try:

@@ -189,3 +189,33 @@ def teacher_call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     if "attention_mask" in params:
         kwargs["attention_mask"] = attention_mask
     return args, kwargs
+
+
+def teacher_batch(
+    items: Sequence[Any], first: int, *, model: nn.Module, options: str | None = None
+) -> tuple[tuple, dict[str, Any], torch.Tensor]:
+    """A cache build's batch of token samples: the teacher's ``(args, kwargs)`` and the bool mask of real tokens.
+
+    ``first`` is the dataset index of ``items[0]`` (for messages); ``options``
+    names a build option that does not apply to token samples, if one was given.
+
+    Raises:
+        ValueError: ``options`` is given (augmentation, ``inputs=``).
+        TypeError: an item is not a token sample (the message names it).
+    """
+    if options is not None:
+        raise ValueError(
+            f"{options} does not apply to token samples (this dataset's items are token ids): augmentation "
+            "needs inputs of one shape, and inputs= counts the model inputs of tuple items. Leave it out."
+        )
+    samples = []
+    for j, item in enumerate(items):
+        try:
+            samples.append(tokens(item, f"dataset item {first + j}"))
+        except TypeError as error:
+            raise TypeError(
+                f"this build caches token samples (its first item is one), so every item must be one: {error}"
+            ) from None
+    ids, attention = pad(samples)
+    args, kwargs = teacher_call(model, ids, attention)
+    return args, kwargs, attention.bool()
