@@ -261,6 +261,17 @@ def test_a_ragged_build_resumes_after_a_crash(models, samples, caches, tmp_path)
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_a_stream_of_token_samples_gives_the_same_cache(models, samples, caches, tmp_path):
+    teacher, _, fn = models
+    full, _ = caches
+    streamed = build(fn, teacher, ({"input_ids": s} for s in samples), tmp_path / "s", samples=None)
+    assert len(streamed) == N and streamed.tokens == full.tokens
+    a, b = streamed[IDX], full[IDX]
+    assert torch.equal(a.mask, b.mask)
+    for x, y in zip(a.values, b.values):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)  # the same batches, the same forwards
+
+
 # ---------------------------------------------------------------- refused
 
 
