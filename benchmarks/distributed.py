@@ -38,7 +38,7 @@ import funcdistill as fd
 from benchmarks.report import Section
 from benchmarks.timing import paired_rounds, ratio
 
-__all__ = ["distributed_section"]
+__all__ = ["distributed_section", "tensor_parallel_section"]
 
 WORLDS = (1, 2, 4)
 IN, OUT = 64, 32
@@ -321,5 +321,156 @@ def distributed_section(cfg: Any) -> Section:
     sec.notes.append(
         "Time ratios are noisy: 2 CPU cores shared with other jobs, and 4 ranks oversubscribe them; "
         "each rank uses one thread."
+    )
+    return sec
+
+
+# --- tensor-parallel teachers (parallelize_module), alone and under FSDP2 on a 2-D mesh ----------------
+
+TP_WORLDS = (2, 4)  # 2: tensor parallel over both ranks; 4: a (dp 2, tp 2) mesh, FSDP2 across the TP groups
+TP_TEACHER = (1024, 8)  # width, blocks (each: up column-wise to 2 x width, down row-wise)
+TP_STUDENT = (256, 2)
+
+
+class _TPBlock(nn.Module):
+    """``x + down(gelu(up(x)))``: up column-wise, down row-wise."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _TPStack(nn.Module):
+    """An input layer, residual MLP blocks (up column-wise, down row-wise), a column-wise head."""
+
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.inp = nn.Linear(IN, width)
+        self.blocks = nn.ModuleList(_TPBlock(width) for _ in range(depth))
+        self.out = nn.Linear(width, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def _tp_teacher(world: int) -> nn.Module:
+    """The teacher, tensor parallel over 2 ranks (with FSDP2 over the data-parallel dimension on 4)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    teacher = _TPStack(*TP_TEACHER).eval()
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    plan = {"out": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(TP_TEACHER[1]):
+        plan |= {f"blocks.{i}.up": ColwiseParallel(), f"blocks.{i}.down": RowwiseParallel()}
+    parallelize_module(teacher, mesh["tp"], plan)
+    if world > 2:
+        for block in teacher.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(teacher, mesh=mesh["dp"])
+    return teacher
+
+
+def _tp_styles(world: int, student: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """The two steps, each with its own teacher and copy of the student: funcdistill, and by hand."""
+    t_point, s_point = f"blocks.{TP_TEACHER[1] // 2 - 1}", f"blocks.{TP_STUDENT[1] // 2 - 1}"
+    teachers = {"funcdistill": _tp_teacher(world), "TP by hand": _tp_teacher(world)}
+    ours, theirs = copy.deepcopy(student), copy.deepcopy(student)
+    steps = {
+        "funcdistill": _stepper(_funcdistill(teachers["funcdistill"], ours, t_point, s_point), ours, x),
+        "TP by hand": _stepper(_ByHand(teachers["TP by hand"], theirs, t_point, s_point).loss, theirs, x),
+    }
+    return steps, teachers
+
+
+def _tp_worker(rank: int, world: int, port: int, out: str, rounds: int, inner: int) -> None:
+    torch.set_num_threads(1)
+    _exact_malloc()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1)
+        student = _TPStack(*TP_STUDENT)  # replicated: every rank of a TP group has the same batch
+        group = rank // 2  # the data-parallel group (its TP ranks share the batch)
+        x = torch.randn(16, IN, generator=torch.Generator().manual_seed(group))
+        steps, teachers = _tp_styles(world, student, x)
+        losses = {name: step() for name, step in steps.items()}  # FSDP2's lazy init; the dry runs
+        held = {name: _max_over_ranks(_bytes(t.parameters())) for name, t in teachers.items()}  # local shards
+        memory = {}
+        for name, step in steps.items():
+            dist.barrier()
+            memory[name] = _max_over_ranks(_peak_growth(step))
+        times = paired_rounds(steps, rounds=rounds, inner=inner, warmup=1)
+        result = {
+            "held": held,
+            "teacher_bytes": _bytes(_TPStack(*TP_TEACHER).parameters()),
+            "growth": memory,
+            "ratio": ratio(times, "funcdistill", "TP by hand"),
+            "ms": {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()},
+            "loss_diff": abs(losses["funcdistill"] - losses["TP by hand"]),
+        }
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_run(world: int, rounds: int, inner: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp, "result.json"))
+        mp.spawn(_tp_worker, args=(world, _free_port(), out, rounds, inner), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def tensor_parallel_section(cfg: Any) -> Section:
+    """Rows per world size: a tensor-parallel teacher's bytes per rank and step time, funcdistill vs by hand."""
+    rounds, inner = (5, 1) if cfg.quick else (15, 2)
+    sec = Section(
+        f"Tensor-parallel teacher on CPU, gloo (MLP width {TP_TEACHER[0]} x {TP_TEACHER[1]} blocks, up "
+        f"column-wise, down row-wise; student {TP_STUDENT[0]} x {TP_STUDENT[1]} replicated, batch 16 per TP group)",
+        ["world", "mesh", "style", "teacher_MiB_held", "peak_growth_MiB", "step_ms", "ratio", "note"],
+        intro=(
+            "2 ranks: tensor parallel over both; 4 ranks: a (dp 2, tp 2) mesh, tensor parallel inside a "
+            "group and FSDP2 across (each block a unit, then the root). `TP by hand`: the same parallelized "
+            "teacher called as a module under `no_grad` with forward hooks, the same loss and SGD step. "
+            "`teacher_MiB_held`: the teacher parameter bytes a rank holds (its local shards; by hand on 4 "
+            "ranks also FSDP2's root left unsharded). `peak_growth_MiB`: how far the resident memory rises "
+            "during a step above its level before it (VmHWM, largest over 3 steps and over the ranks); "
+            "`ratio`: funcdistill step time / by hand (median of interleaved rounds, quartiles in brackets), "
+            "on rank 0."
+        ),
+    )
+    for world in TP_WORLDS:
+        res = _tp_run(world, rounds, inner)
+        r = res["ratio"]
+        for style in ("TP by hand", "funcdistill"):
+            ours = style == "funcdistill"
+            sec.add(
+                world=world,
+                mesh="tp 2" if world == 2 else "dp 2 x tp 2",
+                style=style,
+                teacher_MiB_held=_mb(res["held"][style]),
+                peak_growth_MiB=_mb(res["growth"][style]),
+                step_ms=f"{res['ms'][style]:.1f}",
+                ratio=f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f}), {r['rounds']} rounds" if ours else "1.00",
+                note=f"first-step loss differs by {res['loss_diff']:.1e}" if ours else "",
+            )
+    sec.notes.append(
+        f"The whole teacher is {_mb(res['teacher_bytes'])} MiB. The funcdistill teacher runs the same "
+        "parallel styles' collectives as the module itself (one all-reduce per row-wise layer, one all-gather "
+        "for the head) and gathers the mapped values into full tensors on every rank."
+    )
+    sec.notes.append(
+        "Measured on a loaded machine (2 CPU cores shared with other jobs; 4 ranks oversubscribe them, one "
+        "thread each): the ratios are noisy and are rerun on a quiet machine."
     )
     return sec

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cache, calls, cross, distributed, llm, ragged, report, suite  # noqa: E402
+from benchmarks import cache, calls, cross, distributed, llm, ragged, report, served, suite  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -43,9 +43,11 @@ SECTIONS = {
     "cache": cache.cache_section,
     "ragged": ragged.ragged_section,
     "distributed": distributed.distributed_section,
+    "tensor_parallel": distributed.tensor_parallel_section,
     "llm": llm.llm_section,
     "cross_align": cross.align_section,
     "cross_uld": cross.uld_section,
+    "served": served.served_section,
 }
 
 READING = ROOT / "benchmarks" / "reading.md"

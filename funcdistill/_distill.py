@@ -68,7 +68,10 @@ def distill(
     Models sharded with FSDP2 (``fully_shard``) run on their ``DTensor``
     shards, each unit gathered only while it runs, and gradients with respect
     to the shards come back as shards averaged over the ranks (see the
-    Distributed page of the documentation).
+    Distributed page of the documentation). Tensor-parallel models
+    (``parallelize_module``, alone or with FSDP2 on a 2-D mesh) run with
+    their parallel styles, and their mapped values come back as full tensors
+    on every rank.
 
     Payloads that are modules with parameters (adapters) take them from
     ``student_state['payloads.<index>.<name>']`` when present

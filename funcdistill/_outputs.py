@@ -56,25 +56,31 @@ class TopK(NamedTuple):
 
 
 class BuiltFor(Frozen):
-    """What a cache was built for: its path, the teacher points it holds, the teacher's state layout.
+    """What teacher outputs were built for: their source, the teacher points they hold, the teacher's state layout.
 
-    ``keys`` are the points' stable keys, as the index records them (what a
-    distill function's points are matched by); ``points`` shows them as
-    ``repr`` strings, for messages; ``teacher`` is the teacher's class name
-    and the name, shape and dtype of each of its state entries.
+    ``path`` is a cache's folder, or a served teacher's URL (then ``model`` is
+    the served model's name); ``keys`` are the points' stable keys, as the
+    index records them (what a distill function's points are matched by);
+    ``points`` shows them as ``repr`` strings, for messages; ``teacher`` is
+    the teacher's class name and the name, shape and dtype of each of its
+    state entries, or ``None`` for a served teacher, which has no state here
+    (so nothing about the local teacher's layout is checked).
     """
 
-    __slots__ = ("path", "keys", "points", "teacher", "_accepted")
+    __slots__ = ("path", "keys", "points", "teacher", "model", "_accepted")
     _immutable_name = "a teacher cache's record"
     path: str
     keys: tuple[str, ...]
     points: tuple[str, ...]
-    teacher: tuple[str, Structure]
+    teacher: tuple[str, Structure] | None
+    model: str | None
     _accepted: dict[int, tuple[Any, tuple[int, ...]]]
 
-    def __init__(self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure]):
+    def __init__(
+        self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure] | None, *, model: str | None = None
+    ):
         keys = tuple(keys)
-        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, _accepted={})
+        init(self, path=path, keys=keys, points=tuple(map(display, keys)), teacher=teacher, model=model, _accepted={})
 
     def positions(self, fn: DistillFn) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
@@ -86,6 +92,8 @@ class BuiltFor(Frozen):
         return positions
 
     def __repr__(self) -> str:
+        if self.teacher is None:
+            return f"BuiltFor(path={self.path!r}, points={list(self.points)}, model={self.model!r})"
         return f"BuiltFor(path={self.path!r}, points={list(self.points)}, teacher={self.teacher[0]})"
 
 
@@ -175,15 +183,27 @@ def teacher_values(outputs: TeacherOutputs, fn: DistillFn) -> dict[Any, Any]:
 
 
 def _check(built_for: BuiltFor, fn: DistillFn) -> tuple[int, ...]:
-    where = f"the teacher cache at {built_for.path}"
+    served = built_for.teacher is None
+    where = (
+        f"the served teacher at {built_for.path} (model {built_for.model!r})"
+        if served
+        else f"the teacher cache at {built_for.path}"
+    )
     missing = [k for k in dict.fromkeys(map(point_key, fn.teacher_points)) if k not in built_for.keys]
     if missing:
+        fix = (
+            "Make the served teacher with this distill function (ServedTeacher(fn, ...))"
+            if served
+            else "Build a cache with this distill function (TeacherCache.build(fn, ...))"
+        )
         raise ValueError(
             f"{where} holds the teacher outputs at {', '.join(built_for.points)}; this distill function "
-            f"also maps teacher point(s) {', '.join(map(display, missing))}, which it does not hold. Build a cache with "
-            "this distill function (TeacherCache.build(fn, ...)), or distill with the mapping the cache "
-            "was built for."
+            f"also maps teacher point(s) {', '.join(map(display, missing))}, which it does not hold. {fix}, "
+            f"or distill with the mapping the {'served teacher' if served else 'cache'} was built for."
         )
+    if served:  # a served teacher's weights live in the server: there is no local state layout to compare
+        return tuple(built_for.keys.index(point_key(t)) for t, _ in fn.mapping.names)
+    assert built_for.teacher is not None  # a cache always records its teacher
     difference = _structure_difference(built_for.teacher, teacher_record(fn.teacher_model))
     if difference is not None:
         raise ValueError(

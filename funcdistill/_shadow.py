@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funcdistill import _names, _sharded, _taps
+from funcdistill import _names, _sharded, _taps, _tensor_parallel
 from funcdistill._point import Point
 from funcdistill._spec import StateSpec
 from funcdistill._swap import SwapPlan
@@ -78,9 +78,9 @@ class Shadow:
     makes the shadow's swap plan from that spec.
     """
 
-    __slots__ = ("module", "taps", "units", "lives", "shadows", "modes", "plan")
+    __slots__ = ("module", "taps", "units", "parallel", "lives", "shadows", "modes", "plan")
 
-    def __init__(self, model: nn.Module, points: tuple[str | Point, ...], role: str):
+    def __init__(self, model: nn.Module, points: tuple[str | Point, ...], role: str, *, dry: bool = False):
         module = shallow_clone(model)
         self.units = _sharded.units(module, model)  # FSDP2 units: gathered per unit on the call's state
         live = _names.module_names(model)
@@ -94,6 +94,9 @@ class Shadow:
             if point != WHOLE:
                 _taps.register(self.taps, by_name[_taps.name_of(point)], point, len(points), role)
         self.module = module
+        # tensor parallel: the layout hooks kept (removed for the dry run), values made full tensors
+        tp = any(map(_tensor_parallel.styled, module.modules()))
+        self.parallel = _tensor_parallel.Parallel(module, role, dry=dry) if tp else None
         pairs = [(m, live[n]) for n, m in by_name.items() if n in live and n not in node_taps]
         self.shadows = [m for m, _ in pairs]
         self.lives = [m for _, m in pairs]
@@ -125,8 +128,16 @@ class Shadow:
         """Run the shadow with ``swaps`` in place of its own tensors, its taps writing into ``record``.
 
         ``functional``: pass the state through :func:`torch.func.functional_call`
-        (the dry run's fake state), as a traced call always does.
+        (the dry run's fake state), as a traced call always does. A
+        tensor-parallel model's values come back full (:mod:`funcdistill._tensor_parallel`).
         """
+        if self.parallel is None or functional:
+            return self._run(record, swaps, args, kwargs, functional=functional)
+        return self.parallel.run(lambda s, a, k: self._run(record, s, a, k), record.values, swaps, args, kwargs)
+
+    def _run(
+        self, record: _taps.CallRecord, swaps: dict, args: tuple, kwargs: dict, *, functional: bool = False
+    ) -> Any:
         taps = self.taps
         taps.record = record
         try:

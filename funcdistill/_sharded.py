@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from funcdistill import _tensor_parallel
 from funcdistill._tensors import cast_floating, levels
 
 __all__: list[str] = []
@@ -54,15 +55,16 @@ def _fsdp() -> Any:
 def check(model: nn.Module, role: str) -> None:
     """Raise for a sharded model funcdistill cannot run.
 
-    FSDP1 wrappers, and placements other than one ``Shard`` (with
-    ``Replicate`` on the other mesh dimensions: HSDP).
+    FSDP1 wrappers, and ``DTensor`` parameters placed other than FSDP2 and
+    tensor parallelism place them (:func:`funcdistill._tensor_parallel.check_placement`).
     """
     fsdp = _fsdp()
-    if fsdp is None:
+    if fsdp is None and sys.modules.get("torch.distributed.tensor") is None:
         return
+    specs = _tensor_parallel.fsdp_specs(model) if fsdp is not None else {}
     for name, m in model.named_modules():
         where = f"at {name!r}" if name else f"({_plain_name(m)})"
-        if isinstance(m, fsdp.FullyShardedDataParallel):
+        if fsdp is not None and isinstance(m, fsdp.FullyShardedDataParallel):
             raise TypeError(
                 f"the {role} is wrapped in FullyShardedDataParallel {where}, FSDP1, whose flat parameters "
                 "a state dict cannot address; funcdistill runs FSDP2 models: shard the unwrapped "
@@ -70,7 +72,8 @@ def check(model: nn.Module, role: str) -> None:
             )
         for key, p in m._parameters.items():
             if _is_dtensor(p):
-                _check_placement(p, role, f"{name}.{key}" if name else key)
+                entry = f"{name}.{key}" if name else key
+                _tensor_parallel.check_placement(p, role, entry, m, specs.get(entry))
 
 
 def units(shadow: nn.Module, model: nn.Module) -> Units | None:
@@ -83,7 +86,7 @@ def units(shadow: nn.Module, model: nn.Module) -> Units | None:
     if not names:
         return None
     shadows = dict(shadow.named_modules(remove_duplicate=False))
-    units = Units(_plain_name(model))
+    units = Units(_plain_name(model), _tensor_parallel.fsdp_specs(model))
     for name in names:
         units.add(name, shadows[name], _unit_slots(name, live, shadows), _policy(live[name]))
     return units
@@ -123,16 +126,12 @@ def _policy(module: nn.Module) -> Any:
     return getattr(_get_module_fsdp_state(module), "_mp_policy", None)
 
 
-def _check_placement(p: Any, role: str, name: str) -> None:
+def fsdp_placements_ok(p: Any) -> bool:
+    """Whether ``p`` is placed as FSDP2 places a plain parameter: one ``Shard``, ``Replicate`` elsewhere (HSDP)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    shards = [x for x in p.placements if isinstance(x, Shard)]
-    if len(shards) != 1 or not all(isinstance(x, (Shard, Replicate)) for x in p.placements):
-        raise ValueError(
-            f"the {role} parameter {name!r} is a DTensor placed {tuple(p.placements)}; funcdistill "
-            "gathers FSDP2 shards: one Shard placement, Replicate on any other mesh dimension (FSDP "
-            "on a 1-D mesh, HSDP on a 2-D one). Tensor parallel and other placements are not supported."
-        )
+    kinds = [type(x) for x in p.placements]
+    return kinds.count(Shard) == 1 and all(k in (Shard, Replicate) for k in kinds)
 
 
 def _strip_fsdp(module: nn.Module) -> None:
@@ -164,10 +163,11 @@ class Units:
     tensors back in the slots of units a stop left gathered.
     """
 
-    __slots__ = ("model", "stack")
+    __slots__ = ("model", "stack", "tp")
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tp: dict[str, Any] | None = None):
         self.model = model  # the model's class name, for messages
+        self.tp = tp or {}  # the tensor-parallel spec of an entry FSDP2 shards on top of TP (2-D meshes)
         self.stack: list[tuple[list[_Slot], list[Any], list[Any]]] = []  # (slots, before, own) of running units
 
     def add(self, name: str, module: nn.Module, slots: list[_Slot], policy: Any) -> None:
@@ -192,6 +192,7 @@ class Units:
 
     def _hooks(self, name: str, slots: list[_Slot], param_dtype: Any, reduce_dtype: Any) -> tuple[Any, Any]:
         own = [table[key] for table, key, _ in slots]
+        specs = [self.tp.get(entry) for _, _, entry in slots]
 
         def gather(module: nn.Module, args: Any) -> None:
             if torch.compiler.is_compiling():
@@ -210,10 +211,12 @@ class Units:
             self.stack.append((slots, before, own))
             first: dict[int, int] = {}  # a tensor under several names (tied) is gathered once
             index = [first.setdefault(id(v), len(first)) for v in before]
-            unique = list({id(v): (v, b) for v, b in zip(before, bases)}.values())
-            full = gather_full([v for v, _ in unique], [b for _, b in unique], param_dtype, reduce_dtype)
+            unique = list({id(v): (v, b, tp) for v, b, tp in zip(before, bases, specs)}.values())
+            tp = [s for _, _, s in unique]
+            full = gather_full([v for v, _, _ in unique], [b for _, b, _ in unique], param_dtype, reduce_dtype, tp)
+            placed = _tensor_parallel.as_tensor_parallel(full, tp) if self.tp else full
             for (table, key, _), i in zip(slots, index):
-                table[key] = full[i]
+                table[key] = placed[i]
 
         def restore(module: nn.Module, args: Any, output: Any) -> None:
             done, before, _ = self.stack.pop()
@@ -273,39 +276,55 @@ class _Layout(NamedTuple):
     mesh_dim: int  # the mesh dimension it is sharded over (the others replicate it)
     dim: int  # the sharded dimension
     local: torch.Size  # this rank's shard (after moving ``dim`` first)
-    rows: int  # rows per rank, padded (ceil(global / mesh size))
+    rows: int  # rows per rank, padded (ceil(full / mesh size))
+    full: int  # rows gathered: the global size, or the tensor-parallel shard's on a 2-D (FSDP x TP) mesh
+    replicas: tuple[int, ...]  # the other FSDP mesh dimensions (HSDP's replicas), all-reduced over
+    ranks: int  # the data-parallel ranks the gradient is the mean over
     param_dtype: torch.dtype  # gathered and computed in
     reduce_dtype: torch.dtype  # gradients reduced in
 
 
 def gather_full(
-    values: list[Any], bases: list[Any], param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None
+    values: list[Any],
+    bases: list[Any],
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    tp: list[Any] | None = None,
 ) -> list[torch.Tensor]:
     """Full tensors for DTensor shards ``values`` (``bases``: the DTensors under any ``torch.func`` wrapper).
 
     Floating shards are cast to ``param_dtype`` before they are gathered and their gradients
     reduced in ``reduce_dtype`` (default: the dtype they are gathered in), as FSDP2's mixed
-    precision does. One ``_Gather`` per mesh, placement and dtype.
+    precision does. ``tp``: each tensor's tensor-parallel spec (2-D meshes; ``None`` for a
+    plain parameter): it is gathered over FSDP's mesh dimensions only, into this rank's
+    tensor-parallel shard. One ``_Gather`` per mesh, placement and dtype.
     """
     out = list(values)
+    specs = tp or [None] * len(values)
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(bases):
-        groups.setdefault((b.device_mesh, b.placements, b.dtype), []).append(i)
+        key = (b.device_mesh, b.placements, b.dtype, None if specs[i] is None else specs[i].mesh.ndim)
+        groups.setdefault(key, []).append(i)
     for idx in groups.values():
-        layouts = tuple(_layout(bases[i], param_dtype, reduce_dtype) for i in idx)
+        layouts = tuple(_layout(bases[i], param_dtype, reduce_dtype, specs[i]) for i in idx)
         for i, full in zip(idx, _Gather.apply(layouts, *[values[i] for i in idx])):
             out[i] = full
     return out
 
 
-def _layout(d: Any, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> _Layout:
-    mesh_dim = next(i for i, x in enumerate(d.placements) if x.is_shard())
+def _layout(d: Any, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None, tp: Any = None) -> _Layout:
+    mesh = d.device_mesh
+    fsdp = mesh.ndim - (0 if tp is None else tp.mesh.ndim)  # FSDP2 puts its mesh dimensions first
+    mesh_dim = next(i for i in range(fsdp) if not d.placements[i].is_replicate())
     dim = d.placements[mesh_dim].dim % d.ndim
-    n = d.device_mesh.size(mesh_dim)
+    n = mesh.size(mesh_dim)
     local = d._local_tensor.movedim(dim, 0).shape
+    full = d.shape[dim] if tp is None else _tensor_parallel.local_shape(tp)[dim]
     compute = param_dtype if param_dtype is not None and d.dtype.is_floating_point else d.dtype
     reduce = reduce_dtype if reduce_dtype is not None and d.dtype.is_floating_point else compute
-    return _Layout(d._spec, mesh_dim, dim, local, -(-d.shape[dim] // n), compute, reduce)
+    replicas = tuple(i for i in range(fsdp) if i != mesh_dim)
+    ranks = math.prod(mesh.size(i) for i in range(fsdp))
+    return _Layout(d._spec, mesh_dim, dim, local, -(-full // n), full, replicas, ranks, compute, reduce)
 
 
 class _Gather(torch.autograd.Function):
@@ -335,7 +354,7 @@ class _Gather(torch.autograd.Function):
                 part = _padded(s._local_tensor.movedim(lay.dim, 0), lay.rows).to(device, lay.param_dtype)
                 out = part.new_empty((n * lay.rows, *part.shape[1:]))
                 gather(out, part, group=mesh.get_group(mesh_dim))
-                fulls.append(out[: lay.spec.shape[lay.dim]].movedim(0, lay.dim))
+                fulls.append(out[: lay.full].movedim(0, lay.dim))
             return tuple(fulls)
 
     @staticmethod
@@ -357,12 +376,12 @@ class _Gather(torch.autograd.Function):
         with torch._C._DisableFuncTorch():
             mesh, mesh_dim = layouts[0].spec.mesh, layouts[0].mesh_dim
             n = mesh.size(mesh_dim)
-            if mesh.size() == 1:
+            if layouts[0].ranks == 1:
                 return (None, *(_shard_of(g, lay, d) for g, lay, d in zip(grads, layouts, ctx.devices)))
             parts = []
             device = _mesh_device(mesh)
             for g, lay in zip(grads, layouts):
-                shape = (lay.spec.shape[lay.dim], *lay.local[1:])
+                shape = (lay.full, *lay.local[1:])
                 g = (
                     torch.zeros(shape, dtype=lay.reduce_dtype, device=device)
                     if g is None
@@ -376,9 +395,9 @@ class _Gather(torch.autograd.Function):
                 out = flat.new_empty(flat.shape[1])
                 scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
                 scatter(out, flat.flatten(), group=mesh.get_group(mesh_dim))
-            for replicated in (d for d in range(mesh.ndim) if d != mesh_dim and mesh.size(d) > 1):
+            for replicated in (d for d in layouts[0].replicas if mesh.size(d) > 1):
                 dist.all_reduce(out, group=mesh.get_group(replicated))  # HSDP: sum over the replicas too
-            out /= mesh.size()  # the mean over every rank of the mesh
+            out /= layouts[0].ranks  # the mean over every data-parallel rank of the mesh
             shards, offset = [], 0
             for lay, device in zip(layouts, ctx.devices):
                 size = lay.rows * math.prod(lay.local[1:])

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from funcdistill import _failures, _roles, _sharded, _taps, _verdict
+from funcdistill import _failures, _roles, _sharded, _taps, _tensor_parallel, _verdict
 from funcdistill._point import Point
 from funcdistill._pytree import tree_leaves
 from funcdistill._shadow import WHOLE, Shadow
@@ -110,15 +110,16 @@ class Side:
         self._local = _PerThread()
         self._local.shadow = self._main
         self._verdicts = _verdict.Verdicts(self)
+        self._shapes = _tensor_parallel.Shapes(self)
 
     @property
     def run_module(self) -> nn.Module:
         """The module the forward runs on (its state names are what a call needs)."""
         return self._main.module
 
-    def new_shadow(self) -> Shadow:
-        """Another shadow of the model, with its swap plan."""
-        return Shadow(self.model, self.points, self.role).bind(self.spec)
+    def new_shadow(self, *, dry: bool = False) -> Shadow:
+        """Another shadow of the model, with its swap plan (``dry``: for the shape-only dry run)."""
+        return Shadow(self.model, self.points, self.role, dry=dry).bind(self.spec)
 
     def run(self, given: Any, args: tuple, kwargs: dict, *, buffers: bool = False, report: bool = False) -> SideRun:
         """Run the model on the ``given`` state.
@@ -165,6 +166,8 @@ class Side:
         if self.whole:
             values[WHOLE] = output
         self._check(values, record.counts)
+        if shadow.parallel is not None and not compiling:  # a local shard of a tensor-parallel model: refused
+            self._shapes.check(values, args, kwargs)
         used = self.spec.buffers(swaps, shadow.plan.own) if buffers else None
         updated = report and bool(cloned) and not compiling and self.spec.updated(swaps, cloned)
         return SideRun(values, used, updated)

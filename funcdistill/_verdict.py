@@ -95,7 +95,7 @@ class Verdicts:
 
     def _dry_run(self, fake_state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict[Any, int]:
         if self._dry is None:
-            self._dry = self._side.new_shadow()
+            self._dry = self._side.new_shadow(dry=True)
         shadow = self._dry
         shadow.sync_modes()
         record = _taps.CallRecord(values=False, versions=False)  # the dry run only counts

@@ -129,7 +129,7 @@ def test_graph_break_counter_sees_a_break():
 
 
 @pytest.mark.parametrize(
-    "module", ["calls", "costs", "cross", "features", "losses", "models", "report", "steps", "timing"]
+    "module", ["calls", "costs", "cross", "features", "losses", "models", "report", "served", "steps", "timing"]
 )
 def test_benchmark_module_examples_run(module):
     import doctest

@@ -50,6 +50,8 @@ def test_examples_exist_where_the_style_promises_them():
         "funcdistill.align._groups",
         "funcdistill.align._vocab",
         "funcdistill.cache._cache",
+        "funcdistill.served._teacher",
+        "funcdistill.served._launch",
         "funcdistill.compat",
         "funcdistill.compat._distill",
         "funcdistill.compat._mapping",

@@ -62,3 +62,13 @@ def test_import_align_adds_no_tokenizer_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+def test_served_public_names_stay_what_they_are():
+    import funcdistill.served as served
+
+    assert sorted(served.__all__) == ["ServedTeacher", "ServerError", "VLLMServer"]
+    for name in served.__all__:
+        assert getattr(served, name).__module__.startswith("funcdistill.served")
+    source = open(served.__file__).read()
+    assert "def " not in source and "class " not in source
