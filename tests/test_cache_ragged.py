@@ -121,7 +121,8 @@ def test_ragged_topk_equals_the_online_topk_within_bfloat16(models, samples, cac
     assert torch.equal(t_top.indices[m], indices[m])
     # bfloat16 rounds to nearest: relative error <= 2**-8 (docs/cache.md), plus the float32 batch noise above
     assert ((t_top.logprobs[m] - exact[m]).abs() <= 2**-8 * exact[m].abs() + ATOL).all()
-    assert not t_top.logprobs[~m].any() and not t_top.indices[~m].any()  # padding: log-probability 0, index 0
+    pad = t_top.logprobs[~m]
+    assert pad.numel() and torch.isneginf(pad).all() and not t_top.indices[~m].any()  # unused slots: -inf, index 0
     torch.testing.assert_close(h_t[m], want[1].teacher[m], rtol=0, atol=ATOL)  # the pair stored in full
     # the losses on the padded batch with the mask equal the losses on the real tokens alone
     loss = topk_kl_loss(*t_top, z_s, mask=m)
@@ -131,6 +132,13 @@ def test_ragged_topk_equals_the_online_topk_within_bfloat16(models, samples, cac
     weight = fd.state(student)["lm_head.weight"]
     fused = fused_linear_topk_kl_loss(*t_top, hidden, weight, mask=m, chunk_size=8)
     torch.testing.assert_close(fused, topk_kl_loss(*t_top, hidden @ weight.T, mask=m), rtol=1e-5, atol=1e-6)
+    # the -inf padding is masked out of the gradients too: finite, and zero at the padding
+    for loss_fn in (
+        lambda h: fused_linear_topk_kl_loss(*t_top, h, weight, mask=m, chunk_size=8),
+        lambda h: topk_kl_loss(*t_top, h @ weight.T, mask=m),
+    ):
+        grad = torch.func.grad(loss_fn)(hidden)
+        assert torch.isfinite(grad).all() and not grad[~m].any() and grad[m].abs().sum() > 0
 
 
 def test_a_cached_call_costs_the_student_alone(models, samples, caches):

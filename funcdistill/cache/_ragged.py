@@ -8,7 +8,8 @@ tokens are: sample ``first + i`` holds rows ``offsets[i] .. offsets[i + 1] - 1``
 The index records each shard's ``tokens`` (its packed length) and the format
 ``version`` 3. :func:`gather` reads a batch back padded on the right to its
 longest sample (zeros at the padding; a top-k pair's padding holds
-log-probability 0 and index 0), with the mask of the real tokens.
+log-probability ``-inf``, an unused slot, and index 0, as a served teacher's
+does), with the mask of the real tokens.
 """
 
 from __future__ import annotations
@@ -105,13 +106,18 @@ def gather(
             if per_token:
                 m = mask[where]
                 real = _widened(t.index_select(0, token_rows[where][m]))
-                placed = real.new_zeros((*m.shape, *t.shape[1:]))
+                placed = real.new_full((*m.shape, *t.shape[1:]), _padding(name))
                 placed[m] = real
                 parts.append(placed)
             else:
                 parts.append(_widened(t.index_select(0, rows[where])))
         out[name] = _scatter(parts, [w for w, _ in groups], len(indices))
     return out, mask
+
+
+def _padding(name: str) -> float:
+    """The value at the padding: ``-inf`` for top-k log-probabilities (unused slots, as a served teacher pads), else 0."""
+    return float("-inf") if name.endswith(".logprobs") else 0.0
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
