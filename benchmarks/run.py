@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cache, calls, cross, distributed, llm, report, served, suite  # noqa: E402
+from benchmarks import cache, calls, cross, distributed, llm, ragged, report, served, suite  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -41,6 +41,7 @@ SECTIONS = {
     "compile": suite.compile_section,
     "precision": suite.precision_section,
     "cache": cache.cache_section,
+    "ragged": ragged.ragged_section,
     "distributed": distributed.distributed_section,
     "tensor_parallel": distributed.tensor_parallel_section,
     "distributed_student": distributed.resharded_student_section,

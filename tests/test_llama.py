@@ -110,7 +110,7 @@ def run_example(name: str) -> tuple[float, float]:
     return float(found[1]), float(found[2])
 
 
-@pytest.mark.parametrize("name", ["llama_distill.py", "on_policy.py"])
+@pytest.mark.parametrize("name", ["llama_distill.py", "on_policy.py", "offline_topk.py"])
 def test_example_loss_falls(name):
     before, after = run_example(name)
     assert after < before

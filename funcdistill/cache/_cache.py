@@ -13,7 +13,7 @@ import torch
 from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
-from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _store
 from funcdistill.cache._options import Options
 
 __all__ = ["TeacherCache"]
@@ -63,6 +63,7 @@ class TeacherCache(Frozen):
         "_entries",
         "_specs",
         "_names",
+        "_token_names",
         "_shards",
         "_shard_size",
         "_verify",
@@ -81,6 +82,7 @@ class TeacherCache(Frozen):
     _entries: list[dict[str, Any]]
     _specs: list[Any]
     _names: list[str]
+    _token_names: list[str] | None
     _shards: list[dict[str, Any]]
     _shard_size: int
     _verify: bool
@@ -127,7 +129,16 @@ class TeacherCache(Frozen):
                 first ``inputs`` entries are the model's positional inputs
                 (``(x, label)``: the label is ignored). Items are batched with
                 :func:`torch.utils.data.default_collate`; every sample must
-                give outputs of the same shape (pad sequences to one length).
+                give outputs of the same shape. Or each item is a *token
+                sample* of any length: a 1-D integer tensor of token ids, or a
+                dict with ``input_ids`` (and optionally ``attention_mask``).
+                Then each batch is padded on the right to its longest sample
+                (:func:`~funcdistill.cache.pad_tokens`), the teacher is called
+                with ``input_ids=`` (positionally when its ``forward`` has no
+                such parameter) and ``attention_mask=`` (when it has one), and
+                only the real tokens of per-token outputs are stored; reading
+                gives them padded, with a ``mask`` (see the "Offline
+                distillation" page).
             path: the cache's folder (created if needed).
             batch_size: samples per teacher call.
             samples: a stream's number of samples (checked: a stream that
@@ -271,6 +282,7 @@ class TeacherCache(Frozen):
             _entries=entries,
             _specs=[_layout.load_spec(e) for e in entries],
             _names=[n for e in entries for n in _layout.tensor_names(e)],
+            _token_names=[n for e in entries for n in _layout.token_names(e)] if index.get("ragged") else None,
             _shards=index["shards"],
             _shard_size=index["shard_size"],
             _verify=bool(verify),
@@ -300,12 +312,23 @@ class TeacherCache(Frozen):
         return sum(int(r["bytes"]) for r in self._shards)
 
     @property
+    def tokens(self) -> int | None:
+        """The real tokens it holds, for a cache of token samples (ragged); ``None`` for samples of one shape."""
+        return None if self._token_names is None else sum(int(r["tokens"]) for r in self._shards)
+
+    @property
     def bytes_per_sample(self) -> float:
         """:attr:`nbytes` per sample (all draws of a sample included)."""
         return self.nbytes / len(self)
 
     def __repr__(self) -> str:
         draws = f", draws={self.draws}" if self.draws else ""
+        tokens = self.tokens
+        if tokens is not None:
+            return (
+                f"TeacherCache({str(self.path)!r}, samples={len(self)}, tokens={tokens}, "
+                f"points={list(self.points)}, {self.nbytes / tokens:.1f} bytes/token)"
+            )
         return (
             f"TeacherCache({str(self.path)!r}, samples={len(self)}, points={list(self.points)}{draws}, "
             f"{self.bytes_per_sample:.0f} bytes/sample)"
@@ -321,7 +344,11 @@ class TeacherCache(Frozen):
 
         ``indices`` is a 1-D integer tensor, a list or tuple of ints, a range
         or a slice of sample indices; ``draws`` gives each sample's draw
-        (``0 .. K-1``), in the same forms.
+        (``0 .. K-1``), in the same forms. For a cache of token samples, the
+        per-token outputs come padded on the right to the longest of these
+        samples (zeros at the padding), and ``mask`` (``(batch, tokens)``,
+        ``True`` at the real tokens) equals the ``attention_mask.bool()`` of
+        :func:`~funcdistill.cache.pad_tokens` on the same samples.
 
         Raises:
             TypeError: ``indices`` or ``draws`` is of another kind (a single
@@ -331,9 +358,14 @@ class TeacherCache(Frozen):
             ValueError: a shard read for the first time is damaged.
         """
         indices, draws = self._key(key)
-        read = self._gather(indices, draws, self._names)
+        mask = None
+        if self._token_names is None:
+            read = self._gather(indices, draws, self._names)
+        else:  # token samples: padded on the right to the longest of this batch, with the mask of real tokens
+            rest = [n for n in self._names if n not in self._token_names]
+            read, mask = _ragged.gather(indices, self._shard_size, self._shard, self._token_names, rest)
         values = tuple(_layout.from_tensors(e, spec, read) for e, spec in zip(self._entries, self._specs))
-        return TeacherOutputs(values, self.built_for)
+        return TeacherOutputs(values, self.built_for, mask)
 
     def replay(self, x: torch.Tensor, indices: Any, draws: Any) -> torch.Tensor:
         """The augmented inputs whose teacher outputs ``cache[indices, draws]`` holds, bit for bit.
@@ -367,7 +399,9 @@ class TeacherCache(Frozen):
             ValueError: naming the first damaged, truncated or missing file.
         """
         for record in self._shards:
-            _store.load_shard(self.path, record, verify=True)
+            tensors = _store.load_shard(self.path, record, verify=True)
+            if self._token_names is not None:
+                _ragged.check_offsets(tensors[_ragged.OFFSETS], record, self.path)
 
     def _key(self, key: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         draws: Any = _NO_DRAWS
@@ -419,7 +453,11 @@ class TeacherCache(Frozen):
             with self._lock:
                 tensors = self._loaded.get(s)
                 if tensors is None:
-                    tensors = self._loaded[s] = _store.load_shard(self.path, self._shards[s], verify=self._verify)
+                    record = self._shards[s]
+                    tensors = _store.load_shard(self.path, record, verify=self._verify)
+                    if self._token_names is not None:
+                        _ragged.check_offsets(tensors[_ragged.OFFSETS], record, self.path)
+                    self._loaded[s] = tensors
         return tensors
 
 

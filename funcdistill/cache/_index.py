@@ -9,6 +9,12 @@ cache's folder. :func:`check_shards` compares each shard file with its record:
 its size, and its safetensors header (the first sample it holds, its tensor
 names, shapes and dtypes). Neither reads tensor data; the SHA-256 of each
 shard is checked on its first read and by :meth:`TeacherCache.verify`.
+
+A cache of token samples (format 3, ``"ragged": true``) also records each
+shard's ``tokens`` (its packed length: at least one token per sample), and
+its per-token tensors hold that many rows, next to ``offsets`` (``count + 1``
+entries); the offsets themselves are data, checked when a shard is first read
+(:func:`~funcdistill.cache._ragged.check_offsets`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from funcdistill import _keys
 from funcdistill._outputs import dtype_name
-from funcdistill.cache import _layout, _store
+from funcdistill.cache import _layout, _ragged, _store
 from funcdistill.cache._fingerprint import to_dtype
 
 __all__: list[str] = []
@@ -50,9 +56,9 @@ def check(index: dict[str, Any], path: Path) -> None:
     """
     problems: list[str] = []
     bad = _top_level(index, problems)
-    if bad.isdisjoint({"entries", "points"}):
+    if bad.isdisjoint({"entries", "points", "ragged"}):
         _entries(index, problems)
-    if bad.isdisjoint({"shards", "samples", "shard_size"}):
+    if bad.isdisjoint({"shards", "samples", "shard_size", "ragged"}):
         _shards(index, problems)
     _raise(problems, f"the teacher cache index {path} is damaged")
 
@@ -72,7 +78,7 @@ def check_shards(folder: Path, index: dict[str, Any], path: Path) -> None:
     problems: list[str] = []
     for i, record in enumerate(index["shards"]):
         _store.check_size(folder, record)
-        want = _expected(index, record["count"])
+        want = _expected(index, record["count"], record.get("tokens", 0))
         name = record["file"]
         try:
             with safe_open(str(folder / name), framework="pt") as f:
@@ -130,6 +136,14 @@ def _top_level(index: dict[str, Any], problems: list[str]) -> set[str]:
         ("teacher", lambda v: isinstance(v, dict), "an object"),
     )
     bad = {field for field, ok, want in fields if not _need(index, field, ok, want, problems)}
+    ragged = index.get("ragged", False)
+    if not isinstance(ragged, bool) or ragged != (index.get("version") == _store.RAGGED_VERSION):
+        problems.append(
+            f"field 'ragged' is {_short(ragged) if 'ragged' in index else 'missing'} in a format "
+            f"{index.get('version')!r} index, where format "
+            f"{_store.RAGGED_VERSION} (token samples) has true and format {_store.VERSION} none"
+        )
+        bad.add("ragged")
     if "points" not in bad:
         for i, key in enumerate(index["points"]):
             try:
@@ -182,8 +196,10 @@ def _entries(index: dict[str, Any], problems: list[str]) -> None:
         topk_ok = _need(entry, "topk", lambda v: v is None or _int(v, 1), "null or a positive int", problems, where)
         leaves_ok = _need(entry, "leaves", lambda v: isinstance(v, list), "a list", problems, where)
         if leaves_ok and topk_ok:
+            ragged = bool(index.get("ragged"))
             oks = [
-                _leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems) for j, leaf in enumerate(entry["leaves"])
+                _leaf(leaf, entry["topk"], f"{where}leaves[{j}]", problems, ragged=ragged)
+                for j, leaf in enumerate(entry["leaves"])
             ]
             if all(oks):
                 names += _layout.tensor_names(entry)
@@ -199,7 +215,7 @@ def _entries(index: dict[str, Any], problems: list[str]) -> None:
         problems.append("fields 'entries[...].leaves[...].name' are not distinct tensor names")
 
 
-def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str]) -> bool:
+def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str], *, ragged: bool = False) -> bool:
     """Check one leaf record of a layout entry; return whether it is sound."""
     if leaf is None:
         return True
@@ -211,6 +227,9 @@ def _leaf(leaf: Any, topk: int | None, where: str, problems: list[str]) -> bool:
     ok &= _need(leaf, "shape", _is_shape, "a list of sizes", problems, where)
     ok &= _need(leaf, "dtype", _is_dtype, "a dtype name", problems, where)
     ok &= _need(leaf, "stored", _is_dtype, "a dtype name", problems, where)
+    if "tokens" in leaf:
+        want = "true (a per-token leaf)" if ragged else "absent (only a cache of token samples has per-token leaves)"
+        ok &= _need(leaf, "tokens", lambda v: ragged and v is True, want, problems, where)
     if topk is not None and ok:
         ok &= _need(
             leaf, "index_dtype", lambda v: _is_dtype(v, floating=False), "an integer dtype name", problems, where
@@ -238,6 +257,13 @@ def _shards(index: dict[str, Any], problems: list[str]) -> None:
             continue
         for field, test, want in fields:
             ok &= _need(record, field, test, want, problems, f"shards[{i}].")
+        if index.get("ragged") and _int(record.get("count"), 1):
+            count = record["count"]
+            want = f"an int >= its count {count} (every sample has a token)"
+            ok &= _need(record, "tokens", lambda v, c=count: _int(v, c), want, problems, f"shards[{i}].")
+        elif "tokens" in record and not index.get("ragged"):
+            problems.append(f"field 'shards[{i}].tokens' is there, but only a cache of token samples has one")
+            ok = False
     if not ok:
         return
     held = sum(r["count"] for r in shards)
@@ -261,14 +287,16 @@ def _shards(index: dict[str, Any], problems: list[str]) -> None:
         problems.append("field 'shards[...].file' names a file twice")
 
 
-def _expected(index: dict[str, Any], count: int) -> dict[str, tuple[list[int], str]]:
-    """Name -> (shape, dtype name) of every tensor of a shard of ``count`` samples."""
+def _expected(index: dict[str, Any], count: int, tokens: int) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype name) of every tensor of a shard of ``count`` samples (``tokens`` real tokens)."""
     draws = index["draws"]
     want = {}
     for entry in index["entries"]:
-        want.update(_layout.stored_tensors(entry, count, draws))
+        want.update(_layout.stored_tensors(entry, count, draws, tokens=tokens))
     if draws:
         want["seeds"] = ([count, draws], "int64")
+    if index.get("ragged"):
+        want[_ragged.OFFSETS] = ([count + 1], "int64")
     return want
 
 

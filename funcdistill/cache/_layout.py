@@ -10,6 +10,12 @@ smallest integer dtype that holds the class count), read back as a
 :class:`~funcdistill.cache.TopK` with ``int64`` indices. With ``K`` recorded
 augmentation draws every stored tensor has a draw dimension after the sample
 dimension.
+
+In a cache of token samples (a *ragged* cache, :mod:`~funcdistill.cache._ragged`),
+a leaf recorded with ``"tokens": true`` is per token: its output is
+``(batch, tokens, ...)``, its recorded ``shape`` is what follows the token
+dimension, and only the real tokens are stored, packed: ``(tokens in the
+shard, ...)``. The other leaves are per sample, as in any cache.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from funcdistill._keys import display
 from funcdistill._outputs import TopK, dtype_name
 from funcdistill._pytree import torch_pytree
-from funcdistill.cache import _precision
+from funcdistill.cache import _precision, _store
 from funcdistill.cache._fingerprint import to_dtype
 
 __all__: list[str] = []
@@ -29,10 +35,13 @@ __all__: list[str] = []
 Entry = dict[str, Any]
 
 
-def entry(index: int, key: str, output: Any, batch: int, *, storage: dict[str, Any]) -> Entry:
+def entry(
+    index: int, key: str, output: Any, batch: int, *, storage: dict[str, Any], per_token: list[bool] | None = None
+) -> Entry:
     """The layout entry of one teacher point (its stable ``key``), from its output on a first batch of ``batch`` samples.
 
-    ``storage`` holds the point's storage ``dtype`` name (or ``None``), ``topk`` and ``temperature``.
+    ``storage`` holds the point's storage ``dtype`` name (or ``None``), ``topk``
+    and ``temperature``; ``per_token`` (a ragged cache) says which leaves are per token.
     """
     dtype = None if storage["dtype"] is None else to_dtype(storage["dtype"])
     topk = storage["topk"]
@@ -58,12 +67,14 @@ def entry(index: int, key: str, output: Any, batch: int, *, storage: dict[str, A
             continue
         _check_batch_first(point, j, leaf, batch)
         stored = dtype if dtype is not None and leaf.is_floating_point() else leaf.dtype
+        token = bool(per_token and per_token[j])
         entry["leaves"].append(
             {
                 "name": f"p{index}.{j}",
-                "shape": list(leaf.shape[1:]),
+                "shape": list(leaf.shape[2:] if token else leaf.shape[1:]),
                 "dtype": dtype_name(leaf.dtype),
                 "stored": dtype_name(stored),
+                **({"tokens": True} if token else {}),
             }
         )
     if topk is not None:
@@ -87,7 +98,17 @@ def _describe_topk(entry: Entry, leaves: list[Any], k: int) -> None:
 
 
 def _index_dtype(classes: int) -> torch.dtype:
-    for dtype in (torch.int16, torch.int32):
+    """The smallest integer dtype holding class indices ``0 .. classes - 1`` that safetensors stores.
+
+    ``int16`` up to 32,768 classes, ``uint16`` up to 65,536 (where the
+    installed safetensors stores it), ``int32`` up to 2**31, else ``int64``.
+
+    Example:
+        >>> _index_dtype(32_000), _index_dtype(151_936)
+        (torch.int16, torch.int32)
+    """
+    ladder = (torch.int16, torch.uint16, torch.int32) if _store.stores_uint16() else (torch.int16, torch.int32)
+    for dtype in ladder:
         if classes - 1 <= torch.iinfo(dtype).max:
             return dtype
     return torch.int64
@@ -104,12 +125,16 @@ def _check_batch_first(point: str, j: int, leaf: Any, batch: int) -> None:
         )
 
 
-def to_tensors(entry: Entry, output: Any, batch: int, first: int, *, pairs: list[int]) -> dict[str, torch.Tensor]:
+def to_tensors(
+    entry: Entry, output: Any, batch: int, first: int, *, pairs: list[int], mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors to store for one teacher point of a batch (checked against the recorded layout).
 
     ``pairs`` are the indices of the mapping's pairs that read this point, for
     the message when a value does not fit its storage dtype
-    (:func:`~funcdistill.cache._precision.check`).
+    (:func:`~funcdistill.cache._precision.check`). ``mask`` (a ragged cache:
+    ``(batch, tokens)``, ``True`` at the real tokens) selects what a per-token
+    leaf stores, packed.
     """
     leaves = torch_pytree.tree_leaves(output)
     point = display(entry["point"])
@@ -128,23 +153,66 @@ def to_tensors(entry: Entry, output: Any, batch: int, first: int, *, pairs: list
                 )
             continue
         _check_batch_first(point, j, leaf, batch)
-        if list(leaf.shape[1:]) != spec["shape"] or dtype_name(leaf.dtype) != spec["dtype"]:
+        token = bool(spec.get("tokens")) and mask is not None
+        if token and mask is not None:
+            _check_tokens(point, j, leaf, mask, first)
+        per = list(leaf.shape[2:] if token else leaf.shape[1:])
+        if per != spec["shape"] or dtype_name(leaf.dtype) != spec["dtype"]:
             raise ValueError(
-                f"the teacher output at {point} (leaf {j}) is {list(leaf.shape[1:])} {dtype_name(leaf.dtype)} "
-                f"per sample at sample {first}, where the first batch had {spec['shape']} {spec['dtype']}; a "
-                "cache needs the same shape for every sample (pad the inputs to one length)."
+                f"the teacher output at {point} (leaf {j}) is {per} {dtype_name(leaf.dtype)} per "
+                f"{'token' if token else 'sample'} at sample {first}, where the first batch had {spec['shape']} "
+                f"{spec['dtype']}; a cache needs the same shape for every sample (pad the inputs to one length, "
+                "or give token samples: 1-D tensors of token ids of any length)."
             )
-        stored = to_dtype(spec["stored"])
-        if entry["topk"] is None:
-            _precision.check(leaf, stored, where=where, pair=pairs[0], first=first)
-            out[spec["name"]] = leaf.detach().to("cpu", stored)
-            continue
-        logprobs = torch.log_softmax(leaf.detach().to("cpu", torch.float32) / entry["temperature"], dim=-1)
-        values, indices = logprobs.topk(entry["topk"], dim=-1)
-        _precision.check(values, stored, where=f"{where}, its top-k log-probabilities,", pair=pairs[0], first=first)
-        out[spec["name"] + ".logprobs"] = values.to(stored)
-        out[spec["name"] + ".indices"] = indices.to(to_dtype(spec["index_dtype"]))
+        out.update(_stored(entry, spec, leaf.detach(), mask if token else None, where, pairs[0], first))
     return out
+
+
+def _stored(
+    entry: Entry, spec: dict[str, Any], leaf: torch.Tensor, mask: torch.Tensor | None, where: str, pair: int, first: int
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of one leaf: cast (or top-k), checked against the storage dtype, packed when per token."""
+    stored = to_dtype(spec["stored"])
+    if entry["topk"] is None:
+        _precision.check(_zero_padding(leaf, mask), stored, where=where, pair=pair, first=first)
+        return {spec["name"]: _pack(leaf.to("cpu"), mask).to(stored)}
+    logits = _pack(leaf.to("cpu"), mask).to(torch.float32)  # a ragged cache: only the real tokens
+    values, indices = torch.log_softmax(logits / entry["temperature"], dim=-1).topk(entry["topk"], dim=-1)
+    shown = values if mask is None else _unpack(values, mask)
+    _precision.check(shown, stored, where=f"{where}, its top-k log-probabilities,", pair=pair, first=first)
+    return {
+        spec["name"] + ".logprobs": values.to(stored),
+        spec["name"] + ".indices": indices.to(to_dtype(spec["index_dtype"])),
+    }
+
+
+def _pack(leaf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens of a ``(batch, tokens, ...)`` leaf, sample after sample: ``(real tokens, ...)``."""
+    return leaf if mask is None else leaf[mask.to(leaf.device)]
+
+
+def _unpack(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Packed tokens back to ``(batch, tokens, ...)`` with zeros at the padding (for the per-sample check)."""
+    out = packed.new_zeros((*mask.shape, *packed.shape[1:]))
+    out[mask] = packed
+    return out
+
+
+def _zero_padding(leaf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The leaf with zeros at the padding positions, which are not stored (so not checked)."""
+    if mask is None:
+        return leaf
+    keep = mask.to(leaf.device).reshape(*mask.shape, *([1] * (leaf.dim() - 2)))
+    return leaf.masked_fill(~keep, 0)
+
+
+def _check_tokens(point: str, j: int, leaf: torch.Tensor, mask: torch.Tensor, first: int) -> None:
+    if leaf.dim() < 2 or leaf.shape[1] != mask.shape[1]:
+        raise ValueError(
+            f"the teacher output at {point} (leaf {j}) has shape {list(leaf.shape)} at sample {first}, where "
+            f"the first batch's was per token (batch, tokens, ...); this batch is padded to {mask.shape[1]} "
+            "tokens. A leaf must be per token in every batch, or in none."
+        )
 
 
 def tensor_names(entry: Entry) -> list[str]:
@@ -152,13 +220,23 @@ def tensor_names(entry: Entry) -> list[str]:
     return list(stored_tensors(entry, 0, 0))
 
 
-def stored_tensors(entry: Entry, count: int, draws: int) -> dict[str, tuple[list[int], str]]:
-    """Name -> (shape, dtype name) of the stored tensors of one teacher point in a shard of ``count`` samples."""
-    lead = [count, draws] if draws else [count]
+def token_names(entry: Entry) -> list[str]:
+    """Names of the stored tensors of one teacher point that are per token (packed), in a ragged cache."""
+    return list(stored_tensors(entry, 0, 0, only_tokens=True))
+
+
+def stored_tensors(
+    entry: Entry, count: int, draws: int, *, tokens: int = 0, only_tokens: bool = False
+) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, dtype name) of the stored tensors of one teacher point in a shard of ``count`` samples.
+
+    A per-token leaf of a ragged cache is stored packed: ``tokens`` rows (the shard's real tokens).
+    """
     out = {}
     for spec in entry["leaves"]:
-        if spec is None:
+        if spec is None or (only_tokens and not spec.get("tokens")):
             continue
+        lead = [tokens] if spec.get("tokens") else [count, draws] if draws else [count]
         if entry["topk"] is None:
             out[spec["name"]] = (lead + spec["shape"], spec["stored"])
         else:
@@ -187,12 +265,13 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def bytes_per_sample(entry: Entry, draws: int) -> int:
-    """Stored bytes of one sample at this point (all draws), headers not counted."""
-    total = 0
+def bytes_per_sample(entry: Entry, draws: int, *, tokens: float = 1.0) -> int:
+    """Stored bytes of one sample at this point (all draws), headers not counted; ``tokens`` per sample when ragged."""
+    total = 0.0
     for spec in entry["leaves"]:
         if spec is None:
             continue
+        before = total
         if entry["topk"] is None:
             n = 1
             for d in spec["shape"]:
@@ -204,4 +283,6 @@ def bytes_per_sample(entry: Entry, draws: int) -> int:
                 rest *= d
             k = entry["topk"]
             total += rest * k * (to_dtype(spec["stored"]).itemsize + to_dtype(spec["index_dtype"]).itemsize)
-    return total * max(draws, 1)
+        if spec.get("tokens"):
+            total = before + (total - before) * tokens
+    return int(total * max(draws, 1))

@@ -7,18 +7,25 @@ batch (and per recorded augmentation draw) under :func:`torch.no_grad`
 online call), and the student never runs. Each finished shard is written
 atomically and then listed in this rank's progress file (:func:`finished`
 reads them back), so a build that stops is resumed where it stopped.
+
+When the first item is a token sample (a 1-D integer tensor of token ids, or
+a dict with ``input_ids``: :mod:`~funcdistill.cache._tokens`), the build is
+*ragged*: each batch is padded on the right to its longest sample
+(:func:`~funcdistill.cache.pad_tokens`), the teacher is called with the
+attention mask, and only the real tokens of per-token outputs are stored,
+packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from funcdistill._pytree import tree_map
-from funcdistill.cache import _augment, _layout, _ranks, _source, _store
+from funcdistill.cache import _augment, _layout, _ragged, _ranks, _source, _store, _tokens
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 
@@ -45,12 +52,16 @@ class Runner:
         self.ranks = ranks
         # an FSDP2 teacher's forward gathers its shards: every rank must run as many forwards (see _drain)
         self.lockstep = ranks.distributed and options.sharded()
-        self.spare: tuple[Any, ...] | None = None  # inputs of this rank's last forward, for _drain
+        self.spare: tuple[tuple, dict] | None = None  # inputs of this rank's last forward, for _drain
+        # token samples of any length (decided by the first item; recorded in the layout)
+        self.ragged: bool | None = None if layout is None else bool(layout.get("ragged"))
+        self.tokens_per_sample = 1.0  # a ragged build's first batch: its mean length, for the default shard size
 
     def layout(self) -> dict[str, Any]:
         """``build.json``: the settings, the shard size and the output layout."""
         assert self.entries is not None and self.shard_size is not None  # set by run()
-        return {**self.meta, "shard_size": self.shard_size, "entries": self.entries}
+        ragged = {"version": _store.RAGGED_VERSION, "ragged": True} if self.ragged else {}
+        return {**self.meta, **ragged, "shard_size": self.shard_size, "entries": self.entries}
 
     def run(self) -> dict[str, Any]:
         """Build this rank's unfinished shards; return what it saw of a stream's end, and a stream problem.
@@ -121,7 +132,8 @@ class Runner:
         if o.source.stream:  # every rank read these samples: the same stream on every rank
             _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
         if self.shard_size is None:
-            per_sample = sum(_layout.bytes_per_sample(e, self.draws) for e in self.entries or [])
+            tokens = self.tokens_per_sample
+            per_sample = sum(_layout.bytes_per_sample(e, self.draws, tokens=tokens) for e in self.entries or [])
             self.shard_size = _default_shard_size(per_sample, o.batch_size)
         return part
 
@@ -156,7 +168,11 @@ class Runner:
         if o.source.stream:
             extra = self._next(first, got, want, parts)
         tensors = {name: torch.cat([p.tensors[name] for p in parts if p.rows]) for name in parts[0].tensors}
-        return {**_store.write_shard(o.folder / _store.shard_name(s), tensors, first), **extra}
+        path, lengths = o.folder / _store.shard_name(s), tensors.pop(_LENGTHS, None)
+        if lengths is None:
+            return {**_store.write_shard(path, tensors, first), **extra}
+        tensors[_ragged.OFFSETS] = _ragged.offsets(lengths)
+        return {**_store.write_shard(path, tensors, first, count=got, tokens=int(lengths.sum())), **extra}
 
     def _next(self, first: int, got: int, want: int, parts: list[_Part]) -> dict[str, Any]:
         """A stream shard's ``inputs`` and ``next`` checksums (a peek at the sample after it); its end, if there."""
@@ -181,6 +197,13 @@ class Runner:
     def _batch(self, items: list[Any], first: int) -> dict[str, torch.Tensor]:
         """Stored tensors of the samples ``items``, from ``first`` on (every draw)."""
         o, n = self.o, len(items)
+        if self.ragged is None:  # the first item decides: token samples of any length, or samples of one shape
+            self.ragged = _tokens.is_token_sample(items[0])
+        if self.ragged:
+            args, kwargs, mask = self._padded(items, first)
+            if first == 0:
+                self.tokens_per_sample = float(mask.sum()) / n
+            return {**self._run(args, n, first, kwargs=kwargs, mask=mask), _LENGTHS: mask.sum(1)}
         args = _to(_collate(items, o.inputs), o.teacher_device)
         if not self.draws:
             return self._run(args, n, first)
@@ -200,14 +223,22 @@ class Runner:
         out["seeds"] = draw_seeds
         return out
 
-    def _forward(self, args: tuple) -> dict[Any, Any]:
+    def _padded(self, items: list[Any], first: int) -> tuple[tuple, dict[str, Any], torch.Tensor]:
+        """Token samples as the teacher's padded batch, ``(args, kwargs)`` on its device, and the mask of real tokens."""
+        o = self.o
+        option = "augment=..." if o.augment is not None else f"inputs={o.inputs}" if o.inputs != 1 else None
+        args, kwargs, mask = _tokens.teacher_batch(items, first, model=o.fn.teacher_model, options=option)
+        return _to(args, o.teacher_device), dict(_to((kwargs,), o.teacher_device)[0]), mask
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any] | None = None) -> dict[Any, Any]:
         """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
         o = self.o
+        kwargs = kwargs or {}
         if self.lockstep:
             self.ranks.anyone(True, o.teacher_device)
-            self.spare = args
+            self.spare = args, kwargs
         with torch.no_grad():
-            return o.fn.run_teacher(o.teacher_state, args, {})
+            return o.fn.run_teacher(o.teacher_state, args, kwargs)
 
     def _drain(self) -> None:
         """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
@@ -223,21 +254,28 @@ class Runner:
         o = self.o
         while self.ranks.anyone(False, o.teacher_device):
             if self.spare is None:
-                self.spare = _to(_collate(self.reader.read(0, 1), o.inputs), o.teacher_device)
+                items = self.reader.read(0, 1)
+                if self.ragged:
+                    self.spare = self._padded(items, 0)[:2]
+                else:
+                    self.spare = _to(_collate(items, o.inputs), o.teacher_device), {}
             with torch.no_grad():
-                o.fn.run_teacher(o.teacher_state, self.spare, {})
+                o.fn.run_teacher(o.teacher_state, *self.spare)
 
-    def _run(self, args: tuple, n: int, first: int) -> dict[str, torch.Tensor]:
+    def _run(
+        self, args: tuple, n: int, first: int, *, kwargs: dict[str, Any] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         o = self.o
-        captured = self._forward(args)
+        captured = self._forward(args, kwargs)
         if self.entries is None:
+            tokens = None if mask is None else _ragged.per_token(self._forward, captured, (args, kwargs or {}), mask)
             self.entries = [
-                _layout.entry(i, key, captured[p], n, storage=st)
+                _layout.entry(i, key, captured[p], n, storage=st, per_token=None if tokens is None else tokens[p])
                 for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
             ]
         out: dict[str, torch.Tensor] = {}
         for p, pairs, entry in zip(o.teacher_points, o.pairs, self.entries):
-            out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs)))
+            out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs), mask=mask))
         return out
 
 
@@ -250,6 +288,7 @@ class _Part(NamedTuple):
 
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
+_LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
 
 
 def _default_shard_size(per_sample: int, batch_size: int) -> int:
@@ -276,6 +315,7 @@ def _collate(items: Sequence[Any], inputs: int) -> tuple[Any, ...]:
                 f"each dataset item must be the model input (a tensor) or a tuple whose first {inputs} "
                 f"entries are the model inputs (e.g. (x, label) with inputs=1), got {type(it).__name__}"
                 + (f" of length {len(it)}" if isinstance(it, (tuple, list)) else "")
+                + (f" ({_tokens.dict_hint(it)})" if isinstance(it, Mapping) else "")
                 + "."
             )
     return tuple(default_collate(rows))

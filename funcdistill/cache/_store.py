@@ -18,6 +18,7 @@ the new one, never half of one. ``safetensors`` is imported here, on first use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,16 @@ __all__: list[str] = []
 
 FORMAT = "funcdistill.TeacherCache"
 VERSION = 2
-"""The cache's file format: 1 keyed teacher points by their ``repr``; 2 by stable keys (``funcdistill._keys``)."""
+"""The format of a cache of samples of one shape: 1 keyed teacher points by their ``repr``; 2 by stable keys."""
+RAGGED_VERSION = 3
+"""The format of a cache of token samples (ragged): 2 plus packed per-token tensors, ``offsets`` and ``tokens``.
+
+A reader of format 2 only would misread one, so it has its own number (and
+such a reader says "upgrade"); caches of samples of one shape are still
+written as format 2, which every funcdistill that reads format 2 reads.
+"""
+READS = (VERSION, RAGGED_VERSION)
+"""The formats this funcdistill reads."""
 INDEX = "index.json"
 BUILD = "build.json"
 _CHUNK = 1 << 22
@@ -121,18 +131,19 @@ def check_version(data: dict[str, Any], path: Path) -> None:
     ``repr`` strings; such a cache is rebuilt.
     """
     version = data.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+    reads = " and ".join(map(str, READS))
+    if isinstance(version, int) and not isinstance(version, bool) and version > max(READS):
         raise ValueError(
             f"{path} was written by a newer funcdistill (teacher cache format {version}; this one reads "
-            f"format {VERSION}): upgrade funcdistill (pip install -U funcdistill) to read it."
+            f"formats {reads}): upgrade funcdistill (pip install -U funcdistill) to read it."
         )
     if version == 1:
         raise ValueError(
             f"{path} is teacher cache format 1, written by an older funcdistill that keyed teacher points "
-            f"by their repr; this one reads format {VERSION}. Rebuild the cache (delete the folder and run "
+            f"by their repr; this one reads formats {reads}. Rebuild the cache (delete the folder and run "
             "TeacherCache.build again)."
         )
-    if version != VERSION:
+    if version not in READS or isinstance(version, bool):
         what = "is missing" if "version" not in data else f"is {version!r}, not a format number"
         raise ValueError(f"{path} is damaged: its field 'version' {what}. {REBUILD}")
 
@@ -149,19 +160,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], first: int) -> dict[str, Any]:
-    """Write one shard atomically; return its index record (file, first sample, count, bytes, sha256)."""
+def write_shard(
+    path: Path, tensors: dict[str, torch.Tensor], first: int, *, count: int | None = None, tokens: int | None = None
+) -> dict[str, Any]:
+    """Write one shard atomically; return its index record (file, first sample, count, bytes, sha256).
+
+    ``count`` defaults to the first tensor's rows; a ragged shard gives it,
+    and its real ``tokens`` (recorded too).
+    """
     save = _safetensors().torch.save
-    count = next(iter(tensors.values())).shape[0]
+    count = next(iter(tensors.values())).shape[0] if count is None else count
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT, "first": str(first)})
     write_atomic(path, data)
-    return {
-        "file": path.name,
-        "first": first,
-        "count": count,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    record = {"file": path.name, "first": first, "count": count}
+    if tokens is not None:
+        record["tokens"] = tokens
+    return {**record, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@functools.cache
+def stores_uint16() -> bool:
+    """Whether the installed safetensors writes and reads ``torch.uint16`` tensors (top-k indices up to 65,536)."""
+    st = _safetensors().torch
+    try:
+        back = st.load(st.save({"t": torch.tensor([65535], dtype=torch.int32).to(torch.uint16)}))["t"]
+    except Exception:  # noqa: BLE001 - any failure means: not supported here
+        return False
+    return back.dtype == torch.uint16 and int(back.to(torch.int64)) == 65535
 
 
 def check_size(folder: Path, record: dict[str, Any]) -> None:
