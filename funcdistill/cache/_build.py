@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from funcdistill.cache import _lock, _ranks, _source, _store
+from funcdistill.cache import _lock, _ranks, _served, _source, _store
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 from funcdistill.cache._runner import Runner, finished
@@ -39,8 +39,11 @@ def build(options: Options, *, timeout: float | None = None) -> None:
     ranks = Ranks.current()
     meta = options.settings()
     _ranks.agree(ranks, {k: _ranks.short(v) for k, v in _given(options, meta).items()}, _GIVEN)
-    meta["teacher"]["weights"] = options.weights()
-    _ranks.agree(ranks, {"weights": f"sha256:{meta['teacher']['weights'][:12]}"}, _WEIGHTS)
+    weights = meta["teacher"]["weights"] = options.weights()
+    if weights is not None:
+        _ranks.agree(ranks, {"weights": f"sha256:{weights[:12]}"}, _WEIGHTS)
+    if options.served is not None:  # where it was asked: recorded, not compared (another replica may answer)
+        meta["teacher"]["served"]["url"] = options.served.url
     folder = options.folder
     folder.mkdir(parents=True, exist_ok=True)
     with _lock.held(folder, ranks, timeout=timeout):
@@ -120,8 +123,11 @@ def _same_settings(folder: Path, recorded: dict[str, Any], meta: dict[str, Any],
     if options.shard_size is not None and recorded.get("shard_size") != options.shard_size:
         diffs.append(f"shard_size: {recorded.get('shard_size')!r} then, {options.shard_size!r} now")
     teacher, now = recorded.get("teacher", {}), meta["teacher"]
+    then_served, now_served = (_served.describe(t) for t in (teacher, now))
     if teacher.get("class") != now["class"] or teacher.get("structure") != now["structure"]:
         diffs.append(f"teacher: a {teacher.get('class')} then, a {now['class']} with another state layout now")
+    elif then_served != now_served:  # a served teacher is its model's name (not its URL)
+        diffs.append(f"teacher: {then_served} then, {now_served} now")
     elif teacher.get("weights") != now["weights"]:
         diffs.append("teacher weights: the teacher state differs from the one the cache was built with")
     if diffs:

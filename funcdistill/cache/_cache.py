@@ -13,7 +13,8 @@ import torch
 from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
-from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _served, _store
+from funcdistill.cache._served import ServedTeacher
 from funcdistill.cache._options import Options
 
 __all__ = ["TeacherCache"]
@@ -93,7 +94,7 @@ class TeacherCache(Frozen):
     def build(
         cls,
         fn: DistillFn,
-        teacher_state: AbcMapping[str, torch.Tensor],
+        teacher_state: AbcMapping[str, torch.Tensor] | ServedTeacher,
         dataset: Any,
         path: str | os.PathLike[str],
         *,
@@ -123,7 +124,12 @@ class TeacherCache(Frozen):
         Args:
             fn: the distill function (:func:`funcdistill.distill`); its teacher
                 must be in eval mode. The student never runs.
-            teacher_state: the teacher state to run with, as for ``fn``.
+            teacher_state: the teacher state to run with, as for ``fn``; or a
+                :class:`~funcdistill.served.ServedTeacher` made for ``fn``,
+                whose server's answers are stored as a top-k cache of the
+                teacher's (``topk`` its ``k``; token samples only; the teacher
+                never runs, and may be on the ``meta`` device; see "Served
+                teacher" on the LLM page).
             dataset: a map-style dataset (``len(dataset)``, ``dataset[i]``) or a stream (see ``samples``).
                 Each item is the model input (a tensor), or a tuple whose
                 first ``inputs`` entries are the model's positional inputs
@@ -215,7 +221,7 @@ class TeacherCache(Frozen):
         path: str | os.PathLike[str],
         *,
         augment: _augment.Augment | None = None,
-        teacher_state: AbcMapping[str, torch.Tensor] | None = None,
+        teacher_state: AbcMapping[str, torch.Tensor] | ServedTeacher | None = None,
         verify: bool = True,
     ) -> TeacherCache:
         """Open a finished cache.
@@ -230,7 +236,10 @@ class TeacherCache(Frozen):
             path: the cache's folder.
             augment: the augmentation the cache was built with, for :meth:`replay`.
             teacher_state: when given, checked against the teacher weights the
-                cache was built with (the whole state: ``funcdistill.state(teacher)``).
+                cache was built with (the whole state: ``funcdistill.state(teacher)``);
+                for a cache built from a served teacher, the
+                :class:`~funcdistill.served.ServedTeacher` (its model name is
+                compared; a teacher state is refused: such a cache records no weights).
             verify: check each shard's checksum on its first read.
 
         Raises:
@@ -239,7 +248,8 @@ class TeacherCache(Frozen):
                 its wrong fields), of another format version, or names a shard
                 outside the folder; a shard is truncated, missing or does not
                 match the index; ``augment`` is not the recorded one; or
-                ``teacher_state`` differs from the teacher it was built with.
+                ``teacher_state`` differs from the teacher it was built with (or is
+                a teacher state for a cache of a served teacher, or the reverse).
         """
         folder = Path(path)
         index_path = folder / _store.INDEX
@@ -263,7 +273,8 @@ class TeacherCache(Frozen):
         _index.check(index, index_path)
         _index.check_shards(folder, index, index_path)
         _check_augment(index, augment, folder)
-        if teacher_state is not None:
+        if teacher_state is not None and not _served.check_open(index, teacher_state, folder):
+            assert not isinstance(teacher_state, ServedTeacher)  # check_open answered True for one
             _check_weights(index, teacher_state, folder)
         entries = index["entries"]
         teacher = index["teacher"]
@@ -271,6 +282,7 @@ class TeacherCache(Frozen):
             str(folder),
             tuple(index["points"]),
             (teacher["class"], tuple((n, tuple(s), d) for n, s, d in teacher["structure"])),
+            model=(teacher.get("served") or {}).get("model"),
         )
         new = object.__new__(cls)
         init(

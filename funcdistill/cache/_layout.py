@@ -139,6 +139,8 @@ def to_tensors(
     leaves = torch_pytree.tree_leaves(output)
     point = display(entry["point"])
     where = f"the teacher output at {point} (pair{'s' if len(pairs) > 1 else ''} {', '.join(map(str, pairs))})"
+    if isinstance(output, TopK) and entry["topk"] is not None:  # a served teacher's: its top-k as given
+        return _given_topk(entry, output, batch, mask, where, pairs[0], first)
     if len(leaves) != len(entry["leaves"]):
         raise ValueError(
             f"the teacher output at {point} changed structure at sample {first}: {len(leaves)} leaves "
@@ -178,6 +180,35 @@ def _stored(
         return {spec["name"]: _pack(leaf.to("cpu"), mask).to(stored)}
     logits = _pack(leaf.to("cpu"), mask).to(torch.float32)  # a ragged cache: only the real tokens
     values, indices = torch.log_softmax(logits / entry["temperature"], dim=-1).topk(entry["topk"], dim=-1)
+    shown = values if mask is None else _unpack(values, mask)
+    _precision.check(shown, stored, where=f"{where}, its top-k log-probabilities,", pair=pair, first=first)
+    return {
+        spec["name"] + ".logprobs": values.to(stored),
+        spec["name"] + ".indices": indices.to(to_dtype(spec["index_dtype"])),
+    }
+
+
+def _given_topk(
+    entry: Entry, given: TopK, batch: int, mask: torch.Tensor | None, where: str, pair: int, first: int
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of a top-k given as it is (a served teacher's), checked against the layout, packed."""
+    spec, k = entry["leaves"][0], entry["topk"]
+    classes = spec["shape"][-1]
+    values, indices = (_pack(t.detach().to("cpu"), mask) for t in given)
+    if values.dim() < 1 or values.shape[-1] != k or indices.shape != values.shape or len(given.logprobs) != batch:
+        raise ValueError(
+            f"{where} was given top-k log-probabilities {list(given.logprobs.shape)} and indices "
+            f"{list(given.indices.shape)} at sample {first}, where the cache stores the top {k} of each of "
+            f"{batch} samples' tokens."
+        )
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < classes:
+        bad = int(indices.max()) if int(indices.max()) >= classes else int(indices.min())
+        raise ValueError(
+            f"{where} was given class index {bad} at sample {first}, outside the teacher's {classes} classes (the "
+            "size of its logits): the server's model has another vocabulary than this distill function's teacher. "
+            "Serve the model of this teacher, or distil with the architecture of the served one."
+        )
+    stored = to_dtype(spec["stored"])
     shown = values if mask is None else _unpack(values, mask)
     _precision.check(shown, stored, where=f"{where}, its top-k log-probabilities,", pair=pair, first=first)
     return {

@@ -25,7 +25,8 @@ from funcdistill._keys import point_key
 from funcdistill._outputs import dtype_name, teacher_record
 from funcdistill._point import Point
 from funcdistill._state import state
-from funcdistill.cache import _augment, _fingerprint, _source, _store
+from funcdistill.cache import _augment, _fingerprint, _served, _source, _store
+from funcdistill.cache._served import ServedTeacher
 
 __all__: list[str] = []
 
@@ -40,7 +41,7 @@ class Options:
     """
 
     fn: DistillFn
-    teacher_state: AbcMapping[str, torch.Tensor] = field(repr=False)
+    teacher_state: AbcMapping[str, torch.Tensor] | ServedTeacher = field(repr=False)
     dataset: Any = field(repr=False)
     path: str | os.PathLike[str]
     _: KW_ONLY
@@ -71,6 +72,10 @@ class Options:
     """For each teacher point, the indices of the pairs that read it."""
     storage: tuple[dict[str, Any], ...] = field(init=False)
     """Each teacher point's storage: ``dtype`` name (or ``None``), ``topk`` and ``temperature``."""
+    served: ServedTeacher | None = field(init=False)
+    """The served teacher given in place of the teacher state, or ``None`` (:mod:`~funcdistill.cache._served`)."""
+    classes: int | None = field(init=False)
+    """A served teacher's number of classes (the teacher's vocabulary: the top-k index dtype), else ``None``."""
 
     def __post_init__(self) -> None:
         fn, teacher_state, dataset = self.fn, self.teacher_state, self.dataset
@@ -78,9 +83,11 @@ class Options:
             raise TypeError(
                 f"TeacherCache.build takes a distill function (funcdistill.distill), got {type(fn).__name__}."
             )
-        if not isinstance(teacher_state, AbcMapping):
+        served = teacher_state if isinstance(teacher_state, ServedTeacher) else None
+        if served is None and not isinstance(teacher_state, AbcMapping):
             raise TypeError(
-                f"teacher_state must be a dict of tensors (funcdistill.state(teacher)), got {type(teacher_state).__name__}."
+                "teacher_state must be a dict of tensors (funcdistill.state(teacher)) or a ServedTeacher, got "
+                f"{type(teacher_state).__name__}."
             )
         source = _source.source(dataset, self.samples)
         _positive_int("batch_size", self.batch_size)
@@ -94,6 +101,7 @@ class Options:
             raise ValueError(f"draws={self.draws} needs augment=...: draws are recorded augmentations.")
         points = fn.teacher_points
         pairs = tuple(tuple(i for i, (t, _) in enumerate(fn.mapping.names) if t == p) for p in points)
+        storage = _storage(fn, points, self.dtype, self.topk, _temperature(self.topk_temperature))
         _set(
             self,
             folder=Path(self.path),
@@ -102,13 +110,15 @@ class Options:
             draws=draws,
             seed=_augment.check_seed(self.seed),
             progress=bool(self.progress),
-            teacher_device=_teacher_device(fn, teacher_state, self.device),
+            teacher_device=_teacher_device(fn, teacher_state, self.device) if served is None else torch.device("cpu"),
             teacher_points=points,
             keys=tuple(map(point_key, points)),
             pairs=pairs,
-            storage=_storage(fn, points, self.dtype, self.topk, _temperature(self.topk_temperature)),
+            storage=storage,
+            served=served,
+            classes=None if served is None else _served.check(served, fn, storage, self.device),
         )
-        if any(m.training for m in fn.teacher_model.modules()):
+        if served is None and any(m.training for m in fn.teacher_model.modules()):
             raise ValueError(
                 "the teacher has modules in training mode, whose outputs depend on the batch and on random "
                 "draws (dropout, BatchNorm batch statistics); a cache records one output per sample. Put the "
@@ -129,14 +139,23 @@ class Options:
             "storage": self.storage,
             "teacher": {"class": cls, "structure": [list(e) for e in structure]},
         }
+        if self.served is not None:  # the model name stands for the weights, which are in the server
+            meta["teacher"]["served"] = _served.record(self.served)
         return json.loads(json.dumps(meta))  # as it reads back from the file (lists, not tuples)
 
-    def weights(self) -> str:
-        """SHA-256 of the whole teacher state (the model's own entries, then those given); collective for DTensors."""
+    def weights(self) -> str | None:
+        """SHA-256 of the whole teacher state (the model's own entries, then those given); collective for DTensors.
+
+        ``None`` for a served teacher: its weights are in the server (its model name is recorded instead).
+        """
+        if isinstance(self.teacher_state, ServedTeacher):
+            return None
         return _fingerprint.weights({**state(self.fn.teacher_model), **dict(self.teacher_state)})
 
     def sharded(self) -> bool:
         """Whether the teacher runs on DTensor shards (FSDP2), whose forward is a collective of every rank."""
+        if isinstance(self.teacher_state, ServedTeacher):
+            return False
         tensors = [*self.teacher_state.values(), *state(self.fn.teacher_model).values()]
         return any(type(t) is not torch.Tensor and _sharded._is_dtensor(t) for t in tensors)
 

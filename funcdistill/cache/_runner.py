@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from funcdistill._pytree import tree_map
-from funcdistill.cache import _augment, _layout, _ragged, _ranks, _source, _store, _tokens
+from funcdistill.cache import _augment, _layout, _ragged, _ranks, _served, _source, _store, _tokens
 from funcdistill.cache._options import Options
 from funcdistill.cache._ranks import Ranks
 
@@ -204,6 +204,11 @@ class Runner:
             if first == 0:
                 self.tokens_per_sample = float(mask.sum()) / n
             return {**self._run(args, n, first, kwargs=kwargs, mask=mask), _LENGTHS: mask.sum(1)}
+        if o.served is not None:
+            raise TypeError(
+                f"a served teacher scores token samples, but dataset item {first} is {_kind(items[0])}: "
+                "give each item as a 1-D integer tensor of token ids, or a dict with 'input_ids'."
+            )
         args = _to(_collate(items, o.inputs), o.teacher_device)
         if not self.draws:
             return self._run(args, n, first)
@@ -230,10 +235,17 @@ class Runner:
         args, kwargs, mask = _tokens.teacher_batch(items, first, model=o.fn.teacher_model, options=option)
         return _to(args, o.teacher_device), dict(_to((kwargs,), o.teacher_device)[0]), mask
 
-    def _forward(self, args: tuple, kwargs: dict[str, Any] | None = None) -> dict[Any, Any]:
-        """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain)."""
+    def _forward(
+        self, args: tuple, kwargs: dict[str, Any] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[Any, Any]:
+        """The teacher's outputs at the mapped points; a sharded teacher's first tells the other ranks (_drain).
+
+        A served teacher's are its server's answer for the batch (token samples: ``mask`` is given).
+        """
         o = self.o
         kwargs = kwargs or {}
+        if o.served is not None and mask is not None:
+            return _served.ask(o.served, o.fn, args, kwargs, mask)
         if self.lockstep:
             self.ranks.anyone(True, o.teacher_device)
             self.spare = args, kwargs
@@ -266,17 +278,30 @@ class Runner:
         self, args: tuple, n: int, first: int, *, kwargs: dict[str, Any] | None = None, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         o = self.o
-        captured = self._forward(args, kwargs)
+        captured = self._forward(args, kwargs, mask)
         if self.entries is None:
-            tokens = None if mask is None else _ragged.per_token(self._forward, captured, (args, kwargs or {}), mask)
-            self.entries = [
-                _layout.entry(i, key, captured[p], n, storage=st, per_token=None if tokens is None else tokens[p])
-                for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
-            ]
+            self.entries = self._entries(captured, (args, kwargs or {}), mask, n)
         out: dict[str, torch.Tensor] = {}
         for p, pairs, entry in zip(o.teacher_points, o.pairs, self.entries):
             out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs), mask=mask))
         return out
+
+
+    def _entries(
+        self, captured: dict[Any, Any], call: tuple[tuple, dict[str, Any]], mask: torch.Tensor | None, n: int
+    ) -> list[dict[str, Any]]:
+        """The layout, from the first batch's outputs (a served teacher's: those of a live top-k build)."""
+        o = self.o
+        if o.served is not None:  # the logits the server ranked, per token: no probe forward
+            assert o.classes is not None  # set with served
+            captured = {p: _served.logits_like(captured[p], o.classes) for p in captured}
+            tokens: dict[Any, list[bool]] | None = {p: [True] for p in captured}
+        else:
+            tokens = None if mask is None else _ragged.per_token(self._forward, captured, call, mask)
+        return [
+            _layout.entry(i, key, captured[p], n, storage=st, per_token=None if tokens is None else tokens[p])
+            for i, (p, key, st) in enumerate(zip(o.teacher_points, o.keys, o.storage))
+        ]
 
 
 class _Part(NamedTuple):
@@ -289,6 +314,12 @@ class _Part(NamedTuple):
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 _LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
+
+
+def _kind(item: Any) -> str:
+    if isinstance(item, torch.Tensor):
+        return f"a {str(item.dtype).removeprefix('torch.')} tensor of shape {list(item.shape)}"
+    return f"a {type(item).__name__}"
 
 
 def _default_shard_size(per_sample: int, batch_size: int) -> int:
