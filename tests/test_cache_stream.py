@@ -313,6 +313,32 @@ def test_a_cache_built_from_a_datasets_stream(models, hf_stream, tmp_path):
     assert torch.equal(outputs(cache), outputs(build(models, rows, tmp_path / "map")))
 
 
+def test_a_datasets_stream_of_token_samples_is_built_directly(tmp_path, monkeypatch):
+    """``TeacherCache.build(fn, state, ds, path)`` on a ``datasets`` stream whose rows have ``input_ids``: the ragged
+    cache of the same samples as a list, shard for shard (positioned by the stream's own ``skip`` on resume)."""
+    datasets = pytest.importorskip("datasets", reason="datasets is not in the test extra (heavy); see docs/cache.md")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    vocab = 40
+    teacher = nn.Sequential(nn.Embedding(vocab, 8), nn.Linear(8, vocab)).eval()
+    student = nn.Sequential(nn.Embedding(vocab, 4), nn.Linear(4, vocab))
+    fn = fd.distill(teacher, student, fd.Mapping(teacher, student).add("1", "1"))
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.randint(0, vocab, (int(n),), generator=g) for n in torch.randint(1, 9, (11,), generator=g)]
+    path = tmp_path / "tokens.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": s.tolist(), "source": f"doc{i}"}) + "\n" for i, s in enumerate(samples)))
+    ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
+    options = {"batch_size": 3, "shard_size": 6, "topk": 4, "progress": False}
+    streamed = TeacherCache.build(fn, fd.state(teacher), ds, tmp_path / "s", **options)
+    mapped = TeacherCache.build(fn, fd.state(teacher), samples, tmp_path / "m", **options)
+    assert len(streamed) == len(samples) and streamed.tokens == mapped.tokens == sum(len(s) for s in samples)
+    a, b = streamed[torch.arange(len(samples))], mapped[torch.arange(len(samples))]
+    assert torch.equal(a.mask, b.mask)
+    for x, y in zip(a.values[0], b.values[0]):
+        assert torch.equal(x, y)  # the same samples in the same batches: the same forwards, bit for bit
+
+
 def test_ranks_that_saw_streams_of_different_lengths_are_refused():
     ranks = [
         {"problem": None, "exact": 37, "lower": 37, "upper": None},
