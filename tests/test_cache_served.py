@@ -111,9 +111,7 @@ def test_losses_on_a_served_cache_equal_the_online_ones(models, samples, tmp_pat
     out = cache[IDX]  # read with the distill function of the meta teacher: its layout is checked, it never runs
 
     def losses(p, teacher_side):
-        (t_top, s_logits, _), (t_top2, s_hidden, _) = meta_fn(
-            teacher_side, p, input_ids=ids, attention_mask=attention
-        )
+        (t_top, s_logits, _), (t_top2, s_hidden, _) = meta_fn(teacher_side, p, input_ids=ids, attention_mask=attention)
         m = attention.bool()
         plain = topk_kl_loss(*t_top, s_logits, mask=m)
         return plain, fused_linear_topk_kl_loss(*t_top2, s_hidden, p["lm_head.weight"], mask=m, chunk_size=4)
@@ -175,9 +173,7 @@ def test_a_finished_cache_is_opened_from_another_url_of_the_same_model_without_a
             r"'tiny-teacher' then, served by model 'other-model' now\.",
         ):
             build(models[3], other_model, samples, tmp_path / "c")
-        with pytest.raises(
-            ValueError, match=r"teacher: served by model 'tiny-teacher' then, a teacher state now\."
-        ):
+        with pytest.raises(ValueError, match=r"teacher: served by model 'tiny-teacher' then, a teacher state now\."):
             build(models[2], fd.state(models[0]), samples, tmp_path / "c")
     assert other.bodies == []
 
@@ -220,7 +216,7 @@ def test_a_build_a_served_teacher_cannot_give_is_refused_before_asking(
 
 
 def test_a_served_teacher_of_another_mapping_is_refused(models, samples, tmp_path):
-    teacher, student, _, meta_fn = models
+    teacher, student, _, _ = models
     hidden = fd.distill(teacher, student, fd.Mapping(teacher, student).add("lm_head", "lm_head").add("model.norm", ""))
     with Peer(status(500, "must not be asked")) as peer:
         with pytest.raises(ValueError, match=r"also maps teacher point\(s\) 'model\.norm', which it does not hold"):

@@ -327,7 +327,9 @@ def test_a_datasets_stream_of_token_samples_is_built_directly(tmp_path, monkeypa
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, vocab, (int(n),), generator=g) for n in torch.randint(1, 9, (11,), generator=g)]
     path = tmp_path / "tokens.jsonl"
-    path.write_text("".join(json.dumps({"input_ids": s.tolist(), "source": f"doc{i}"}) + "\n" for i, s in enumerate(samples)))
+    path.write_text(
+        "".join(json.dumps({"input_ids": s.tolist(), "source": f"doc{i}"}) + "\n" for i, s in enumerate(samples))
+    )
     ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
     options = {"batch_size": 3, "shard_size": 6, "topk": 4, "progress": False}
     streamed = TeacherCache.build(fn, fd.state(teacher), ds, tmp_path / "s", **options)

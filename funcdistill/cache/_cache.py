@@ -14,8 +14,8 @@ from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
 from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _served, _store
-from funcdistill.cache._served import ServedTeacher
 from funcdistill.cache._options import Options
+from funcdistill.cache._served import ServedTeacher
 
 __all__ = ["TeacherCache"]
 

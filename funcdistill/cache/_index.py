@@ -159,7 +159,14 @@ def _top_level(index: dict[str, Any], problems: list[str]) -> set[str]:
         _need(teacher, "class", lambda v: isinstance(v, str), "a class name", problems, "teacher.")
         if "served" in teacher:  # built from a served teacher: its model's name, no weights
             _need(teacher, "served", _is_served, "an object with the served model's name", problems, "teacher.")
-            _need(teacher, "weights", lambda v: v is None, "null (a served teacher's are in its server)", problems, "teacher.")
+            _need(
+                teacher,
+                "weights",
+                lambda v: v is None,
+                "null (a served teacher's are in its server)",
+                problems,
+                "teacher.",
+            )
         else:
             _need(teacher, "weights", lambda v: isinstance(v, str), "a SHA-256", problems, "teacher.")
         _need(teacher, "structure", _is_structure, "a list of [name, shape, dtype]", problems, "teacher.")

@@ -102,6 +102,10 @@ class Options:
         points = fn.teacher_points
         pairs = tuple(tuple(i for i, (t, _) in enumerate(fn.mapping.names) if t == p) for p in points)
         storage = _storage(fn, points, self.dtype, self.topk, _temperature(self.topk_temperature))
+        if isinstance(teacher_state, ServedTeacher):  # it runs in its server: its answers are stored from the CPU
+            teacher_device = torch.device("cpu")
+        else:
+            teacher_device = _teacher_device(fn, teacher_state, self.device)
         _set(
             self,
             folder=Path(self.path),
@@ -110,7 +114,7 @@ class Options:
             draws=draws,
             seed=_augment.check_seed(self.seed),
             progress=bool(self.progress),
-            teacher_device=_teacher_device(fn, teacher_state, self.device) if served is None else torch.device("cpu"),
+            teacher_device=teacher_device,
             teacher_points=points,
             keys=tuple(map(point_key, points)),
             pairs=pairs,
@@ -128,6 +132,9 @@ class Options:
     def settings(self) -> dict[str, Any]:
         """What the cache is built for, but the teacher's weights and the output layout."""
         cls, structure = teacher_record(self.fn.teacher_model)
+        teacher: dict[str, Any] = {"class": cls, "structure": [list(e) for e in structure]}
+        if self.served is not None:  # the model name stands for the weights, which are in the server
+            teacher["served"] = _served.record(self.served)
         meta = {
             "format": _store.FORMAT,
             "version": _store.VERSION,
@@ -137,11 +144,15 @@ class Options:
             "augment": None if self.augment is None else _augment.name(self.augment),
             "points": self.keys,
             "storage": self.storage,
-            "teacher": {"class": cls, "structure": [list(e) for e in structure]},
+            "teacher": teacher,
         }
-        if self.served is not None:  # the model name stands for the weights, which are in the server
-            meta["teacher"]["served"] = _served.record(self.served)
         return json.loads(json.dumps(meta))  # as it reads back from the file (lists, not tuples)
+
+    @property
+    def state(self) -> AbcMapping[str, torch.Tensor]:
+        """The teacher state the teacher runs with (a build from a served teacher never runs it)."""
+        assert not isinstance(self.teacher_state, ServedTeacher)  # the runner asks the server instead
+        return self.teacher_state
 
     def weights(self) -> str | None:
         """SHA-256 of the whole teacher state (the model's own entries, then those given); collective for DTensors.

@@ -250,7 +250,7 @@ class Runner:
             self.ranks.anyone(True, o.teacher_device)
             self.spare = args, kwargs
         with torch.no_grad():
-            return o.fn.run_teacher(o.teacher_state, args, kwargs)
+            return o.fn.run_teacher(o.state, args, kwargs)
 
     def _drain(self) -> None:
         """A sharded teacher: forwards on spare inputs (discarded) while another rank still runs its own.
@@ -272,7 +272,7 @@ class Runner:
                 else:
                     self.spare = _to(_collate(items, o.inputs), o.teacher_device), {}
             with torch.no_grad():
-                o.fn.run_teacher(o.teacher_state, *self.spare)
+                o.fn.run_teacher(o.state, *self.spare)
 
     def _run(
         self, args: tuple, n: int, first: int, *, kwargs: dict[str, Any] | None = None, mask: torch.Tensor | None = None
@@ -285,7 +285,6 @@ class Runner:
         for p, pairs, entry in zip(o.teacher_points, o.pairs, self.entries):
             out.update(_layout.to_tensors(entry, captured[p], n, first, pairs=list(pairs), mask=mask))
         return out
-
 
     def _entries(
         self, captured: dict[Any, Any], call: tuple[tuple, dict[str, Any]], mask: torch.Tensor | None, n: int

@@ -52,7 +52,11 @@ def check(served: ServedTeacher, fn: DistillFn, storage: tuple[dict[str, Any], .
         raise ValueError(
             f"{given}, but the served teacher gives its top-{served.topk} log-probabilities (ServedTeacher(..., "
             f"topk={served.topk})); a cache built from a server stores what it gives: pass topk={served.topk}"
-            + ("." if k is None else f", or make the served teacher with topk={k} (a server started with --max-logprobs {k} or more).")
+            + (
+                "."
+                if k is None
+                else f", or make the served teacher with topk={k} (a server started with --max-logprobs {k} or more)."
+            )
         )
     if temperature != 1.0:
         raise ValueError(
@@ -76,6 +80,7 @@ def classes(fn: DistillFn) -> int:
     """
     teacher, point = fn.teacher_model, fn.teacher_points[0]
     getter = getattr(teacher, "get_output_embeddings", None)
+    module: Any
     if isinstance(point, str) and point:
         module = teacher.get_submodule(point)
     else:
@@ -111,7 +116,12 @@ def record(served: ServedTeacher) -> dict[str, Any]:
 
 
 def describe(teacher: Mapping[str, Any]) -> str:
-    """A recorded teacher, for messages: served by a model, or a teacher state."""
+    """A recorded teacher, for messages: served by a model, or a teacher state.
+
+    Example:
+        >>> describe({"served": {"model": "tiny"}}), describe({"weights": "ab12"})
+        ("served by model 'tiny'", 'a teacher state')
+    """
     served = teacher.get("served")
     return f"served by model {served.get('model')!r}" if isinstance(served, dict) else "a teacher state"
 
