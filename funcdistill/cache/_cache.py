@@ -33,7 +33,8 @@ class TeacherCache(Frozen):
 
     The cache is a folder of memory-mapped `safetensors` shards and a JSON
     index with each shard's SHA-256; it records what it was built for (the
-    teacher points, the teacher's state layout and weights), and a distill
+    teacher points, the teacher's state layout and weights, or the served
+    model's name for a cache built from a served teacher), and a distill
     function with another mapping or another teacher is refused.
 
     Example:

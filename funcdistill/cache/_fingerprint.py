@@ -10,7 +10,9 @@ maps a teacher point the cache does not hold, or whose teacher has another
 structure, is refused when it is given the cache's outputs (the core's
 :class:`~funcdistill.cache.BuiltFor` checks that); other weights are refused by
 :meth:`TeacherCache.open(path, teacher_state=...) <funcdistill.TeacherCache.open>`
-and by a build that would resume another one.
+and by a build that would resume another one. A cache built from a served
+teacher has no weights here: it records the served model's name in their place
+(:mod:`~funcdistill.cache._served`).
 
 The weights of a teacher sharded with FSDP2 (``DTensor`` entries) are those of
 its full tensors, gathered one entry at a time (``full_tensor()``, a collective:
