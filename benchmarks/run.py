@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cache, calls, cross, distributed, llm, report, suite  # noqa: E402
+from benchmarks import cache, calls, cross, distributed, llm, report, suite, timing  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"[benchmarks] {name} ...", flush=True)
-        sections.append(SECTIONS[name](cfg))
+        before = timing.machine_load()
+        sec = SECTIONS[name](cfg)
+        sec.load = {"before": before, "after": timing.machine_load()}
+        sections.append(sec)
         if hasattr(os, "getloadavg"):
             info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))
         print(f"[benchmarks] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
