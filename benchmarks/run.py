@@ -55,9 +55,12 @@ DOCS_INTRO = """# Benchmarks
 How much a funcdistill step costs next to the same step written by hand, and
 what truncation, `vmap`, `torch.compile` and a bfloat16 teacher change. Every
 step time below is a **ratio** to a hand-written step measured in the same process,
-in interleaved rounds (the median of the per-round ratios, with the
-interquartile range in brackets), so the figures describe this machine and
-this torch build, not absolute speeds. The per-call overhead of a distill
+in at least five interleaved rounds (the median of the per-round ratios, with
+the interquartile range in brackets), so the figures describe this machine and
+this torch build, not absolute speeds. A goal is `met` only when the whole
+interquartile range meets it; a range that straddles the goal reads "within
+noise of the goal". Under each table, the machine's load while it ran (the
+1-minute load average and the other running processes, before and after). The per-call overhead of a distill
 function and the cost of `funcdistill.state` are in microseconds: the overhead
 is a difference against the plain forwards timed in the same rounds, on models
 with many state tensors and negligible arithmetic. FLOPs and bytes are exact counts;
