@@ -158,9 +158,9 @@ class StateSpec:
         held = plan.held_values
         if len(given) != len(held) or torch.compiler.is_compiling() or list(given) != plan.held_keys:
             return None
-        values = list(given.values())
-        if all(map(is_, values, held)):
+        if all(map(is_, given.values(), held)):
             return {}
+        values = list(given.values())
         if not plan.ordered or any(map(is_, values, held)) or not self._fit(values):
             return None
         swaps = dict(zip(plan.names, values))
