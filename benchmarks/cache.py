@@ -30,7 +30,7 @@ import funcdistill as fd
 from benchmarks.losses import kd_loss, similarity_loss, step_loss
 from benchmarks.models import mlp_student, mlp_teacher, resnet_student, resnet_teacher
 from benchmarks.report import Section
-from benchmarks.timing import paired_rounds, ratio
+from benchmarks.timing import MIN_ROUNDS, paired_rounds, ratio, summary, verdict
 from funcdistill.cache import TeacherOutputs
 
 __all__ = ["Setup", "cache_section"]
@@ -122,20 +122,29 @@ def _mlp(cfg: Any, n: int) -> Setup:
     return Setup(mlp_teacher(), mlp_student(), x, y, cfg.mlp_batch, "body")
 
 
+def _build_times(setup: Setup, folder: str) -> tuple[fd.TeacherCache, list[float]]:
+    """The cache, built :data:`~benchmarks.timing.MIN_ROUNDS` times into fresh folders; seconds per build."""
+    seconds = []
+    for i in range(MIN_ROUNDS):
+        started = time.perf_counter()
+        cache = setup.build(f"{folder}/{i}")
+        seconds.append(time.perf_counter() - started)
+    return cache, seconds
+
+
 def _epoch_rows(sec: Section, scenario: str, setup: Setup, rounds: int, folder: str) -> None:
-    started = time.perf_counter()
-    cache = setup.build(folder)
-    build_s = time.perf_counter() - started
+    cache, builds = _build_times(setup, folder)
+    build = summary(builds)
     times = paired_rounds(setup.epochs(cache), rounds=rounds, inner=1, warmup=1)
     for name in (RAM, FN_RAM, CACHED, ONLINE, ALONE):
         goal = name == CACHED
-        median = ratio(times, name, RAM)["median"]
+        r = ratio(times, name, RAM)
         sec.add(
             scenario=scenario,
             measure=f"epoch: {name}",
-            value=_fmt(ratio(times, name, RAM)),
+            value=_fmt(r),
             target=f"<= {GOAL:.2f}" if goal else "",
-            met=("yes" if median <= GOAL else "no") if goal else "",
+            met=verdict(r, GOAL) if goal else "",
             note=f"{_ms(times[name])} ms per epoch; {_fmt(ratio(times, name, ALONE))} x labels only",
         )
     sec.add(
@@ -146,9 +155,9 @@ def _epoch_rows(sec: Section, scenario: str, setup: Setup, rounds: int, folder: 
     online_s = _ms(times[ONLINE]) / 1000
     sec.add(
         scenario=scenario,
-        measure="build (once)",
-        value=f"{build_s:.2f} s",
-        note=f"{build_s / online_s:.2f}x an online epoch; {len(cache)} samples, {cache.nbytes:,} bytes",
+        measure=f"build (once; {build['rounds']} builds)",
+        value=f"{build['median']:.2f} s ({build['p25']:.2f}-{build['p75']:.2f})",
+        note=f"{build['median'] / online_s:.2f}x an online epoch; {len(cache)} samples, {cache.nbytes:,} bytes",
     )
 
 
@@ -224,10 +233,10 @@ def cache_section(cfg: Any) -> Section:
 def _all_rows(sec: Section, cfg: Any, quick: bool) -> None:
     with tempfile.TemporaryDirectory() as root:
         cnn_n = 64 if quick else 128
-        _epoch_rows(sec, f"CNN, {cnn_n} samples, batch 64", _cnn(cfg, cnn_n), 2 if quick else 9, f"{root}/cnn")
+        _epoch_rows(sec, f"CNN, {cnn_n} samples, batch 64", _cnn(cfg, cnn_n), 5 if quick else 9, f"{root}/cnn")
         mlp_n = 1024 if quick else 4096
         _epoch_rows(
-            sec, f"MLP, {mlp_n} samples, batch {cfg.mlp_batch}", _mlp(cfg, mlp_n), 3 if quick else 11, f"{root}/mlp"
+            sec, f"MLP, {mlp_n} samples, batch {cfg.mlp_batch}", _mlp(cfg, mlp_n), 5 if quick else 11, f"{root}/mlp"
         )
     cnn = _cnn(cfg, 64)
     _bytes_rows(

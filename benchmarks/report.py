@@ -20,18 +20,23 @@ import torch
 
 import funcdistill
 
-__all__ = ["Section", "busy_note", "machine", "to_markdown", "write"]
+__all__ = ["Section", "busy_note", "load_line", "machine", "to_markdown", "write"]
 
 
 @dataclass
 class Section:
-    """One table: a title, its columns, rows as dicts, and notes printed below it."""
+    """One table: a title, its columns, rows as dicts, notes printed below it, and the machine's load.
+
+    ``load``: :func:`benchmarks.timing.machine_load` before and after the
+    section ran (``{"before": ..., "after": ...}``), filled in by the run.
+    """
 
     title: str
     columns: list[str]
     intro: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    load: dict[str, Any] = field(default_factory=dict)
 
     def add(self, **row: Any) -> None:
         """Append a row (missing columns print empty)."""
@@ -104,6 +109,24 @@ def busy_note(info: dict[str, Any]) -> str:
     )
 
 
+def load_line(load: dict[str, Any], cores: int | None) -> str:
+    """The machine's load while a section ran, as one sentence (``""`` when not recorded).
+
+    >>> load_line({"before": {"load_1min": 1.5, "busy_processes": 2}, "after": {"load_1min": 2.25, "busy_processes": 4}}, 2)
+    'Machine load while this section ran: 1-minute load average 1.5 before, 2.25 after, on 2 cores; 2 other running processes before, 4 after.'
+    """
+    before, after = load.get("before") or {}, load.get("after") or {}
+    if not before and not after:
+        return ""
+    text = (
+        f"Machine load while this section ran: 1-minute load average {before.get('load_1min')} before, "
+        f"{after.get('load_1min')} after" + (f", on {cores} cores" if cores else "")
+    )
+    if before.get("busy_processes") is not None or after.get("busy_processes") is not None:
+        text += f"; {before.get('busy_processes')} other running processes before, {after.get('busy_processes')} after"
+    return text + "."
+
+
 def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, level: int = 2) -> str:
     """The tables as Markdown, under a heading and a line describing the machine."""
     h = "#" * level
@@ -122,6 +145,9 @@ def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, 
             lines.append("| " + " | ".join(_cell(row.get(c)) for c in sec.columns) + " |")
         for note in sec.notes:
             lines += ["", f"- {note}"] if note is sec.notes[0] else [f"- {note}"]
+        load = load_line(sec.load, info.get("cores"))
+        if load:
+            lines += ["", load]
     return "\n".join(lines)
 
 

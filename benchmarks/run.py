@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python benchmarks/run.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cache, calls, cross, distributed, llm, ragged, report, served, suite  # noqa: E402
+from benchmarks import cache, calls, cross, distributed, llm, ragged, report, served, suite, timing  # noqa: E402
 
 SECTIONS = {
     "timing": suite.timing_section,
@@ -59,9 +59,12 @@ DOCS_INTRO = """# Benchmarks
 How much a funcdistill step costs next to the same step written by hand, and
 what truncation, `vmap`, `torch.compile` and a bfloat16 teacher change. Every
 step time below is a **ratio** to a hand-written step measured in the same process,
-in interleaved rounds (the median of the per-round ratios, with the
-interquartile range in brackets), so the figures describe this machine and
-this torch build, not absolute speeds. The per-call overhead of a distill
+in at least five interleaved rounds (the median of the per-round ratios, with
+the interquartile range in brackets), so the figures describe this machine and
+this torch build, not absolute speeds. A goal is `met` only when the whole
+interquartile range meets it; a range that straddles the goal reads "within
+noise of the goal". Under each table, the machine's load while it ran (the
+1-minute load average and the other running processes, before and after). The per-call overhead of a distill
 function and the cost of `funcdistill.state` are in microseconds: the overhead
 is a difference against the plain forwards timed in the same rounds, on models
 with many state tensors and negligible arithmetic. FLOPs and bytes are exact counts;
@@ -147,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"[benchmarks] {name} ...", flush=True)
-        sections.append(SECTIONS[name](cfg))
+        before = timing.machine_load()
+        sec = SECTIONS[name](cfg)
+        sec.load = {"before": before, "after": timing.machine_load()}
+        sections.append(sec)
         if hasattr(os, "getloadavg"):
             info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))
         print(f"[benchmarks] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -23,7 +23,7 @@ from benchmarks import steps as S
 from benchmarks.losses import similarity_loss, step_loss
 from benchmarks.models import mlp_student, mlp_teacher, n_params, resnet_student, resnet_teacher
 from benchmarks.report import Section
-from benchmarks.timing import paired_rounds, ratio
+from benchmarks.timing import paired_rounds, ratio, verdict
 
 __all__ = [
     "Config",
@@ -62,8 +62,8 @@ class Config:
     def repeats(self, kind: str) -> tuple[int, int]:
         """``(rounds, inner calls)`` for a kind of step."""
         table = {
-            "cnn8": (3, 1) if self.quick else (21, 2),
-            "cnn64": (3, 1) if self.quick else (13, 1),
+            "cnn8": (5, 1) if self.quick else (21, 2),
+            "cnn64": (5, 1) if self.quick else (13, 1),
             "mlp": (5, 5) if self.quick else (31, 30),
             "vmap": (5, 3) if self.quick else (21, 10),
         }
@@ -86,9 +86,15 @@ def _fmt(r: dict[str, float]) -> str:
 
 
 def _met(value: float | None, limit: float | None) -> str:
+    """``yes``/``no`` for an exact figure (a count) against ``<= limit``."""
     if value is None or limit is None:
         return ""
     return "yes" if value <= limit else "no"
+
+
+def _timed_met(r: dict[str, float], limit: float | None) -> str:
+    """A timed ratio against ``<= limit``: ``yes``/``no``, or within noise when its IQR straddles the goal."""
+    return "" if limit is None else verdict(r, limit)
 
 
 CNN32 = 32  # width of both models in the "CNN width 32" scenario
@@ -150,7 +156,7 @@ def _measure(
             ratio=_fmt(r),
             median=r["median"],
             target=f"<= {targets[name]:.2f}" if name in targets else "",
-            met=_met(r["median"], targets.get(name)),
+            met=_timed_met(r, targets.get(name)),
             reference_ms=round(1000 * sorted(times[reference])[len(times[reference]) // 2], 3),
         )
         if extra:
@@ -222,7 +228,7 @@ def timing_section(cfg: Config) -> Section:
                 for row in sec.rows:
                     if row["scenario"] == scenario and row["style"] == COMPAT:
                         row["vs_hooks"] = r["median"]
-                        row["note"] = f"{_fmt(r)} x plain hooks (target <= 1.03: {_met(r['median'], 1.03)})"
+                        row["note"] = f"{_fmt(r)} x plain hooks (target <= 1.03: {_timed_met(r, 1.03)})"
     sec.notes.append(
         "funcdistill fn + .backward() is the recommended loop: fn(state(teacher), state(student), x) "
         "each step. With a BatchNorm student in training mode (the CNNs) fn is built with "
@@ -418,8 +424,8 @@ def _vmap_group(
         row = dict(students=label, K=k, style=name, vs_handwritten_loop=_fmt(a), vs_funcdistill_loop=_fmt(b))
         if name == "funcdistill vmap":
             row.update(
-                target=f"<= {limit:.2f} x loop" if limit else "",
-                met=_met(b["median"], limit),
+                target=f"<= {limit:.2f} x hand-written loop" if limit else "",
+                met=_timed_met(a, limit),
                 note=f"max |grad(vmap) - grad(loop)| = {diff:.1e}",
             )
         sec.add(**row)
@@ -451,7 +457,10 @@ def vmap_section(cfg: Config) -> Section:
         torch.manual_seed(cfg.seed)
         students = [case.student] + [resnet_student().to(cfg.device).train() for _ in range(3)]
         _vmap_group(sec, "CNN with BatchNorm, batch 8", 4, case, students, cfg, "cnn8", None)
-    sec.notes.append("`met` compares the vmap step with the loop of the same funcdistill step.")
+    sec.notes.append(
+        "`met` compares the vmap step with the hand-written `.backward()` loop over the K students "
+        "(the goal: 2x faster at K = 8, 3x at K = 16)."
+    )
     return sec
 
 
@@ -529,9 +538,7 @@ def compile_section(cfg: Config) -> Section:
     for name in list(styles)[1:]:
         r = ratio(times, name, FLOOR)
         lim = 1.0 if name.endswith("compiled") else None
-        sec.add(
-            what=f"{name} / eager floor", value=_fmt(r), target="<= 1.00" if lim else "", met=_met(r["median"], lim)
-        )
+        sec.add(what=f"{name} / eager floor", value=_fmt(r), target="<= 1.00" if lim else "", met=_timed_met(r, lim))
     torch._dynamo.reset()
     return sec
 

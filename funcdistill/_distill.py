@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 from collections.abc import Mapping as AbcMapping
@@ -370,9 +369,17 @@ class DistillFn(Frozen):
         """
         if isinstance(teacher_state, TeacherOutputs):  # a teacher cache stands in for the teacher
             return teacher_values(teacher_state, self), None, False
-        with torch.no_grad() if self.nograd_teacher else contextlib.nullcontext():
-            values, kept, dropped = self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
-        return values, kept, dropped
+        if not self.nograd_teacher:
+            return self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
+        enabled = torch.is_grad_enabled()  # what torch.no_grad() does, without its context object
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._teacher.run(teacher_state, args, kwargs, buffers=buffers, report=report)
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
     def _split(self, student_state: AbcMapping[str, Any]) -> tuple[dict[str, Any], AbcMapping[str, Any]]:
         payload_state, rest = _payloads.split(student_state, self._payload_keys)

@@ -33,10 +33,15 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
     a truncated teacher is compiled with static input shapes (``dynamic=False``,
     or ``truncate=False`` for dynamic shapes).
     """
+    if not kwargs and all(type(x) is torch.Tensor for x in args):  # the common call, encoded as _encode does
+        return (("tuple", tuple([(_TENSOR, tuple(x.shape), x.dtype, x.device) for x in args])), _NO_KWARGS)
     try:
         return (_encode(args), _encode(kwargs))
     except _Unencodable:
         return None
+
+
+_NO_KWARGS = ("dict", ())
 
 
 class _Unencodable(Exception):

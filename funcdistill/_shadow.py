@@ -78,7 +78,7 @@ class Shadow:
     makes the shadow's swap plan from that spec.
     """
 
-    __slots__ = ("module", "taps", "units", "parallel", "lives", "shadows", "modes", "plan")
+    __slots__ = ("module", "taps", "units", "parallel", "lives", "shadows", "modes", "training", "plan")
 
     def __init__(self, model: nn.Module, points: tuple[str | Point, ...], role: str, *, dry: bool = False):
         module = shallow_clone(model)
@@ -103,6 +103,7 @@ class Shadow:
         self.shadows = [m for m, _ in pairs]
         self.lives = [m for _, m in pairs]
         self.modes = [m.training for m in self.shadows]
+        self.training = any(self.modes)
 
     def bind(self, spec: StateSpec) -> Shadow:
         """Make the swap plan for ``spec``'s entries; returns the shadow."""
@@ -116,7 +117,8 @@ class Shadow:
             for m, flag in zip(self.shadows, modes):
                 m.training = flag
             self.modes = modes
-        return any(modes)
+            self.training = any(modes)
+        return self.training
 
     def run(
         self,
@@ -150,6 +152,8 @@ class Shadow:
             if torch.compiler.is_compiling():
                 return functional_call(self.module, swaps, args, kwargs, tie_weights=True, strict=False)
             plan = self.plan
+            if plan.ordered and len(swaps) == len(plan.names) and list(swaps) == plan.names:
+                return self._run_all(swaps, args, kwargs)
             tables = list(map(plan.tables.__getitem__, swaps))
             attrs = list(map(plan.attrs.__getitem__, swaps))
             aliases = [k for k in swaps if k in plan.aliases] if plan.aliases else ()
@@ -168,3 +172,12 @@ class Shadow:
             taps.record = None
             if self.units is not None:
                 self.units.release()
+
+    def _run_all(self, swaps: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run with every entry swapped, ``swaps`` in the plan's order: the slots are set by position."""
+        tables, attrs = self.plan.slots
+        try:
+            deque(map(dict.__setitem__, tables, attrs, swaps.values()), 0)
+            return self.module(*args, **kwargs)
+        finally:  # put the shadow's own tensors back
+            deque(map(dict.__setitem__, tables, attrs, self.plan.own_list), 0)

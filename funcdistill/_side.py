@@ -140,7 +140,7 @@ class Side:
                 "from a payload or a hook)."
             )
         training = shadow.sync_modes()
-        swaps, cloned = self.spec.swaps(given, shadow.plan)
+        swaps, cloned = self.spec.swaps(given, shadow.plan, training=training)
         if self.dtype is not None:
             args, kwargs = cast_floating((args, kwargs), self.dtype)
         stop = None

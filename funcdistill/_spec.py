@@ -114,53 +114,85 @@ class StateSpec:
         tensors = (self.live_tensor(name) for name in self.names)
         return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
 
-    def swaps(self, given: Any, plan: SwapPlan) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def swaps(self, given: Any, plan: SwapPlan, *, training: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The entries to swap into a shadow, by canonical name.
 
         ``plan`` is the shadow's swap plan: what it holds (``own``, ``own_list``,
         ``meta``, and what :func:`funcdistill.state` gives for it).
+        ``training``: whether any module of the shadow is in training mode
+        (``False`` skips looking for buffers to clone).
 
         Returns the swaps and the names of the training-mode modules' buffers
         that were cloned for the call.
         """
-        if not isinstance(given, AbcMapping):
+        if type(given) is not dict and not isinstance(given, AbcMapping):
             raise TypeError(
                 f"{self.role}_state must be a dict of name -> tensor "
                 f"(funcdistill.state({self.role})), got {type(given).__name__}."
             )
-        own = plan.own
-        swaps: dict[str, torch.Tensor] = {}
-        if (
-            given
-            and not torch.compiler.is_compiling()
-            and list(map(id, given.values())) == plan.held_ids
-            and list(given) == plan.held_keys
-        ):
-            pass  # funcdistill.state(model) itself: the shadow holds every one of these tensors
-        elif given:
-            try:
-                swaps = {k: v for k, v in given.items() if own[k] is not v}
-            except (KeyError, TypeError):
-                given = self._known(given)
-                swaps = {k: v for k, v in given.items() if own[k] is not v}
-            if swaps and not self._all_fit(swaps, plan):
-                swaps = self._checked(swaps, given)
-            elif self.tied:
-                swaps = self._checked(swaps, given)
-            if swaps and self.grad_check and not next(iter(swaps.values())).requires_grad:
-                self._check_detached(swaps)  # a rare path: the first entry given does not require grad
-        if len(given) < len(own):
+        swaps = self._by_position(given, plan) if given else {}
+        if swaps is None:
+            swaps, given = self._by_name(given, plan)
+        if len(given) < len(plan.own):
             self._fill(given, plan, swaps)
         cloned = []
-        if self.clone_buffers and self.buffer_owners and self._any_training():
+        if training and self.clone_buffers and self.buffer_owners and self._any_training():
+            own = plan.own
             for name, owner in self.buffer_owners:
                 if owner.training:
                     t = swaps.get(name)
                     swaps[name] = (own[name] if t is None else t).clone()
                     cloned.append(name)
         if self.dtype is not None:
-            self._cast(own, swaps)
+            self._cast(plan.own, swaps)
         return swaps, cloned
+
+    def _by_position(self, given: AbcMapping, plan: SwapPlan) -> dict[str, torch.Tensor] | None:
+        """The fast paths, for a state with the names :func:`funcdistill.state` gives, in its order.
+
+        ``{}`` when every entry is the tensor the shadow holds (the model's own
+        state: nothing to swap or check); every entry, when none is and each
+        has the live model's shape, dtype and device (checked by position, at C
+        level); ``None`` otherwise (the per-name path decides).
+        """
+        held = plan.held_values
+        if len(given) != len(held) or torch.compiler.is_compiling() or list(given) != plan.held_keys:
+            return None
+        if all(map(is_, given.values(), held)):
+            return {}
+        values = list(given.values())
+        if not plan.ordered or any(map(is_, values, held)) or not self._fit(values):
+            return None
+        swaps = dict(zip(plan.names, values))
+        if self.grad_check and not values[0].requires_grad:
+            self._check_detached(swaps)  # a rare path: the first entry given does not require grad
+        return swaps
+
+    def _fit(self, values: list[Any]) -> bool:
+        """Every value is a tensor with the live model's shape, dtype and device, in ``names`` order."""
+        try:
+            return all(map(isinstance, values, repeat(torch.Tensor))) and list(map(_SPEC, values)) == list(
+                map(_SPEC, map(getitem, self._tables, self._attrs))
+            )
+        except AttributeError:  # an entry of the live model is None: the per-name path says what to do
+            return False
+
+    def _by_name(self, given: AbcMapping, plan: SwapPlan) -> tuple[dict[str, torch.Tensor], AbcMapping]:
+        """The entries of ``given`` that differ from the shadow's, checked by name; and ``given``
+        without the names the forward ignores."""
+        own = plan.own
+        try:
+            swaps = {k: v for k, v in given.items() if own[k] is not v}
+        except (KeyError, TypeError):
+            given = self._known(given)
+            swaps = {k: v for k, v in given.items() if own[k] is not v}
+        if swaps and not self._all_fit(swaps, plan):
+            swaps = self._checked(swaps, given)
+        elif self.tied:
+            swaps = self._checked(swaps, given)
+        if swaps and self.grad_check and not next(iter(swaps.values())).requires_grad:
+            self._check_detached(swaps)  # a rare path: the first entry given does not require grad
+        return swaps, given
 
     def _check_detached(self, swaps: dict[str, torch.Tensor]) -> None:
         """Refuse ``student.state_dict()`` (detached views of the parameters) where gradients are expected.

@@ -34,10 +34,26 @@ class SwapPlan:
         own_list: the shadow's tensors of the spec's names, in the spec's order.
         meta: the spec's names that the shadow holds on the meta device.
         held_keys: the names :func:`funcdistill.state` gives for the shadow's tensors.
-        held_ids: the ids of those tensors, in order (passing them swaps nothing).
+        held_values: those tensors, in order (passing them swaps nothing).
+        names: the spec's canonical names, in order (``own_list``'s order).
+        slots: the first slot of each of ``names``, as two lists: dicts and keys.
+        ordered: whether ``held_keys`` is ``names`` and no entry is tied, so that a
+            state with every entry swapped, in that order, goes in by position.
     """
 
-    __slots__ = ("tables", "attrs", "aliases", "own", "own_list", "meta", "held_keys", "held_ids")
+    __slots__ = (
+        "tables",
+        "attrs",
+        "aliases",
+        "own",
+        "own_list",
+        "meta",
+        "held_keys",
+        "held_values",
+        "names",
+        "slots",
+        "ordered",
+    )
 
     def __init__(self, module: nn.Module, spec: StateSpec):
         own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
@@ -60,4 +76,7 @@ class SwapPlan:
         # clones) alive for good, since the shadow's taps refer back to it.
         held = uncached_state(module)
         self.held_keys = list(held)
-        self.held_ids = list(map(id, held.values()))
+        self.held_values = list(held.values())
+        self.names = list(spec.names)
+        self.slots = ([self.tables[n] for n in self.names], [self.attrs[n] for n in self.names])
+        self.ordered = self.held_keys == self.names and not self.aliases

@@ -194,3 +194,120 @@ def test_the_fast_path_passes_the_models_own_tensors_without_copies(models):
     x = image()
     (p,) = fn(state(t), state(s), x)
     torch.testing.assert_close(p.student, s(x))
+
+
+# --- the fast paths: a state made once, or copies in state() order, is still read at every call ---
+
+
+def fast_pair():
+    torch.manual_seed(0)
+    t, s = mlp((4, 8, 3)), mlp((4, 6, 3))
+    return t, s, distill(t, s, Mapping(t, s).add("0", "0").add("", "")), torch.randn(5, 4)
+
+
+def copies(model):
+    return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in state(model).items()}
+
+
+def expected(t, s, ts, ss, x):
+    """What a call must return: plain functional_call on the same states."""
+    with torch.no_grad():
+        t_out = torch.func.functional_call(t, ts, (x,))
+    return t_out, torch.func.functional_call(s, ss, (x,))
+
+
+@pytest.mark.parametrize("kind", ["own", "copies"])
+def test_a_state_made_once_sees_in_place_updates_and_mutations_of_the_dict(kind):
+    t, s, fn, x = fast_pair()
+    ts, ss = (state(t), state(s)) if kind == "own" else (copies(t), copies(s))
+    fn(ts, ss, x)  # a first call: whatever a call keeps, it has seen these dicts
+    with torch.no_grad():
+        ss["2.weight"].mul_(-3.0)  # in place: same tensor, same version-independent identity
+        ts["0.bias"].add_(1.0)
+    t_exp, s_exp = expected(t, s, ts, ss, x)
+    _, out = fn(ts, ss, x)
+    torch.testing.assert_close(out.teacher, t_exp)
+    torch.testing.assert_close(out.student, s_exp)
+    ss["0.weight"] = torch.randn(6, 4)  # the dict itself changes: a new tensor under the same name
+    ts["2.bias"] = torch.randn(3)
+    t_exp, s_exp = expected(t, s, ts, ss, x)
+    _, out = fn(ts, ss, x)
+    torch.testing.assert_close(out.teacher, t_exp)
+    torch.testing.assert_close(out.student, s_exp)
+
+
+@pytest.mark.parametrize("kind", ["own", "copies"])
+def test_a_state_made_once_is_checked_again_after_a_change_of_shape_dtype_or_device(kind):
+    t, s, fn, x = fast_pair()
+    ss = state(s) if kind == "own" else copies(s)
+    fn(state(t), ss, x)
+    ss["2.weight"] = torch.zeros(3, 7)  # a new tensor of another shape, same name and order
+    with pytest.raises(ValueError, match=r"'2\.weight' has shape \(3, 7\), the model's has \(3, 6\)"):
+        fn(state(t), ss, x)
+    ss = copies(s)
+    fn(state(t), ss, x)
+    ss["0.bias"].data = torch.zeros(6, dtype=torch.float64)  # .data= keeps the tensor and its version
+    with pytest.raises(ValueError, match=r"'0\.bias' has dtype torch\.float64, the model's has torch\.float32"):
+        fn(state(t), ss, x)
+    ss = copies(s)
+    fn(state(t), ss, x)
+    ss["0.bias"].data = torch.zeros(2, 3)  # same dtype, another shape
+    with pytest.raises(ValueError, match=r"'0\.bias' has shape \(2, 3\), the model's has \(6,\)"):
+        fn(state(t), ss, x)
+    ss = copies(s)
+    fn(state(t), ss, x)
+    ss["0.bias"] = torch.zeros(6, device="meta")
+    with pytest.raises(ValueError, match=r"'0\.bias' is on meta, the model's is on cpu"):
+        fn(state(t), ss, x)
+
+
+def test_copies_are_checked_against_the_live_model_after_it_changes():
+    t, s, fn, x = fast_pair()
+    ss = copies(s)
+    fn(state(t), ss, x)
+    s[2].weight = nn.Parameter(torch.randn(3, 6, dtype=torch.float64))  # the live model changes dtype
+    with pytest.raises(ValueError, match=r"'2\.weight' has dtype torch\.float32, the model's has torch\.float64"):
+        fn(state(t), ss, x)
+
+
+def test_copies_in_another_order_or_partly_swapped_run_each_tensor_under_its_name():
+    t, s, fn, x = fast_pair()
+    ss = copies(s)
+    with torch.no_grad():
+        for v in ss.values():
+            v.mul_(0.5)
+    reordered = dict(reversed(list(ss.items())))
+    partly = {**state(s), "2.weight": ss["2.weight"]}  # state() order, one entry swapped
+    for given in (ss, reordered, partly):
+        _, out = fn(state(t), given, x)
+        torch.testing.assert_close(out.student, torch.func.functional_call(s, given, (x,)))
+    _, out = fn(state(t), state(s), x)  # and the model's own tensors again afterwards
+    torch.testing.assert_close(out.student, s(x))
+
+
+def test_a_call_on_copies_puts_the_shadows_own_tensors_back():
+    t, s, fn, x = fast_pair()
+    fn(copies(t), copies(s), x)
+    with torch.no_grad():
+        s[0].weight.mul_(2.0)  # the live model's own tensors, changed in place after the swap call
+    _, out = fn(state(t), state(s), x)
+    torch.testing.assert_close(out.student, s(x))
+    _, out = fn({}, {}, x)
+    torch.testing.assert_close(out.student, s(x))
+
+
+def test_a_mode_change_is_seen_by_the_next_call():
+    torch.manual_seed(0)
+    t = mlp((4, 8, 3)).eval()
+    s = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).eval()
+    fn = distill(t, s, mutable=False)
+    x = torch.randn(64, 4)
+    ts, ss = state(t), state(s)
+    (p,) = fn(ts, ss, x)
+    torch.testing.assert_close(p.student, s(x))
+    s[1].train()  # one submodule only
+    torch.manual_seed(1)
+    (p,) = fn(ts, ss, x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(p.student, s(x))
+    assert not torch.equal(p.student, s.eval()(x))

@@ -1,0 +1,90 @@
+"""How the benchmark suite judges and renders timings (``benchmarks/timing.py``, ``benchmarks/report.py``).
+
+Synthetic timings, no clock: a goal is met only when the whole interquartile
+range meets it, a range that straddles the goal says so, every timing has at
+least five rounds, and the machine's load is in the results and the tables.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report, timing
+from benchmarks.calls import goal_us
+
+
+def times(reference: list[float], candidate: list[float]) -> timing.Times:
+    out = timing.Times({"reference": reference, "candidate": candidate})
+    out.load = {"before": {"load_1min": 3.5, "busy_processes": 4}, "after": {"load_1min": 5.0, "busy_processes": 6}}
+    return out
+
+
+def rendered(t: timing.Times, limit: float) -> str:
+    r = timing.ratio(t, "candidate", "reference")
+    sec = report.Section("Demo", ["style", "ratio", "target", "met"])
+    sec.add(
+        style="candidate",
+        ratio=f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})",
+        target=f"<= {limit}",
+        met=timing.verdict(r, limit),
+    )
+    sec.load = t.load
+    return report.to_markdown([sec], {"cores": 2}, heading="Results")
+
+
+@pytest.mark.parametrize(
+    ("candidate", "met"),
+    [
+        ([0.90, 0.92, 0.95, 0.97, 0.99], "yes"),  # the whole range under 1.0
+        ([0.90, 0.95, 0.98, 1.05, 1.10], timing.NOISE),  # median under the goal, range across it
+        ([0.95, 0.99, 1.02, 1.04, 1.20], timing.NOISE),  # median over the goal, range across it
+        ([1.05, 1.06, 1.08, 1.10, 1.30], "no"),  # the whole range over it
+    ],
+)
+def test_a_goal_is_met_only_when_the_interquartile_range_meets_it(candidate, met):
+    text = rendered(times([1.0] * 5, candidate), 1.0)
+    row = text.splitlines()[-3]  # the table's last row, then a blank line and the load line
+    assert row.endswith(f"| {met} |"), row
+
+
+def test_the_table_says_within_noise_and_gives_the_load():
+    text = rendered(times([1.0] * 5, [0.90, 0.95, 0.98, 1.05, 1.10]), 1.0)
+    assert "| within noise of the goal |" in text
+    assert (
+        "Machine load while this section ran: 1-minute load average 3.5 before, 5.0 after, on 2 cores; "
+        "4 other running processes before, 6 after." in text
+    )
+
+
+def test_higher_is_better_goals_are_judged_from_the_other_side():
+    assert timing.verdict({"median": 2.5, "p25": 2.2, "p75": 2.8}, 2.0, higher_is_better=True) == "yes"
+    assert timing.verdict({"median": 2.1, "p25": 1.9, "p75": 2.3}, 2.0, higher_is_better=True) == timing.NOISE
+    assert timing.verdict({"median": 1.5, "p25": 1.4, "p75": 1.9}, 2.0, higher_is_better=True) == "no"
+
+
+def test_every_timing_has_at_least_five_rounds_and_records_the_load():
+    t = timing.paired_rounds({"a": lambda: None, "b": lambda: None}, rounds=2, warmup=0)
+    assert [len(v) for v in t.values()] == [timing.MIN_ROUNDS] * 2
+    assert set(t.load) == {"before", "after"}
+    assert set(t.load["before"]) == {"load_1min", "busy_processes"}
+
+
+def test_the_load_survives_the_json_and_a_rerender(tmp_path):
+    sec = report.Section(
+        "Demo",
+        ["style"],
+        load={"before": {"load_1min": 1.0, "busy_processes": 0}, "after": {"load_1min": 2.0, "busy_processes": 1}},
+    )
+    sec.add(style="x")
+    json_path, _ = report.write([sec], {"cores": 2}, {}, tmp_path, "demo")
+    data = json.loads(json_path.read_text())
+    again = [report.Section(**s) for s in data["sections"]]
+    assert "1-minute load average 1.0 before, 2.0 after" in report.to_markdown(again, data["machine"], heading="R")
+
+
+def test_the_overhead_goal_counts_state_tensors_and_swapped_ones():
+    assert goal_us(102, 0) == pytest.approx(30.1)  # 51 + 51 tensors, nothing swapped
+    assert goal_us(1600, 0) == pytest.approx(105.0)
+    assert goal_us(102, 102) == pytest.approx(132.1)  # every tensor swapped in: 1 µs each on top
