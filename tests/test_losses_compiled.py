@@ -121,7 +121,9 @@ def test_a_compile_that_fails_falls_back_to_the_eager_chunk(monkeypatch):
     loss = jsd(ht, wt, True, temperature=3.0)  # a new graph (not in Inductor's caches)
     with pytest.warns(RuntimeWarning, match=r"compiling the per-chunk work failed .*running it eagerly"):
         value = grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
-    torch.testing.assert_close(value, grad_and_value(jsd(ht, wt, False, temperature=3.0), argnums=(0, 1, 2))(hs, ws, bs))
+    torch.testing.assert_close(
+        value, grad_and_value(jsd(ht, wt, False, temperature=3.0), argnums=(0, 1, 2))(hs, ws, bs)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failure is reported once; later calls run eagerly at once
         grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
