@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from funcdistill.losses._checks import check_positive
+from funcdistill.losses._compiled import check_compiled, use_compiled
 from funcdistill.losses._cross import check_hybrid_options, check_shared_ids, is_zero, probs, sorted_gap
 from funcdistill.losses._fused import (
     _check_head,
@@ -126,11 +127,13 @@ def _prepare(
     return compute_dtype(teacher_hidden, student_hidden)
 
 
-def _run(parts, chunk_size, dtype, counted, reduction, heads, *constants) -> torch.Tensor:
+def _run(parts, chunk_size, dtype, counted, reduction, compiled, heads, *constants) -> torch.Tensor:
     """The chunked loss of ``parts`` over the student's head, the teacher's head and ``constants`` fixed."""
     teacher_hidden, student_hidden, teacher_weight, student_weight, teacher_bias, student_bias = heads
-    weights = _weights(counted, student_hidden.shape[:-1], reduction, dtype, student_hidden.device)
-    chunking = _Chunking(parts, chunk_size, 1, student_weight.shape[0], dtype)
+    leading = student_hidden.shape[:-1]
+    weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
+    logits = min(chunk_size, leading.numel()) * max(teacher_weight.shape[0], student_weight.shape[0])
+    chunking = _Chunking(parts, chunk_size, 1, student_weight.shape[0], dtype, use_compiled(compiled, logits))
     return _chunked_loss(
         chunking,
         student_hidden,
@@ -158,6 +161,7 @@ def fused_linear_uld_loss(
     teacher_bias: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     reduction: str = "mean",
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     r"""ULD of two linear heads' logits (any two vocabularies), computed ``chunk_size`` positions at a time.
 
@@ -189,6 +193,7 @@ def fused_linear_uld_loss(
         teacher_bias: the teacher's head bias ``(V_T,)``, if it has one.
         student_bias: the student's head bias ``(V_S,)``, if it has one.
         reduction: ``"mean"`` (over counted positions) or ``"sum"``.
+        compiled: compile each chunk's work, as in :func:`~funcdistill.losses.fused_linear_jsd_loss`.
 
     Raises:
         TypeError: an argument has the wrong type, or one side's head tensors differ in dtype.
@@ -210,8 +215,10 @@ def fused_linear_uld_loss(
     dtype = _prepare(name, *heads, temperature)
     chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]))
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
+    check_compiled(name, compiled)
     fixed, tensors = _split(temperature)
-    return _run(functools.partial(_uld_parts, fixed), chunk_size, dtype, counted, reduction, heads, *tensors)
+    parts = functools.partial(_uld_parts, fixed)
+    return _run(parts, chunk_size, dtype, counted, reduction, compiled, heads, *tensors)
 
 
 def fused_linear_hybrid_loss(
@@ -233,6 +240,7 @@ def fused_linear_hybrid_loss(
     teacher_bias: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     reduction: str = "mean",
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     r"""The GOLD hybrid of two linear heads' logits, computed ``chunk_size`` positions at a time.
 
@@ -260,6 +268,7 @@ def fused_linear_hybrid_loss(
         teacher_bias: the teacher's head bias ``(V_T,)``, if it has one.
         student_bias: the student's head bias ``(V_S,)``, if it has one.
         reduction: ``"mean"`` (over counted positions) or ``"sum"``.
+        compiled: compile each chunk's work, as in :func:`~funcdistill.losses.fused_linear_jsd_loss`.
 
     Raises:
         TypeError: an argument has the wrong type, or one side's head tensors differ in dtype.
@@ -286,4 +295,6 @@ def fused_linear_hybrid_loss(
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
     fixed, tensors = _split(exact_weight, uld_weight, beta, temperature)
     ids = teacher_ids.to(teacher_weight.device).long(), student_ids.to(student_weight.device).long()
-    return _run(functools.partial(_hybrid_parts, fixed), chunk_size, dtype, counted, reduction, heads, *ids, *tensors)
+    check_compiled(name, compiled)
+    parts = functools.partial(_hybrid_parts, fixed)
+    return _run(parts, chunk_size, dtype, counted, reduction, compiled, heads, *ids, *tensors)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from funcdistill.losses._checks import check_fraction, check_positive, check_reduction, check_tensors
+from funcdistill.losses._compiled import check_compiled, chunk_kernel, use_compiled
 from funcdistill.losses._divergence import check_topk, jsd_rows, kl_rows, log_mixture, log_probs, topk_rows
 from funcdistill.losses._tokens import (
     IGNORE_INDEX,
@@ -83,6 +84,7 @@ class _Chunking(NamedTuple):
     sliced: int  # how many of the teacher-side tensors are split by token (the others are constants)
     classes: int  # the first rows of the student's head to use (vocab_size)
     dtype: torch.dtype  # the dtype the loss is computed in and returned as (the wider side's)
+    compiled: bool = False  # each chunk through torch.compile (decided by _compiled.use_compiled)
 
 
 def _first(x: Any, n: int) -> Any:
@@ -99,10 +101,10 @@ def _chunks(chunking: _Chunking, hidden: torch.Tensor, weights: torch.Tensor, te
         yield hidden[start:stop], weights[start:stop], rows, constants
 
 
-def _chunk(chunking, hidden, weight, bias, weights, rows, constants, need_grad):
+def _chunk(parts, dtype, hidden, head, bias, weights, rows, constants, need_grad):
     """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
-    logits = F.linear(hidden, _first(weight, chunking.classes), _first(bias, chunking.classes)).to(chunking.dtype)
-    per_token, grad_logits = chunking.parts(rows, constants, logits, need_grad)
+    logits = F.linear(hidden, head, bias).to(dtype)
+    per_token, grad_logits = parts(rows, constants, logits, need_grad)
     counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     loss = (torch.where(counted, per_token, zero) * weights).sum()
@@ -111,18 +113,42 @@ def _chunk(chunking, hidden, weight, bias, weights, rows, constants, need_grad):
     return loss, grad_logits
 
 
+def _chunk_value(parts, dtype, hidden, head, bias, weights, rows, constants) -> torch.Tensor:
+    """One chunk's ``sum(weights * per_token_loss)`` (the function compiled for the value-only path)."""
+    return _chunk(parts, dtype, hidden, head, bias, weights, rows, constants, False)[0]
+
+
+def _chunk_grad(parts, dtype, hidden, head, bias, weights, rows, constants):
+    """One chunk's weighted loss, the gradient for its logits (in the head's dtype) and for the bias."""
+    loss, grad_logits = _chunk(parts, dtype, hidden, head, bias, weights, rows, constants, True)
+    grad_logits = grad_logits.to(head.dtype)
+    grad_bias = None if bias is None else grad_logits.sum(0, dtype=torch.promote_types(head.dtype, torch.float32))
+    return loss, grad_logits, grad_bias
+
+
+def _under_transform() -> bool:
+    """A ``torch.func`` transform is active (its tensors are wrapped: the compiled chunk is not used on them)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _chunked_value(chunking, hidden, weight, bias, weights, *teacher) -> torch.Tensor:
     """The loss alone, chunk by chunk (nothing needs a gradient)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    head, head_bias = _first(weight, chunking.classes), _first(bias, chunking.classes)
+    step = chunk_kernel(_chunk_value, chunking.compiled and not _under_transform())
     total = hidden.new_zeros((), dtype=torch.promote_types(chunking.dtype, torch.float32))
     for h, w, rows, constants in _chunks(chunking, hidden, weights, teacher):
-        total = total + _chunk(chunking, h, weight, bias, w, rows, constants, False)[0]
+        total = total + step(chunking.parts, chunking.dtype, h, head, head_bias, w, rows, constants)
     return total.to(chunking.dtype)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with zero rows appended up to ``rows`` (the gradient of head rows past ``vocab_size``)."""
     return x if x.shape[0] == rows else F.pad(x, (0,) * (2 * x.dim() - 1) + (rows - x.shape[0],))
+
+
+def _select(x: Any, dim: int | None, index: int) -> Any:
+    return x if dim is None else x.select(dim, index)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -132,28 +158,31 @@ class _ChunkedLoss(torch.autograd.Function):
     head's chain rule is applied by hand (``grad_logits @ W``,
     ``grad_logits.T @ h``): no autograd or ``torch.func`` transform runs inside
     the forward, which keeps it traceable by ``torch.compile`` under
-    ``torch.func.grad``.
+    ``torch.func.grad``. The forward always sees plain tensors (``torch.func``
+    runs it below its transforms, and the vmap rule calls it per batch
+    element), so its chunks may run compiled (:mod:`funcdistill.losses._compiled`).
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(chunking, student_hidden, weight, bias, weights, *teacher):  # type: ignore[override]
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         acc = torch.promote_types(weight.dtype, torch.float32)
-        head = _first(weight, chunking.classes)
+        head, head_bias = _first(weight, chunking.classes), _first(bias, chunking.classes)
+        step = chunk_kernel(_chunk_grad, chunking.compiled)
         total = hidden.new_zeros((), dtype=torch.promote_types(chunking.dtype, torch.float32))
         grad_weight = torch.zeros(head.shape, dtype=acc, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(head.shape[:1], dtype=acc, device=weight.device)
         grad_hidden = []
         for h, w, rows, constants in _chunks(chunking, hidden, weights, teacher):
-            loss, grad_logits = _chunk(chunking, h, weight, bias, w, rows, constants, True)
-            grad_logits = grad_logits.to(head.dtype)
+            loss, grad_logits, chunk_bias = step(chunking.parts, chunking.dtype, h, head, head_bias, w, rows, constants)
             total = total + loss
             grad_hidden.append(grad_logits @ head)
-            grad_weight = grad_weight + grad_logits.T @ h
+            if grad_logits.dtype == acc:
+                grad_weight = grad_weight.addmm_(grad_logits.T, h)  # in place: no second (V, H) tensor
+            else:
+                grad_weight = grad_weight.add_(grad_logits.T @ h)
             if grad_bias is not None:
-                grad_bias = grad_bias + grad_logits.sum(0)
+                grad_bias = grad_bias.add_(chunk_bias)
         grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
         outputs = (total.to(chunking.dtype), grad_hidden.reshape(student_hidden.shape))
         outputs += (_pad_rows(grad_weight, weight.shape[0]).to(weight.dtype),)
@@ -165,6 +194,16 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.n_teacher = len(inputs) - 5
         # unused outputs then get None as gradient: a gradient for a saved gradient means a second derivative
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def vmap(info, in_dims, chunking, *inputs):
+        """The chunked loss of each batch element in turn (its forward must see plain tensors to compile)."""
+        each = [
+            _ChunkedLoss.apply(chunking, *(_select(x, d, i) for x, d in zip(inputs, in_dims[1:])))
+            for i in range(info.batch_size)
+        ]
+        outputs = tuple(torch.stack(parts) for parts in zip(*each))
+        return outputs, (0,) * len(outputs)
 
     @staticmethod
     def backward(ctx, grad_loss, *grad_saved):  # type: ignore[override]
@@ -336,6 +375,7 @@ def fused_linear_jsd_loss(
     student_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
     reduction: str = "mean",
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     r"""Generalized JSD of two linear heads' logits, computed ``chunk_size`` tokens at a time.
 
@@ -373,6 +413,11 @@ def fused_linear_jsd_loss(
         student_bias: the student's head bias ``(V,)``, if it has one.
         vocab_size: compare only the first ``vocab_size`` classes.
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
+        compiled: run each chunk's work through ``torch.compile`` (compiled once
+            per shape family, the token count symbolic): ``None`` (default) when a
+            chunk holds at least 2**20 logits, ``True`` always, ``False`` never.
+            Eager wherever compiling is unavailable or fails, and with the
+            environment variable ``FUNCDISTILL_FUSED_EAGER=1``.
 
     Raises:
         TypeError: an argument has the wrong type, or one side's head tensors differ in dtype.
@@ -397,6 +442,7 @@ def fused_linear_jsd_loss(
     check_fraction(name, "beta", beta)
     check_positive(name, "temperature", temperature, allow_tensor=True)
     chunk_size = _chunk_tokens(name, chunk_size, classes)
+    check_compiled(name, compiled)
     leading = student_hidden.shape[:-1]
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     dtype = compute_dtype(teacher_hidden, student_hidden)
@@ -407,7 +453,8 @@ def fused_linear_jsd_loss(
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    chunking = _Chunking(rows, chunk_size, 1, classes, dtype)
+    fast = use_compiled(compiled, min(chunk_size, leading.numel()) * classes)
+    chunking = _Chunking(rows, chunk_size, 1, classes, dtype, fast)
     return _chunked_loss(
         chunking,
         student_hidden,
@@ -450,6 +497,7 @@ def fused_linear_topk_kl_loss(
     chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,
     reduction: str = "mean",
+    compiled: bool | None = None,
 ) -> torch.Tensor:
     r"""Top-k forward KL from stored teacher outputs, with the student's head applied chunk by chunk.
 
@@ -471,6 +519,7 @@ def fused_linear_topk_kl_loss(
         chunk_size: tokens per chunk; by default about 2**24 logits per chunk.
         student_bias: the student's head bias ``(V,)``, if it has one.
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
+        compiled: compile each chunk's work, as in :func:`fused_linear_jsd_loss`.
 
     Raises:
         TypeError: an argument has the wrong type, or the student's head tensors differ in dtype.
@@ -494,11 +543,13 @@ def fused_linear_topk_kl_loss(
     if not isinstance(renormalize, bool):
         raise TypeError(f"{name}: renormalize must be True or False, got {type(renormalize).__name__}.")
     chunk_size = _chunk_tokens(name, chunk_size, vocab)
+    check_compiled(name, compiled)
     counted = counted_tokens(name, leading, mask, labels, ignore_index)
     dtype = compute_dtype(teacher_topk_logprobs, student_hidden)
     weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
     k = teacher_topk_logprobs.shape[-1]
-    chunking = _Chunking(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype)
+    fast = use_compiled(compiled, min(chunk_size, leading.numel()) * vocab)
+    chunking = _Chunking(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype, fast)
     return _chunked_loss(
         chunking,
         student_hidden,

@@ -1,0 +1,129 @@
+"""The fused losses' compiled chunks: same values as the eager chunks, compiled once per shape family.
+
+The compiled and the eager chunk run the same arithmetic in a different order
+(Inductor fuses the softmax, the divergence and its gradient into loops over
+each row and may reassociate the row sums), so they agree to float32 rounding,
+not bit for bit: a relative 1e-5 on values of order 1 and gradients of order
+1/tokens is a few hundred float32 ulps of a length-13 row sum, far below any
+wrong-formula difference (the tests in test_losses_fused.py pin the formulas
+on the eager chunks in float64). The compiled tests are few and small: a
+compile costs seconds on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.func import grad, grad_and_value, vmap
+
+from funcdistill import losses as L
+from funcdistill.losses import _compiled
+
+pytestmark = pytest.mark.usefixtures("seed")
+
+HT, HS, V = 6, 4, 13
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 rounding of reordered row sums (see the module docstring)
+
+
+def graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    return counters["stats"]["unique_graphs"]
+
+
+def heads(tokens: int):
+    ht, hs = torch.randn(tokens, HT), torch.randn(tokens, HS)
+    return ht, hs, torch.randn(V, HT), torch.randn(V, HS), torch.randn(V)
+
+
+def jsd(ht, wt, compiled, **kw):
+    def loss(h, w, b):
+        return L.fused_linear_jsd_loss(ht, h, wt, w, student_bias=b, chunk_size=8, compiled=compiled, **kw)
+
+    return loss
+
+
+def test_compiled_must_be_a_bool_or_none():
+    ht, hs, wt, ws, _ = heads(4)
+    with pytest.raises(TypeError, match=r"fused_linear_jsd_loss: compiled must be True, False or None .*got str"):
+        L.fused_linear_jsd_loss(ht, hs, wt, ws, compiled="yes")
+    with pytest.raises(TypeError, match=r"fused_linear_topk_kl_loss: compiled must be True, False or None .*got int"):
+        L.fused_linear_topk_kl_loss(*torch.randn(4, V).topk(3), hs, ws, compiled=1)
+
+
+def test_which_calls_compile(monkeypatch):
+    big = _compiled.MIN_COMPILED_LOGITS
+    supported = torch._dynamo.is_dynamo_supported()
+    assert [_compiled.use_compiled(c, n) for c, n in ((None, big - 1), (False, big), (True, 1))] == [
+        False,
+        False,
+        supported,
+    ]
+    assert _compiled.use_compiled(None, big) is supported
+    monkeypatch.setenv(_compiled.EAGER_ENV, "1")  # forces eager, even over compiled=True
+    assert not _compiled.use_compiled(True, big) and not _compiled.use_compiled(None, big)
+
+
+@pytest.mark.compile
+def test_compiled_chunks_equal_eager_compile_once_per_shape_family_and_are_pure():
+    ht, hs, wt, ws, bs = heads(20)  # chunks of 8, 8 and 4 tokens
+    eager = grad_and_value(jsd(ht, wt, False), argnums=(0, 1, 2))(hs, ws, bs)
+    compiled = grad_and_value(jsd(ht, wt, True), argnums=(0, 1, 2))(hs, ws, bs)
+    torch.testing.assert_close(compiled, eager, **TOL)
+    before = graphs()
+    again = grad_and_value(jsd(ht, wt, True), argnums=(0, 1, 2))(hs, ws, bs)  # the compiled code, cached
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)  # the cache changes nothing it returns
+    for tokens in (13, 29):  # other lengths, other last chunks (5 tokens): the token dimension is symbolic
+        h = torch.randn(tokens, HS, requires_grad=True)
+        t = torch.randn(tokens, HT)
+        loss = jsd(t, wt, True)(h, ws, bs)
+        loss.backward()  # the .backward() path runs the same compiled chunks
+        (expected,) = torch.autograd.grad(jsd(t, wt, False)(h, ws, bs), h)
+        torch.testing.assert_close(h.grad, expected, **TOL)
+    with torch.no_grad():  # the value alone: its own chunk function, compiled once
+        torch.testing.assert_close(jsd(ht, wt, True)(hs, ws, bs), eager[1], **TOL)
+    assert graphs() == before + 1
+
+
+@pytest.mark.compile
+def test_compiled_chunks_under_vmap_and_topk():
+    ht, hs, wt, ws, bs = heads(20)
+    seqs = ht.reshape(2, 10, HT), hs.reshape(2, 10, HS)
+
+    def per_sequence(compiled):
+        return vmap(grad(lambda t, h, w: jsd(t, wt, compiled)(h, w, bs), argnums=2), (0, 0, None))(*seqs, ws)
+
+    def of_total(compiled):
+        return grad(lambda w: vmap(lambda t, h: jsd(t, wt, compiled)(h, w, bs))(*seqs).sum())(ws)
+
+    torch.testing.assert_close(per_sequence(True), per_sequence(False), **TOL)
+    torch.testing.assert_close(of_total(True), of_total(False), **TOL)
+    logprobs, indices = torch.randn(20, V).log_softmax(-1).topk(5)
+
+    def topk(compiled):
+        def loss(h, w):
+            return L.fused_linear_topk_kl_loss(logprobs, indices, h, w, chunk_size=8, compiled=compiled)
+
+        return grad_and_value(loss, argnums=(0, 1))(hs, ws)
+
+    torch.testing.assert_close(topk(True), topk(False), **TOL)
+
+
+@pytest.mark.compile
+def test_a_compile_that_fails_falls_back_to_the_eager_chunk(monkeypatch):
+    ht, hs, wt, ws, bs = heads(12)
+    monkeypatch.setattr(_compiled, "_KERNELS", {})  # a fresh compile, not one cached by an earlier test
+    monkeypatch.setattr(_compiled, "_BROKEN", set())
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # no C++ compiler
+    loss = jsd(ht, wt, True, temperature=3.0)  # a new graph (not in Inductor's caches)
+    with pytest.warns(RuntimeWarning, match=r"compiling the per-chunk work failed .*running it eagerly"):
+        value = grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
+    torch.testing.assert_close(
+        value, grad_and_value(jsd(ht, wt, False, temperature=3.0), argnums=(0, 1, 2))(hs, ws, bs)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is reported once; later calls run eagerly at once
+        grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
