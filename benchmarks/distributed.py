@@ -319,8 +319,8 @@ def distributed_section(cfg: Any) -> Section:
         "all-gather may hold a second copy of its output on some ranks (the `alone` rows)."
     )
     sec.notes.append(
-        "Time ratios are noisy: 2 CPU cores shared with other jobs, and 4 ranks oversubscribe them; "
-        "each rank uses one thread."
+        "4 ranks oversubscribe 2 CPU cores (each rank uses one thread), so the 4-rank time ratios are noisier "
+        "than the 2-rank ones; the machine's load during the run is given under the table."
     )
     return sec
 
@@ -470,8 +470,8 @@ def tensor_parallel_section(cfg: Any) -> Section:
         "for the head) and gathers the mapped values into full tensors on every rank."
     )
     sec.notes.append(
-        "Measured on a loaded machine (2 CPU cores shared with other jobs; 4 ranks oversubscribe them, one "
-        "thread each): the ratios are noisy and are rerun on a quiet machine."
+        "4 ranks oversubscribe 2 CPU cores (each rank uses one thread), so the 4-rank time ratios are noisier "
+        "than the 2-rank ones; the machine's load during the run is given under the table."
     )
     return sec
 
@@ -639,7 +639,7 @@ def resharded_student_section(cfg: Any) -> Section:
         "resharding: every unit stays gathered from its forward to its backward."
     )
     sec.notes.append(
-        "Time ratios are noisy: 2 CPU cores shared with other jobs, and 4 ranks oversubscribe them; "
-        "each rank uses one thread."
+        "4 ranks oversubscribe 2 CPU cores (each rank uses one thread), so the 4-rank time ratios are noisier "
+        "than the 2-rank ones; the machine's load during the run is given under the table."
     )
     return sec
