@@ -441,12 +441,15 @@ def test_two_by_two_mesh(four, name):
     _assert_ok(four, name)
 
 
-def test_example_under_torchrun():
-    """examples/tp_distill.py on 2 ranks (tensor parallel 2) checks itself against the unsharded run."""
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_example_under_torchrun(ranks):
+    """examples/tp_distill.py on 2 ranks (tensor parallel 2) and 4 (a 2 x 2 mesh, FSDP2 over tensor parallel)
+    checks itself against the unsharded run."""
     pytest.importorskip("transformers")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tp_distill.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "examples/tp_distill.py"]
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("equal to the unsharded run") == ranks, done.stdout
     assert "rank 0: loss" in done.stdout and "equal to the unsharded run" in done.stdout, done.stdout
