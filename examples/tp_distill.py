@@ -41,36 +41,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# the models, their FSDP2 units and the mapping are the FSDP2 example's (run from examples/, as torchrun does)
+from fsdp_distill import VOCAB, build_mapping, build_models, hidden, shard
 from torch import nn
 
 import funcdistill as fd
 from funcdistill.losses import kd_loss, mse_loss
 
 __all__ = ["build_mapping", "build_models", "main", "parallelize", "shard", "token_batch"]
-
-VOCAB = 128
-PAIRS = (("model.layers.3", "model.layers.1"), ("", ""))
-
-
-def build_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """A 4-layer teacher (eval mode) and a 2-layer student of the same width, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def config(layers: int) -> Any:
-        return LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attn_implementation="eager",
-            use_cache=False,
-        )
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config(4)).eval(), LlamaForCausalLM(config(2))
 
 
 def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
@@ -93,28 +72,6 @@ def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
             f"model.layers.{i}.mlp.down_proj": RowwiseParallel(),
         }
     return parallelize_module(model, mesh, plan)
-
-
-def shard(model: nn.Module, mesh: Any) -> nn.Module:
-    """FSDP2 as its docs show: each decoder layer a unit, then the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def hidden(output: Any) -> torch.Tensor:
-    """A decoder layer's hidden states (some transformers versions return a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def build_mapping(teacher: nn.Module, student: nn.Module) -> fd.Mapping:
-    mapping = fd.Mapping(teacher, student)
-    for t, s in PAIRS:
-        mapping = mapping.add(t, s)
-    return mapping
 
 
 def objective(fn: fd.DistillFn, teacher: nn.Module, student: nn.Module, ids: torch.Tensor) -> torch.Tensor:
