@@ -27,11 +27,10 @@ Run one case by hand: ``python -m benchmarks.cross memory 1024 fused``.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ import torch
 
 from benchmarks.llm import _available_mib, _peak, _reset_peak, make_step
 from benchmarks.report import Section
-from benchmarks.timing import paired_rounds, ratio
+from benchmarks.timing import fresh_process, paired_rounds, ratio
 from funcdistill.align import align
 from funcdistill.losses import fused_linear_uld_loss, uld_loss
 
@@ -201,19 +200,8 @@ STYLES: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python -m benchmarks.cross ARGS`` in a fresh process (``env`` added to this one's); its JSON answer."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cross", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmarks.cross {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_run = functools.partial(fresh_process, "benchmarks.cross")
+"""Run ``python -m benchmarks.cross ARGS`` in a fresh process; its JSON answer."""
 
 
 def _memory_rounds(sizes: tuple[int, ...], rounds: int, seed: int) -> dict[tuple[int, str], list[float]]:

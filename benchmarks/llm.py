@@ -46,9 +46,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,7 +56,7 @@ from typing import Any
 import torch
 
 from benchmarks.report import Section
-from benchmarks.timing import paired_rounds, ratio
+from benchmarks.timing import fresh_process, paired_rounds, ratio
 from funcdistill.losses import fused_linear_jsd_loss, fused_linear_topk_kl_loss, generalized_jsd_loss, topk_kl_loss
 
 __all__ = ["STEPS", "llm_section", "make_step", "measure_memory", "measure_time"]
@@ -229,19 +227,8 @@ def _available_mib() -> float:
     return float("inf")
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python -m benchmarks.llm ARGS`` in a fresh process; its JSON answer."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.llm", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmarks.llm {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_run = functools.partial(fresh_process, "benchmarks.llm")
+"""Run ``python -m benchmarks.llm ARGS`` in a fresh process; its JSON answer."""
 
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

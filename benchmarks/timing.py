@@ -23,9 +23,12 @@ goal is met only when the whole interquartile range is on its side
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +36,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_ROUNDS", "NOISE", "Times", "machine_load", "paired_rounds", "ratio", "summary", "verdict"]
+__all__ = [
+    "MIN_ROUNDS",
+    "NOISE",
+    "Times",
+    "fresh_process",
+    "machine_load",
+    "paired_rounds",
+    "ratio",
+    "summary",
+    "verdict",
+]
 
 MIN_ROUNDS = 5
 """The fewest rounds a timing has: fewer give no meaningful interquartile range."""
@@ -159,3 +172,21 @@ def verdict(result: dict[str, float], limit: float, *, higher_is_better: bool = 
     if low > limit:
         return "no"
     return NOISE
+
+
+def fresh_process(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m MODULE ARGS`` in a fresh process (``env`` added to this one's); the JSON on its last line.
+
+    Each peak-memory case runs this way, so that one case's allocations never count in another's peak.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
