@@ -89,7 +89,9 @@ def distill(
             the next call (``{**student_state, **buffers.student}``), or in a
             ``loss.backward()`` loop write them back into the model
             (``student.load_state_dict(buffers.student, strict=False)``).
-            ``False``: return only the pairs and drop such updates.
+            ``False``: return only the pairs and drop such updates (torch's
+            BatchNorm then runs without its running statistics: the same
+            batch statistics, nothing cloned or updated).
             ``None`` (the default): like ``False``, but a call that drops
             updates warns and says what to do. Buffers passed in are never
             updated in place.

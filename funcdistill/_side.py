@@ -139,8 +139,11 @@ class Side:
                 "a distill function cannot be called from inside itself (for example "
                 "from a payload or a hook)."
             )
-        training = shadow.sync_modes()
-        swaps, cloned = self.spec.swaps(given, shadow.plan, training=training)
+        training = shadow.sync_modes(compiling=compiling)
+        plain = shadow.units is None and shadow.parallel is None
+        swaps, cloned = self.spec.swaps(
+            given, shadow.plan, training=training, compiling=compiling, drop_stats=plain and not (buffers or report)
+        )
         if self.dtype is not None:
             args, kwargs = cast_floating((args, kwargs), self.dtype)
         stop = None
@@ -192,7 +195,8 @@ class Side:
         if shadow.units is not None:
             _sharded.reraise(error, self.role)
         model = _roles.model_name(self.model)
-        state_dtype = next((t.dtype for t in (*swaps.values(), *shadow.plan.own_list) if t.is_floating_point()), None)
+        tensors = (t for t in (*swaps.values(), *shadow.plan.own_list) if t is not None)
+        state_dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
         typed = _failures.dtype_error(error, self.role, model, {"state": state_dtype, **self._dtypes()}, args, kwargs)
         if typed is not None:
             raise _failures.mark(typed) from error

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from funcdistill import _payloads
+from funcdistill import _memo, _payloads
 from funcdistill._swap import SwapPlan
 from funcdistill._tensors import levels
 
 __all__: list[str] = []
 
-_SPEC = attrgetter("shape", "dtype", "device")
+_DTYPE, _SHAPE, _DEVICE = attrgetter("dtype"), attrgetter("shape"), attrgetter("device")
 _TRAINING = attrgetter("training")
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class StateSpec:
@@ -49,6 +50,7 @@ class StateSpec:
         "buffer_owners",
         "buffer_names",
         "stat_buffers",
+        "stat_free",
         "ignored",
         "other",
         "grad_check",
@@ -98,6 +100,11 @@ class StateSpec:
         self._buffer_modules = list({id(owner): owner for _, owner in self.buffer_owners}.values())
         # buffers of the modules known to update them in training mode (BatchNorm and the like)
         self.stat_buffers = frozenset(n for n, owner in self.buffer_owners if isinstance(owner, _NormBase))
+        # buffers of torch's own BatchNorm classes (not subclasses: their forward may read them otherwise),
+        # untied, which a call that keeps no update runs without (``None``) in training mode
+        self.stat_free = frozenset(
+            n for n, owner in self.buffer_owners if type(owner) in _PLAIN_BATCH_NORMS and n not in self.tied
+        )
         # the live tensor of each canonical name, as parallel lists for C-level checks
         self.names = [n for n in self.live if self.canonical[n] == n]
         self._tables = [self.live[n][1] for n in self.names]
@@ -114,13 +121,27 @@ class StateSpec:
         tensors = (self.live_tensor(name) for name in self.names)
         return next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
 
-    def swaps(self, given: Any, plan: SwapPlan, *, training: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def swaps(
+        self,
+        given: Any,
+        plan: SwapPlan,
+        *,
+        training: bool = True,
+        compiling: bool | None = None,
+        drop_stats: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The entries to swap into a shadow, by canonical name.
 
         ``plan`` is the shadow's swap plan: what it holds (``own``, ``own_list``,
         ``meta``, and what :func:`funcdistill.state` gives for it).
         ``training``: whether any module of the shadow is in training mode
-        (``False`` skips looking for buffers to clone).
+        (``False`` skips looking for buffers to clone). ``compiling``: whether
+        ``torch.compile`` traces the call (asked of torch when ``None``).
+        ``drop_stats``: the call keeps no buffer update (``mutable=False``), so
+        a training-mode BatchNorm runs with its running statistics swapped out
+        (``None``, as :func:`torch.func.replace_all_batch_norm_modules_` does):
+        it normalises with the batch statistics, as it would with them, and
+        nothing is cloned for updates that would be dropped.
 
         Returns the swaps and the names of the training-mode modules' buffers
         that were cloned for the call.
@@ -130,7 +151,9 @@ class StateSpec:
                 f"{self.role}_state must be a dict of name -> tensor "
                 f"(funcdistill.state({self.role})), got {type(given).__name__}."
             )
-        swaps = self._by_position(given, plan) if given else {}
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        swaps = {} if not given else None if compiling else self._by_position(given, plan)
         if swaps is None:
             swaps, given = self._by_name(given, plan)
         if len(given) < len(plan.own):
@@ -138,8 +161,12 @@ class StateSpec:
         cloned = []
         if training and self.clone_buffers and self.buffer_owners and self._any_training():
             own = plan.own
+            drop = self.stat_free if drop_stats and not compiling else frozenset()
             for name, owner in self.buffer_owners:
                 if owner.training:
+                    if name in drop:
+                        swaps[name] = None  # type: ignore[assignment]  # BatchNorm reads None as "no statistics"
+                        continue
                     t = swaps.get(name)
                     swaps[name] = (own[name] if t is None else t).clone()
                     cloned.append(name)
@@ -155,25 +182,36 @@ class StateSpec:
         has the live model's shape, dtype and device (checked by position, at C
         level); ``None`` otherwise (the per-name path decides).
         """
-        held = plan.held_values
-        if len(given) != len(held) or torch.compiler.is_compiling() or list(given) != plan.held_keys:
-            return None
-        if all(map(is_, given.values(), held)):
-            return {}
-        values = list(given.values())
-        if not plan.ordered or any(map(is_, values, held)) or not self._fit(values):
-            return None
-        swaps = dict(zip(plan.names, values))
-        if self.grad_check and not values[0].requires_grad:
+        memo = plan.memo
+        if memo is not None and memo.holds(given, self._live_list()):  # the state checked last time, unchanged
+            if memo.own:
+                return {}
+            swaps = dict(zip(plan.names, given.values()))
+        else:
+            plan.memo = None
+            held = plan.held_values
+            if len(given) != len(held) or list(given) != plan.held_keys:  # held_keys are interned: compared by id
+                return None
+            if all(map(is_, given.values(), held)):
+                plan.memo = _memo.remember(given, own=True)
+                return {}
+            values = list(given.values())
+            if not plan.ordered or any(map(is_, values, held)) or not self._fit(values):
+                return None
+            swaps = dict(zip(plan.names, values))
+            plan.memo = _memo.remember(given, own=False, live=self._live_list())
+        if self.grad_check and not next(iter(swaps.values())).requires_grad:
             self._check_detached(swaps)  # a rare path: the first entry given does not require grad
         return swaps
+
+    def _live_list(self) -> list[Any]:
+        """The live model's tensor of each canonical name, in ``names`` order (``None`` for an empty slot)."""
+        return list(map(getitem, self._tables, self._attrs))
 
     def _fit(self, values: list[Any]) -> bool:
         """Every value is a tensor with the live model's shape, dtype and device, in ``names`` order."""
         try:
-            return all(map(isinstance, values, repeat(torch.Tensor))) and list(map(_SPEC, values)) == list(
-                map(_SPEC, map(getitem, self._tables, self._attrs))
-            )
+            return all(map(isinstance, values, repeat(torch.Tensor))) and _same_specs(values, self._live_list())
         except AttributeError:  # an entry of the live model is None: the per-name path says what to do
             return False
 
@@ -246,7 +284,7 @@ class StateSpec:
         refs = list(map(plan.own.__getitem__, swaps))
         return (
             all(map(isinstance, values, repeat(torch.Tensor)))
-            and list(map(_SPEC, values)) == list(map(_SPEC, refs))
+            and _same_specs(values, refs)
             and all(map(is_, map(getitem, self._tables, self._attrs), plan.own_list))
         )
 
@@ -283,6 +321,8 @@ class StateSpec:
         dtype = self.dtype
         for name in self.names:
             t = swaps.get(name)
+            if t is None and name in swaps:
+                continue  # running statistics swapped out for the call
             t = own[name] if t is None else t
             if t.is_floating_point() and t.dtype != dtype:
                 swaps[name] = t.to(dtype)
@@ -391,6 +431,26 @@ class StateSpec:
         names = [k for k in given if isinstance(k, str) and not k.startswith(f"{_payloads.PREFIX}.")]
         names = [k for k in names if k not in self.ignored]
         return bool(names) and all(k in self.live and self._problem(k, given[k]) is None for k in names)
+
+
+def _same_specs(values: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
+    """Whether each of ``values`` has the dtype, shape and device of the tensor at its position in ``refs``.
+
+    Three list comparisons at C level, one attribute at a time: half the cost of
+    comparing ``(shape, dtype, device)`` tuples, which builds a tuple per tensor
+    and compares device objects inside them (dtypes are singletons, compared by
+    identity). Raises ``AttributeError`` for a ``None`` among ``refs``.
+
+    Example:
+        >>> a, b = torch.zeros(2, 3), torch.zeros(3, 2)
+        >>> _same_specs([a, b], [torch.ones(2, 3), torch.ones(3, 2)]), _same_specs([a, b], [b, a])
+        (True, False)
+    """
+    return (
+        list(map(_DTYPE, values)) == list(map(_DTYPE, refs))
+        and list(map(_SHAPE, values)) == list(map(_SHAPE, refs))
+        and list(map(_DEVICE, values)) == list(map(_DEVICE, refs))
+    )
 
 
 def _detached_view(v: torch.Tensor, live: torch.Tensor | None) -> bool:

@@ -5,6 +5,7 @@ How a call checks the state it is given is :mod:`funcdistill._spec`.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from operator import getitem, is_
 from typing import Any
@@ -151,7 +152,7 @@ def _entries(modules: list[tuple[str, nn.Module]], attr: str) -> tuple[list[str]
     for prefix, m in modules:
         table = getattr(m, attr)
         for k in table:
-            names.append(prefix + k)
+            names.append(sys.intern(prefix + k))  # one object per name: a call compares state keys by identity
             tables.append(table)
             keys.append(k)
     return names, tables, keys

@@ -10,6 +10,7 @@ from torch import nn
 from funcdistill._state import uncached_state
 
 if TYPE_CHECKING:
+    from funcdistill._memo import Memo
     from funcdistill._spec import StateSpec
 
 __all__: list[str] = []
@@ -39,6 +40,8 @@ class SwapPlan:
         slots: the first slot of each of ``names``, as two lists: dicts and keys.
         ordered: whether ``held_keys`` is ``names`` and no entry is tied, so that a
             state with every entry swapped, in that order, goes in by position.
+        memo: the state dict the last call on this shadow passed the full check
+            with (:mod:`funcdistill._memo`), or ``None``.
     """
 
     __slots__ = (
@@ -53,6 +56,7 @@ class SwapPlan:
         "names",
         "slots",
         "ordered",
+        "memo",
     )
 
     def __init__(self, module: nn.Module, spec: StateSpec):
@@ -80,3 +84,4 @@ class SwapPlan:
         self.names = list(spec.names)
         self.slots = ([self.tables[n] for n in self.names], [self.attrs[n] for n in self.names])
         self.ordered = self.held_keys == self.names and not self.aliases
+        self.memo: Memo | None = None  # the state a call checked last (set by the spec)

@@ -311,3 +311,94 @@ def test_a_mode_change_is_seen_by_the_next_call():
     torch.manual_seed(1)
     torch.testing.assert_close(p.student, s(x))
     assert not torch.equal(p.student, s.eval()(x))
+
+
+# --- memos: the same dict passed again is recognised exactly, never by a stale check ---
+
+
+def test_copies_are_checked_again_after_the_live_model_changes_dtype_in_place():
+    t, s, fn, x = fast_pair()
+    ss = copies(s)
+    fn(state(t), ss, x)
+    fn(state(t), ss, x)  # the second call recognises the dict it checked
+    s.double()  # .data= on every live tensor: the same objects, another dtype
+    with pytest.raises(ValueError, match=r"'0\.weight' has dtype torch\.float32, the model's has torch\.float64"):
+        fn(state(t), ss, x)
+
+
+def test_a_memo_keeps_no_state_alive():
+    import gc
+    import weakref
+
+    t, s, fn, x = fast_pair()
+    ss = copies(s)
+    fn(state(t), ss, x)
+    fn(state(t), ss, x)
+    alive = weakref.ref(ss["0.weight"])
+    del ss
+    gc.collect()
+    assert alive() is None
+
+
+def test_copies_whose_requires_grad_changes_give_the_gradients_asked_for():
+    t, s, fn, x = fast_pair()
+    ss = copies(s)
+    fn(state(t), ss, x)
+    ss["2.weight"].requires_grad_(False)  # same tensor, same dict: what the guards saw has changed
+    _, out = fn(state(t), ss, x)
+    out.student.sum().backward()
+    assert ss["2.weight"].grad is None and ss["0.weight"].grad is not None
+
+
+def test_an_ordered_dict_state_is_read_in_its_current_order():
+    from collections import OrderedDict
+
+    t, s, fn, x = fast_pair()
+    ss = OrderedDict(copies(s))
+    with torch.no_grad():
+        ss["2.weight"].mul_(0.5)
+    fn(state(t), ss, x)
+    ss.move_to_end("0.weight")  # reordered without a new version of the dict: no memo may be trusted
+    _, out = fn(state(t), ss, x)
+    torch.testing.assert_close(out.student, torch.func.functional_call(s, dict(ss), (x,)))
+
+
+# --- a training-mode BatchNorm in a call that keeps no buffer update ---
+
+
+def bn_pair(norm=nn.BatchNorm1d):
+    torch.manual_seed(0)
+    t = mlp((4, 8, 3)).eval()
+    s = nn.Sequential(nn.Linear(4, 6), norm(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    return t, s, torch.randn(16, 4)
+
+
+def test_mutable_false_runs_batch_norm_without_statistics_and_leaves_them_untouched():
+    t, s, x = bn_pair()
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    ss = state(s)
+    (p,) = distill(t, s, mutable=False)(state(t), ss, x)
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing written: neither the live buffers nor the given ones
+    expected_out = torch.func.functional_call(s, {k: v.clone() for k, v in ss.items()}, (x,))
+    # the same batch statistics either way; torch's kernel takes the same path, but allow
+    # float32 rounding in case a build reduces in another order without running statistics
+    torch.testing.assert_close(p.student, expected_out, rtol=1e-6, atol=1e-6)
+    (_,), buffers = distill(t, s, mutable=True)(state(t), ss, x)
+    assert buffers.student["1.num_batches_tracked"].item() == 1  # mutable=True still gets the updates
+
+
+class ReadsStatistics(nn.BatchNorm1d):
+    """A BatchNorm subclass whose forward reads its running mean in training mode too."""
+
+    def forward(self, x):
+        return super().forward(x) + self.running_mean.sum()
+
+
+def test_a_batch_norm_subclass_keeps_its_statistics():
+    t, s, x = bn_pair(ReadsStatistics)
+    with torch.no_grad():
+        s[1].running_mean.fill_(2.0)
+    (p,) = distill(t, s, mutable=False)(state(t), state(s), x)
+    torch.testing.assert_close(p.student, torch.func.functional_call(s, copies(s), (x,)))
+    assert s[1].running_mean.eq(2.0).all()

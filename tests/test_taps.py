@@ -318,3 +318,37 @@ def test_the_input_of_a_module_called_with_keywords_only_is_an_error_not_an_empt
     fn = distill(t, s, Mapping(t, s).add(Point("sub", io="input", arg="h"), Point("sub", io="input", arg="h")))
     (pair,) = fn(state(t), state(s), x)
     torch.testing.assert_close(pair.student, torch.tanh(x))
+
+
+# --- how a tap reads: a wrapped forward where the module has no hooks, a hook where it has ---
+
+
+def test_a_tapped_module_without_hooks_keeps_the_hook_free_call_path():
+    from torch import nn
+
+    torch.manual_seed(0)
+    t, s = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    fn = distill(t, s, Mapping(t, s).add("0", "0").add(Point("1", io="input"), Point("1", io="input")))
+    x = torch.randn(3, 4)
+    pairs = fn(state(t), state(s), x)
+    shadow = fn._student._local.shadow.module
+    # no hook on the shadow's tapped modules: their calls skip nn.Module's hook handling
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in shadow.modules())
+    torch.testing.assert_close(pairs[0].student, s[0](x))
+    torch.testing.assert_close(pairs[1].student, s[0](x))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in s.modules())  # nor on the live model
+
+
+def test_a_module_with_its_own_hook_is_read_after_that_hook():
+    from torch import nn
+
+    torch.manual_seed(0)
+    t, s = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    s[0].register_forward_hook(lambda m, args, out: out * 10.0)  # a user's hook that replaces the output
+    s[0].register_forward_pre_hook(lambda m, args: (args[0] + 1.0,))
+    fn = distill(t, s, Mapping(t, s).add("0", "0").add(Point("0", io="input"), Point("0", io="input")))
+    x = torch.randn(3, 4)
+    pairs = fn(state(t), state(s), x)
+    torch.testing.assert_close(pairs[0].student, s[0](x))  # what the module's caller gets: after the hooks
+    torch.testing.assert_close(pairs[0].student, 10.0 * (x + 1.0) @ s[0].weight.T + 10.0 * s[0].bias)
+    torch.testing.assert_close(pairs[1].student, x + 1.0)  # the input as the module's forward gets it
