@@ -24,10 +24,10 @@ Example:
     >>> import torch
     >>> a = {"w": torch.zeros(2)}
     >>> memo = remember(a, own=False, live=[torch.ones(2)])
-    >>> memo is None or memo.holds(a, [torch.ones(2)])
+    >>> memo is None or memo.holds(a, lambda: [torch.ones(2)])
     True
     >>> a["w"] = torch.zeros(3)  # a changed dict is a miss: the full check runs again
-    >>> memo is None or memo.holds(a, [torch.ones(2)])
+    >>> memo is None or memo.holds(a, lambda: [torch.ones(2)])
     False
 """
 
@@ -85,13 +85,13 @@ class Memo:
         self._given: Any = guards[0] if guards else None  # guards on the state's tensors
         self._live: Any = guards[1] if guards else None  # and on the live model's they were checked against
 
-    def holds(self, given: Any, live: list[Any]) -> bool:
-        """Whether ``given`` is the remembered state, unchanged, and ``live`` (the model's tensors) still fit it."""
+    def holds(self, given: Any, live: Callable[[], list[Any]]) -> bool:
+        """Whether ``given`` is the remembered state, unchanged, and the live model's tensors (``live()``) still fit it."""
         if id(given) != self._id or type(given) is not dict or _TORCH is None:
             return False
         if _TORCH[0](given) != self._version:
             return False
-        return self.own or (self._given.check(*given.values()) and self._live.check(*live))
+        return self.own or (self._given.check(*given.values()) and self._live.check(*live()))
 
 
 def remember(given: Any, *, own: bool, live: list[Any] | None = None) -> Memo | None:

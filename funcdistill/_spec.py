@@ -183,7 +183,7 @@ class StateSpec:
         level); ``None`` otherwise (the per-name path decides).
         """
         memo = plan.memo
-        if memo is not None and memo.holds(given, self._live_list()):  # the state checked last time, unchanged
+        if memo is not None and memo.holds(given, self._live_list):  # the state checked last time, unchanged
             if memo.own:
                 return {}
             swaps = dict(zip(plan.names, given.values()))
