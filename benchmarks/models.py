@@ -24,6 +24,7 @@ from torch import nn
 __all__ = [
     "MLP",
     "BasicBlock",
+    "Features",
     "ResNetCifar",
     "mlp_student",
     "mlp_teacher",
@@ -129,6 +130,27 @@ class MLP(nn.Module):
         if stop_after == "body":
             return {"body": h}
         return {"body": h, "": self.head(h)}
+
+
+class Features(nn.Module):
+    """A model whose ``forward`` is the wrapped model's ``forward_features``: its outputs by point.
+
+    For :func:`torch.func.functional_call`, which calls ``forward``; the state
+    names gain the prefix ``model.``.
+
+    >>> m = MLP([8, 16], num_classes=3)
+    >>> state = {f"model.{n}": v for n, v in m.named_parameters()}
+    >>> out = torch.func.functional_call(Features(m), state, (torch.randn(2, 8),))
+    >>> sorted(out), out[""].shape
+    (['', 'body'], torch.Size([2, 3]))
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_features(x)
 
 
 def resnet_teacher(width: int = 64) -> ResNetCifar:

@@ -31,6 +31,7 @@ from torch import nn
 import funcdistill as fd
 from benchmarks import features
 from benchmarks.losses import kd_loss, similarity_loss, step_loss
+from benchmarks.models import Features
 
 __all__ = [
     "Case",
@@ -43,6 +44,7 @@ __all__ = [
     "funcdistill_loss",
     "hooks_loss",
     "student_alone_loss",
+    "torch_func_vmap_step",
     "torchdistill_loss",
     "trains_buffers",
     "truncated_floor_loss",
@@ -319,3 +321,49 @@ def truncated_funcdistill_loss(case: Case, stop_after: str, *, truncate: bool = 
         return str(support)
     kwargs = {"truncate": truncate} if support is True else {}
     return _fd_style(case, truncated_mapping(case, stop_after), **kwargs)
+
+
+def torch_func_vmap_step(
+    case: Case, student: nn.Module, stacked: list[dict[str, torch.Tensor]]
+) -> tuple[Callable[[], None], Callable[[], dict[str, torch.Tensor]]]:
+    """The vmap step over stacked students written with ``torch.func`` alone: the floor of vmap itself.
+
+    ``vmap(grad(loss), in_dims=(0, 0, None, None))``, as funcdistill's vmap
+    step, on ``stacked`` (``[parameters, buffers]`` of
+    :func:`torch.func.stack_module_state`, by the student's names), with the
+    same loss: :func:`torch.func.functional_call` runs ``student``'s
+    ``forward_features`` (:class:`~benchmarks.models.Features`), the teacher
+    runs once under ``no_grad``, unbatched, inside the vmapped function, and
+    the buffers are cloned before the forward updates them (BatchNorm
+    statistics, threaded from step to step).
+
+    Returns the step, and a function that runs it once more on the current
+    state without keeping its buffers, returning the stacked gradients and
+    buffers by the student's names.
+    """
+    t, x, y = case.teacher, case.x, case.y
+    model = Features(student)
+
+    def loss(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            tf = t.forward_features(x)
+        buffers = {n: v.clone() for n, v in buffers.items()}  # the forward updates them in place
+        sf = torch.func.functional_call(model, {**params, **buffers}, (x,))
+        return step_loss(case.pairs(tf, sf), sf[""], y), buffers
+
+    vgrad = torch.func.vmap(torch.func.grad(loss, has_aux=True), in_dims=(0, 0, None, None))
+    state = [{f"model.{n}": v for n, v in part.items()} for part in stacked]
+
+    def step() -> None:
+        _, new = vgrad(state[0], state[1], x, y)
+        state[1] = {**state[1], **new}
+
+    def run() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        grads, new = vgrad(state[0], state[1], x, y)
+        return _unprefixed(grads), _unprefixed(new)
+
+    return step, run
+
+
+def _unprefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n.removeprefix("model."): v for n, v in tensors.items()}

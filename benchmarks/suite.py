@@ -412,10 +412,18 @@ def _vmap_group(
         _, new = vgrad(stacked[0], stacked[1], x, y)
         stacked[1] = {**stacked[1], **new}
 
+    plain_vmap, plain_run = S.torch_func_vmap_step(case, students[0], stacked)
     g_v, _ = vgrad(stacked[0], stacked[1], x, y)
     g_l, _ = grad(each[-1][0], each[-1][1], x, y)
     diff = max(float((g_v[n][-1] - g_l[n]).abs().max()) for n in g_l)
-    styles = {"hand-written loop": hand_loop, "funcdistill loop": fd_loop, "funcdistill vmap": fd_vmap}
+    g_p, _ = plain_run()
+    diff_plain = max(float((g_p[n] - g_v[n]).abs().max()) for n in g_v)
+    styles = {
+        "hand-written loop": hand_loop,
+        "funcdistill loop": fd_loop,
+        "torch.func vmap, no funcdistill": plain_vmap,
+        "funcdistill vmap": fd_vmap,
+    }
     rounds, inner = cfg.repeats(kind)
     times = paired_rounds(styles, rounds=rounds, inner=inner, seed=cfg.seed, device=cfg.device)
     for name in styles:
@@ -423,11 +431,14 @@ def _vmap_group(
         b = ratio(times, name, "funcdistill loop")
         row = dict(students=label, K=k, style=name, vs_handwritten_loop=_fmt(a), vs_funcdistill_loop=_fmt(b))
         if name == "funcdistill vmap":
+            floor = ratio(times, name, "torch.func vmap, no funcdistill")
             row.update(
                 target=f"<= {limit:.2f} x hand-written loop" if limit else "",
                 met=_timed_met(a, limit),
-                note=f"max |grad(vmap) - grad(loop)| = {diff:.1e}",
+                note=f"max |grad(vmap) - grad(loop)| = {diff:.1e}; {_fmt(floor)} x torch.func vmap's time",
             )
+        elif name == "torch.func vmap, no funcdistill":
+            row.update(note=f"max |grad - grad(funcdistill vmap)| = {diff_plain:.1e}")
         sec.add(**row)
 
 
@@ -441,7 +452,10 @@ def vmap_section(cfg: Config) -> Section:
             "then K student forward+backward. funcdistill loop: K `torch.func.grad` calls of the "
             "distill step (BatchNorm buffers threaded with `mutable=True`). vmap: "
             "`vmap(grad(loss), in_dims=(0, 0, None, None))` over `stack_module_state` students; "
-            "the teacher's state and the batch are not batched, so the teacher runs once."
+            "the teacher's state and the batch are not batched, so the teacher runs once. torch.func "
+            "vmap, no funcdistill: the same step with `torch.func.functional_call` on the student and "
+            "the teacher's `forward_features` under `no_grad` inside the vmapped loss, the floor of "
+            "vmap itself."
         ),
     )
     limits = {8: 0.5, 16: 1 / 3}

@@ -8,6 +8,8 @@ same code the benchmark reports them with (:mod:`benchmarks.costs`,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -126,6 +128,34 @@ def test_graph_break_counter_sees_a_break():
 
     found = costs.graph_breaks(step, torch.randn(2))
     assert found["graph_breaks"] == 1 and found["graphs"] == 2
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_the_vmap_sections_torch_func_floor_does_the_work_of_funcdistills_vmap_step(make):
+    """A fair floor: the same FLOPs, gradients and BatchNorm updates as the funcdistill vmap step."""
+    case = make()
+    t, x, y = case.teacher, case.x, case.y
+    students = [case.student] + [copy.deepcopy(case.student) for _ in range(2)]
+    for i, st in enumerate(students[1:]):
+        torch.manual_seed(i)
+        for p in st.parameters():
+            p.data.normal_()
+    fn = fd.distill(t, students[0], case.mapping(t, students[0]), mutable=True)
+
+    def loss(params, buffers, x, y):
+        pairs, new = fn(fd.state(t), {**params, **buffers}, x)
+        return step_loss(pairs, pairs[-1].student, y), new.student
+
+    params, buffers = torch.func.stack_module_state(students)
+    stacked = [{n: v.detach() for n, v in params.items()}, {n: v.clone() for n, v in buffers.items()}]
+    vgrad = torch.func.vmap(torch.func.grad(loss, has_aux=True), in_dims=(0, 0, None, None))
+    step, run = S.torch_func_vmap_step(case, students[0], stacked)
+    (want, want_buffers), (got, got_buffers) = vgrad(*stacked, x, y), run()
+    # the same kernels on the same batched shapes: equal, not merely close
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert got_buffers.keys() == want_buffers.keys() == (buffers.keys() if buffers else set())
+    assert all(torch.equal(got_buffers[n], want_buffers[n]) for n in want_buffers)
+    assert costs.flops(step) == costs.flops(lambda: vgrad(*stacked, x, y)) > 0
 
 
 @pytest.mark.parametrize(
