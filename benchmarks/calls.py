@@ -211,7 +211,7 @@ def overhead_section(cfg: Any) -> Section:
             "timed call (the docs' loop; their cost is part of the overhead), built once before it "
             "(the models' own tensors), or are copies made once, so that every tensor is swapped in. "
             "`swapped`: tensors that are not the models' own as they run (copies, and the buffers of "
-            f"training-mode modules, which a call clones). Target: <= {OVERHEAD_BASE_US:.0f} µs + "
+            f"training-mode modules, which a call clones or swaps out). Target: <= {OVERHEAD_BASE_US:.0f} µs + "
             f"{OVERHEAD_PER_TENSOR_US} µs x tensors + {OVERHEAD_PER_SWAP_US:.0f} µs x swapped; `met` is `yes` "
             "only when the whole interquartile range is under it, `within noise of the goal` when the range "
             "straddles it. torch runs on one thread here."
@@ -221,9 +221,10 @@ def overhead_section(cfg: Any) -> Section:
         for size in SIZES:
             _overhead_group(sec, size, cfg)
     sec.notes.append(
-        "The `train` rows run the student in training mode (BatchNorm batch statistics; the call "
-        "clones the running statistics, the plain forward updates them in place). "
-        "`mutable=False` drops the updated statistics without a warning; `mutable=True` returns "
+        "The `train` rows run the student in training mode (BatchNorm batch statistics; the plain "
+        "forward updates the running statistics in place). `mutable=False` keeps no update: the call "
+        "runs torch's BatchNorm without running statistics (swapped out, not cloned; the same batch "
+        "statistics), and its `swapped` count still counts them; `mutable=True` clones them and returns "
         "them as (pairs, buffers) (the recommended `.backward()` loop then loads them into the "
         "student, which is not part of this timing; the step rows of the first table include it). "
         "The default, mutable=None, would warn at every such call."
