@@ -540,9 +540,9 @@ def _slice(key: slice, n: int) -> range | torch.Tensor:
 
 def _range(r: range, n: int, what: str) -> tuple[torch.Tensor, int, int, bool]:
     """:func:`_as_indices` of a range: its bounds known without reading a tensor."""
+    if not r:  # torch.arange refuses a start past the stop
+        return torch.zeros(0, dtype=torch.int64), 0, 0, False
     t = torch.arange(r.start, r.stop, r.step)
-    if not r:
-        return t, 0, 0, False
     lo, hi = (r[0], r[-1]) if r.step > 0 else (r[-1], r[0])
     _check_range(lo, hi, n, what)
     return t, lo, hi, r.step == 1 and len(r) > 1
