@@ -51,13 +51,16 @@ def build(fn, data, folder, **kw):
 def paths(monkeypatch):
     """The ``_read`` functions each read calls, by name, in order."""
     taken: list[str] = []
+
+    def spy(name, real):
+        def called(*args):
+            taken.append(name)
+            return real(*args)
+
+        return called
+
     for name in ("run", "one_shard", "across"):
-
-        def spy(*args, _name=name, _real=getattr(_read, name)):
-            taken.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(_read, name, spy)
+        monkeypatch.setattr(_read, name, spy(name, getattr(_read, name)))
     return taken
 
 
