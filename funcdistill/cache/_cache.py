@@ -476,13 +476,12 @@ class TeacherCache(Frozen):
         if run:  # consecutive samples: a slice of each shard they span
             return _read.run(self._shard, size, lo, hi + 1, names)
         first, last = lo // size, hi // size
-        shard = indices // size if first != last else None
-        rows = indices if first == last == 0 else indices - (first * size if shard is None else shard * size)
+        rows = indices if first == last == 0 else indices - first * size if first == last else indices % size
         if draws is not None:  # row r, draw d is row r * K + d of the (rows * K, ...) view
             rows = rows * self.draws + draws
-        if shard is None:  # one shard: one gather per stored tensor
+        if first == last:  # one shard: one gather per stored tensor
             return _read.one_shard(self._shard(first), rows, names, draws is not None)
-        return _read.across(self._shard, shard, rows, (first, last), names, draws is not None)
+        return _read.across(self._shard, indices // size, rows, names, draws is not None)
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         tensors = self._loaded.get(s)

@@ -10,8 +10,8 @@ contiguous tensors):
   consecutive indices): each shard's part is one slice (``narrow``), and the
   parts are copied once (``clone``, or ``cat`` across shards);
 - indices in one shard: one ``index_select`` per stored tensor;
-- indices across shards: grouped by shard once for all stored tensors, each
-  shard's rows gathered into its part of one buffer per stored tensor, then
+- indices across shards: grouped by shard once for all stored tensors, one
+  ``index_select`` per shard they touch and stored tensor, then joined and
   put back in the order of the indices.
 
 With ``K`` augmentation draws a stored tensor is ``(samples, K, ...)``, read
@@ -57,33 +57,29 @@ def one_shard(tensors: Shard, rows: torch.Tensor, names: list[str], drawn: bool)
 
 
 def across(
-    load: Load, shard: torch.Tensor, rows: torch.Tensor, span: tuple[int, int], names: list[str], drawn: bool
+    load: Load, shard: torch.Tensor, rows: torch.Tensor, names: list[str], drawn: bool
 ) -> dict[str, torch.Tensor]:
     """The rows of samples in several shards, in the order given.
+
+    The indices are sorted by shard once for all stored tensors; each shard
+    they touch gives one ``index_select`` per stored tensor, and the parts
+    are joined and put back in the order given (two copies: no torch
+    function gathers rows of several tensors at once).
 
     Args:
         load: shard number -> its tensors.
         shard: each sample's shard.
         rows: each sample's row in its shard (``row * K + draw`` when ``drawn``).
-        span: the first and last shard of ``shard``.
         names: the stored tensors to read.
         drawn: the stored tensors have a draw dimension (merged with the sample's).
     """
-    first, last = span
-    order = torch.argsort(shard, stable=True)
-    bounds = torch.searchsorted(shard[order], torch.arange(first, last + 2)).tolist()
-    sorted_rows = rows[order]
-    out: dict[str, torch.Tensor] = {}
-    for s in range(first, last + 1):
-        lo, hi = bounds[s - first], bounds[s - first + 1]
-        if lo == hi:
-            continue
-        tensors, r = load(s), sorted_rows[lo:hi]
+    by_shard, order = torch.sort(shard, stable=True)
+    touched, counts = (t.tolist() for t in torch.unique_consecutive(by_shard, return_counts=True))
+    parts = rows[order].split(counts)
+    pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for s, r in zip(touched, parts):
+        tensors = load(s)
         for n in names:
-            t = tensors[n].flatten(0, 1) if drawn else tensors[n]
-            buffer = out.get(n)
-            if buffer is None:
-                buffer = out[n] = t.new_empty((rows.shape[0], *t.shape[1:]))
-            torch.index_select(t, 0, r, out=buffer[lo:hi])
+            pieces[n].append((tensors[n].flatten(0, 1) if drawn else tensors[n]).index_select(0, r))
     back = torch.argsort(order)
-    return {n: buffer.index_select(0, back) for n, buffer in out.items()}
+    return {n: torch.cat(p).index_select(0, back) for n, p in pieces.items()}
