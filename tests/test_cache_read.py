@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import funcdistill as fd
+from funcdistill import _outputs
 from funcdistill.cache import TeacherCache, _read
 
 N = 50
@@ -36,11 +37,16 @@ def data():
 
 
 @pytest.fixture
-def fn():
+def models():
     torch.manual_seed(0)
     t = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 7)).eval()
-    s = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 7))
-    return fd.distill(t, s, fd.Mapping(t, s).add("1", "1").add("", ""))
+    return t, nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 7))
+
+
+@pytest.fixture
+def fn(models):
+    t, s = models
+    return fd.distill(t, s, fd.Mapping(t, s).add("1", "1").add("", ""))  # stored as p0.0 ("1") and p1.0 ("")
 
 
 def build(fn, data, folder, **kw):
@@ -190,3 +196,24 @@ class _Ops(TorchFunctionMode):
         if name != "__get__":  # reading an attribute (dtype, shape): no work on the data
             self.names.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def test_a_functions_points_are_checked_once_and_a_repeated_point_read_for_each_pair(
+    models, fn, data, tmp_path, monkeypatch
+):
+    cache = build(fn, data, tmp_path / "c")
+    t, s = models
+    twice = fd.distill(t, s, fd.Mapping(t, s).add("", "").add("1", "1").add("", "1"))  # "" read by pairs 0 and 2
+    checks = []
+    real = _outputs._check
+    monkeypatch.setattr(_outputs, "_check", lambda *a: checks.append(a) or real(*a))
+    idx = torch.tensor([3, 41])
+    want = stored(cache)
+    for _ in range(3):
+        pairs = twice(cache[idx], fd.state(s), data[idx])
+        assert [torch.equal(p.teacher, want[name][idx]) for p, name in zip(pairs, ["p1.0", "p0.0", "p1.0"])] == [
+            True
+        ] * 3
+    assert len(checks) == 1  # the first call checks the cache against this function; the others look it up
+    fn(cache[idx], fd.state(s), data[idx])
+    assert len(checks) == 2  # another function: checked too
