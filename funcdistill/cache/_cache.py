@@ -366,7 +366,9 @@ class TeacherCache(Frozen):
         per-token outputs come padded on the right to the longest of these
         samples (zeros at the padding), and ``mask`` (``(batch, tokens)``,
         ``True`` at the real tokens) equals the ``attention_mask.bool()`` of
-        :func:`~funcdistill.cache.pad_tokens` on the same samples.
+        :func:`~funcdistill.cache.pad_tokens` on the same samples. The
+        tensors are copies of the stored rows, never views of the files:
+        writing into them changes no later read.
 
         Raises:
             TypeError: ``indices`` or ``draws`` is of another kind (a single
