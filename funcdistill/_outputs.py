@@ -74,7 +74,7 @@ class BuiltFor(Frozen):
     points: tuple[str, ...]
     teacher: tuple[str, Structure] | None
     model: str | None
-    _accepted: dict[int, tuple[Any, tuple[int, ...]]]
+    _accepted: dict[int, tuple[Any, tuple[tuple[int, ...], tuple[tuple[Any, int], ...]]]]
 
     def __init__(
         self, path: str, keys: tuple[str, ...], teacher: tuple[str, Structure] | None, *, model: str | None = None
@@ -84,12 +84,20 @@ class BuiltFor(Frozen):
 
     def positions(self, fn: DistillFn) -> tuple[int, ...]:
         """For each pair of ``fn``, where its teacher output is among the stored ones (checked once per ``fn``)."""
+        return self._accept(fn)[0]
+
+    def picks(self, fn: DistillFn) -> tuple[tuple[Any, int], ...]:
+        """Each distinct teacher point of ``fn`` and where its output is among the stored ones (checked once per ``fn``)."""
+        return self._accept(fn)[1]
+
+    def _accept(self, fn: DistillFn) -> tuple[tuple[int, ...], tuple[tuple[Any, int], ...]]:
         seen = self._accepted.get(id(fn))
         if seen is not None and seen[0] is fn:
             return seen[1]
         positions = _check(self, fn)
-        self._accepted[id(fn)] = (fn, positions)
-        return positions
+        picks = tuple({t: i for (t, _), i in zip(fn.mapping.names, positions)}.items())
+        self._accepted[id(fn)] = (fn, (positions, picks))
+        return positions, picks
 
     def __repr__(self) -> str:
         if self.teacher is None:
@@ -174,12 +182,11 @@ def teacher_values(outputs: TeacherOutputs, fn: DistillFn) -> dict[Any, Any]:
         ValueError: the outputs do not hold a teacher point of ``fn``'s mapping,
             or were built for a teacher with another state layout.
     """
+    values = outputs.values
     if torch.compiler.is_compiling():
         positions = _traced_positions(outputs.built_for, fn)
-    else:
-        positions = outputs.built_for.positions(fn)
-    values = outputs.values
-    return {t: values[i] for (t, _), i in zip(fn.mapping.names, positions)}
+        return {t: values[i] for (t, _), i in zip(fn.mapping.names, positions)}
+    return {t: values[i] for t, i in outputs.built_for.picks(fn)}  # the pairs' lookups made once per fn
 
 
 def _check(built_for: BuiltFor, fn: DistillFn) -> tuple[int, ...]:

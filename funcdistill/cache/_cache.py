@@ -13,7 +13,7 @@ import torch
 from funcdistill._distill import DistillFn
 from funcdistill._frozen import Frozen, init
 from funcdistill._outputs import BuiltFor, TeacherOutputs
-from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _served, _store
+from funcdistill.cache import _augment, _build, _fingerprint, _index, _layout, _lock, _ragged, _read, _served, _store
 from funcdistill.cache._options import Options
 from funcdistill.cache._served import ServedTeacher
 
@@ -63,11 +63,12 @@ class TeacherCache(Frozen):
         "augment",
         "_index",
         "_entries",
-        "_specs",
+        "_readers",
         "_names",
         "_token_names",
         "_shards",
         "_shard_size",
+        "_direct",
         "_verify",
         "_loaded",
         "_lock",
@@ -82,11 +83,12 @@ class TeacherCache(Frozen):
     """The augmentation replayed by :meth:`replay`, or ``None``."""
     _index: dict[str, Any]
     _entries: list[dict[str, Any]]
-    _specs: list[Any]
+    _readers: tuple[_layout.Reader, ...]
     _names: list[str]
     _token_names: list[str] | None
     _shards: list[dict[str, Any]]
     _shard_size: int
+    _direct: bool
     _verify: bool
     _loaded: dict[int, dict[str, torch.Tensor]]
     _lock: threading.Lock
@@ -279,6 +281,7 @@ class TeacherCache(Frozen):
             _check_weights(index, teacher_state, folder)
         entries = index["entries"]
         teacher = index["teacher"]
+        names = [n for e in entries for n in _layout.tensor_names(e)]
         built_for = BuiltFor(
             str(folder),
             tuple(index["points"]),
@@ -293,11 +296,13 @@ class TeacherCache(Frozen):
             augment=augment,
             _index=index,
             _entries=entries,
-            _specs=[_layout.load_spec(e) for e in entries],
-            _names=[n for e in entries for n in _layout.tensor_names(e)],
+            _readers=tuple(_layout.reader(e) for e in entries),
+            _names=names,
             _token_names=[n for e in entries for n in _layout.token_names(e)] if index.get("ragged") else None,
             _shards=index["shards"],
             _shard_size=index["shard_size"],
+            # cache[indices] of one shard's samples: an index tensor goes straight to index_select (see _direct_read)
+            _direct=len(index["shards"]) == 1 and not index["draws"] and not index.get("ragged") and bool(names),
             _verify=bool(verify),
             _loaded={},
             _lock=threading.Lock(),
@@ -361,7 +366,9 @@ class TeacherCache(Frozen):
         per-token outputs come padded on the right to the longest of these
         samples (zeros at the padding), and ``mask`` (``(batch, tokens)``,
         ``True`` at the real tokens) equals the ``attention_mask.bool()`` of
-        :func:`~funcdistill.cache.pad_tokens` on the same samples.
+        :func:`~funcdistill.cache.pad_tokens` on the same samples. The
+        tensors are copies of the stored rows, never views of the files:
+        writing into them changes no later read.
 
         Raises:
             TypeError: ``indices`` or ``draws`` is of another kind (a single
@@ -370,15 +377,32 @@ class TeacherCache(Frozen):
                 given to a cache without augmentation.
             ValueError: a shard read for the first time is damaged.
         """
-        indices, draws = self._key(key)
+        read = self._direct_read(key) if self._direct else None
         mask = None
-        if self._token_names is None:
-            read = self._gather(indices, draws, self._names)
-        else:  # token samples: padded on the right to the longest of this batch, with the mask of real tokens
-            rest = [n for n in self._names if n not in self._token_names]
-            read, mask = _ragged.gather(indices, self._shard_size, self._shard, self._token_names, rest)
-        values = tuple(_layout.from_tensors(e, spec, read) for e, spec in zip(self._entries, self._specs))
-        return TeacherOutputs(values, self.built_for, mask)
+        if read is None:
+            indices, draws, lo, hi, run = self._key(key)
+            if self._token_names is None:
+                read = self._gather(indices, draws, self._names, (lo, hi), run=run)
+            else:  # token samples: padded on the right to the longest of this batch, with the mask of real tokens
+                rest = [n for n in self._names if n not in self._token_names]
+                read, mask = _ragged.gather(indices, self._shard_size, self._shard, self._token_names, rest)
+        return TeacherOutputs(tuple(r(read) for r in self._readers), self.built_for, mask)
+
+    def _direct_read(self, key: Any) -> dict[str, torch.Tensor] | None:
+        """``cache[key]`` of a one-shard cache for a 1-D ``int64`` CPU tensor, or ``None`` for any other key.
+
+        The shard's tensors hold every sample, so ``index_select`` gives what
+        :meth:`_gather` would, and its bounds check stands in for
+        :func:`_as_indices`'s: an index out of range gives ``None``, and the
+        full path raises the error naming it.
+        """
+        if type(key) is not torch.Tensor or key.dtype is not torch.int64 or key.ndim != 1 or not key.is_cpu:
+            return None
+        tensors = self._shard(0)
+        try:
+            return {n: tensors[n].index_select(0, key) for n in self._names}
+        except IndexError:
+            return None
 
     def replay(self, x: torch.Tensor, indices: Any, draws: Any) -> torch.Tensor:
         """The augmented inputs whose teacher outputs ``cache[indices, draws]`` holds, bit for bit.
@@ -396,13 +420,13 @@ class TeacherCache(Frozen):
                 if self.draws
                 else "this cache was built without augment=..., so there is nothing to replay."
             )
-        idx, d = self._key((indices, draws))
+        idx, d, lo, hi, _ = self._key((indices, draws))
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(idx):
             raise ValueError(
                 f"replay(x, ...) needs one input per index ({len(idx)}) along the first dimension of a tensor, "
                 f"got {list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
             )
-        seeds = self._gather(idx, d, ["seeds"])["seeds"]
+        seeds = self._gather(idx, d, ["seeds"], (lo, hi))["seeds"]
         return _augment.replay(self.augment, x, seeds)
 
     def verify(self) -> None:
@@ -416,49 +440,50 @@ class TeacherCache(Frozen):
             if self._token_names is not None:
                 _ragged.check_offsets(tensors[_ragged.OFFSETS], record, self.path)
 
-    def _key(self, key: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _key(self, key: Any) -> tuple[torch.Tensor, torch.Tensor | None, int, int, bool]:
+        """The sample indices, the draws (or ``None``), the smallest and largest index, and whether it is a run.
+
+        A run: consecutive ascending indices, read as slices (no draws).
+        """
         draws: Any = _NO_DRAWS
         if isinstance(key, tuple) and len(key) == 2 and not isinstance(key[0], int):
             key, draws = key
-        indices = _as_indices(key, len(self), "sample indices")
+        indices, lo, hi, run = _as_indices(key, len(self), "sample indices")
         if self.draws and draws is _NO_DRAWS:
             raise IndexError(
                 f"this cache holds {self.draws} augmentation draws per sample: index it with "
                 "cache[indices, draws] (and get the inputs with cache.replay(x, indices, draws))."
             )
         if draws is _NO_DRAWS:
-            return indices, None
+            return indices, None, lo, hi, run
         if not self.draws:
             raise IndexError("this cache was built without augmentation: index it with cache[indices] only.")
-        d = _as_indices(draws, self.draws, "draws")
+        d = _as_indices(draws, self.draws, "draws")[0]
         if d.shape != indices.shape:
             raise IndexError(f"give one draw per index: {len(indices)} indices, {len(d)} draws.")
-        return indices, d
+        return indices, d, lo, hi, False
 
-    def _gather(self, indices: torch.Tensor, draws: torch.Tensor | None, names: list[str]) -> dict[str, torch.Tensor]:
+    def _gather(
+        self,
+        indices: torch.Tensor,
+        draws: torch.Tensor | None,
+        names: list[str],
+        bounds: tuple[int, int],
+        *,
+        run: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The rows of ``names`` for ``indices`` (in range, from ``bounds[0]`` to ``bounds[1]``), and ``draws``."""
         size = self._shard_size
-        lo, hi = _bounds(indices)
+        lo, hi = bounds
+        if run:  # consecutive samples: a slice of each shard they span
+            return _read.run(self._shard, size, lo, hi + 1, names)
         first, last = lo // size, hi // size
-        shard = indices // size if first != last else None
-        rows = indices if first == last == 0 else indices - (first * size if shard is None else shard * size)
+        rows = indices if first == last == 0 else indices - first * size if first == last else indices % size
         if draws is not None:  # row r, draw d is row r * K + d of the (rows * K, ...) view
             rows = rows * self.draws + draws
-        if shard is None:  # one shard: one gather per stored tensor
-            tensors = self._shard(first)
-            return {n: _rows(tensors[n], rows, draws is not None) for n in names}
-        order = torch.argsort(shard, stable=True)
-        bounds = torch.searchsorted(shard[order], torch.arange(first, last + 2)).tolist()
-        pieces: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        for s in range(first, last + 1):
-            lo, hi = bounds[s - first], bounds[s - first + 1]
-            if lo == hi:
-                continue
-            tensors = self._shard(s)
-            r = rows[order[lo:hi]]
-            for n in names:
-                pieces[n].append(_rows(tensors[n], r, draws is not None))
-        back = torch.argsort(order)
-        return {n: torch.cat(p).index_select(0, back) for n, p in pieces.items()}
+        if first == last:  # one shard: one gather per stored tensor
+            return _read.one_shard(self._shard(first), rows, names, draws is not None)
+        return _read.across(self._shard, indices // size, rows, names, draws is not None)
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         tensors = self._loaded.get(s)
@@ -474,14 +499,6 @@ class TeacherCache(Frozen):
         return tensors
 
 
-def _rows(t: torch.Tensor, rows: torch.Tensor, drawn: bool) -> torch.Tensor:
-    """``t[rows]``, or with ``drawn`` rows of ``t`` with its sample and draw dimensions merged.
-
-    ``index_select`` rather than ``t[rows]``: on CPU, advanced indexing of large rows is many times slower.
-    """
-    return (t.flatten(0, 1) if drawn else t).index_select(0, rows)
-
-
 def _reopen(path: str, augment: Any, verify: bool) -> TeacherCache:
     return TeacherCache.open(path, augment=augment, verify=verify)
 
@@ -492,16 +509,49 @@ ACCEPTED = "a 1-D integer tensor, a list or tuple of ints, a range or a slice"
 """What ``cache[...]`` takes as sample indices (and as draws)."""
 
 
-def _as_indices(key: Any, n: int, what: str) -> torch.Tensor:
+def _as_indices(key: Any, n: int, what: str) -> tuple[torch.Tensor, int, int, bool]:
+    """``key`` as a 1-D ``int64`` CPU tensor of indices in ``0 .. n - 1``, its smallest and largest, and whether
+    it is a run (consecutive ascending indices, at least two).
+
+    Raises:
+        TypeError: ``key`` is not one of :data:`ACCEPTED`.
+        IndexError: an index is out of range.
+    """
     if isinstance(key, slice):
-        return torch.arange(n)[key]
+        key = _slice(key, n)
+    if isinstance(key, range):
+        return _range(key, n, what)
     t = _index_tensor(key, what)
-    if t.dtype != torch.int64 or t.device.type != "cpu":
+    if t.dtype != torch.int64 or not t.is_cpu:
         t = t.to("cpu", torch.int64)
     lo, hi = _bounds(t)
+    _check_range(lo, hi, n, what)
+    # a run's length is hi - lo + 1: only then is it worth comparing with one (shuffled batches never are)
+    run = hi - lo + 1 == t.shape[0] > 1 and torch.equal(t, torch.arange(lo, hi + 1))
+    return t, lo, hi, run
+
+
+def _slice(key: slice, n: int) -> range | torch.Tensor:
+    """The samples of ``cache[start:stop:step]``: a range, or (a step of 0 or below, bounds not ints) what
+    tensor slicing gives, and its errors."""
+    if all(v is None or type(v) is int for v in (key.start, key.stop, key.step)) and (key.step is None or key.step > 0):
+        return range(n)[key]
+    return torch.arange(n)[key]
+
+
+def _range(r: range, n: int, what: str) -> tuple[torch.Tensor, int, int, bool]:
+    """:func:`_as_indices` of a range: its bounds known without reading a tensor."""
+    if not r:  # torch.arange refuses a start past the stop
+        return torch.zeros(0, dtype=torch.int64), 0, 0, False
+    t = torch.arange(r.start, r.stop, r.step)
+    lo, hi = (r[0], r[-1]) if r.step > 0 else (r[-1], r[0])
+    _check_range(lo, hi, n, what)
+    return t, lo, hi, r.step == 1 and len(r) > 1
+
+
+def _check_range(lo: int, hi: int, n: int, what: str) -> None:
     if lo < 0 or hi >= n:
         raise IndexError(f"{what} must be in 0..{n - 1}, got {lo if lo < 0 else hi}.")
-    return t
 
 
 def _index_tensor(key: Any, what: str) -> torch.Tensor:
@@ -511,9 +561,9 @@ def _index_tensor(key: Any, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must be {ACCEPTED} (cache[[i]] for one sample), got the {kind} {key!r}.")
     if isinstance(key, torch.Tensor):
         t = key
-    elif isinstance(key, (list, tuple, range)) or hasattr(key, "__array__"):  # numpy arrays too
+    elif isinstance(key, (list, tuple)) or hasattr(key, "__array__"):  # numpy arrays too (ranges are read before)
         try:
-            t = torch.as_tensor(list(key) if isinstance(key, range) else key)
+            t = torch.as_tensor(key)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{what} must be {ACCEPTED}; got a {kind} that is not all ints.") from None
     else:

@@ -20,6 +20,8 @@ shard, ...)``. The other leaves are per sample, as in any cache.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -282,18 +284,39 @@ def load_spec(entry: Entry) -> Any:
     return torch_pytree.treespec_loads(entry["treespec"])
 
 
-def from_tensors(entry: Entry, spec_tree: Any, read: dict[str, torch.Tensor]) -> Any:
-    """The teacher output of one point, from its gathered stored tensors, in the teacher's dtypes."""
+Reader = Callable[[dict[str, torch.Tensor]], Any]
+"""One teacher point's output, in the teacher's dtypes, from the stored tensors a read gathered (by name)."""
+
+
+def reader(entry: Entry) -> Reader:
+    """The :data:`Reader` of one teacher point, made once (when a cache is opened) for all its reads.
+
+    What depends only on the layout is decided here: which tensors to take,
+    which to cast, and whether the output is a plain tensor (no tree to
+    rebuild); a read only looks its tensors up and casts those stored in
+    another dtype.
+    """
     if entry["topk"] is not None:
         spec = entry["leaves"][0]
-        logprobs, indices = read[spec["name"] + ".logprobs"], read[spec["name"] + ".indices"]
-        return TopK(_as(logprobs, to_dtype(spec["dtype"])), _as(indices, torch.int64))
-    leaves = [None if spec is None else _as(read[spec["name"]], to_dtype(spec["dtype"])) for spec in entry["leaves"]]
-    return torch_pytree.tree_unflatten(leaves, spec_tree)
+        logprobs = _leaf(spec["name"] + ".logprobs", spec["stored"], spec["dtype"])
+        indices = _leaf(spec["name"] + ".indices", spec["index_dtype"], "int64")
+        return lambda read: TopK(logprobs(read), indices(read))
+    leaves = [None if spec is None else _leaf(spec["name"], spec["stored"], spec["dtype"]) for spec in entry["leaves"]]
+    tree = load_spec(entry)
+    if tree.is_leaf() and len(leaves) == 1 and leaves[0] is not None:  # the output is one tensor
+        return leaves[0]
+    return lambda read: torch_pytree.tree_unflatten([None if f is None else f(read) for f in leaves], tree)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def _leaf(name: str, stored: str, dtype: str) -> Reader:
+    """The stored tensor ``name`` in the teacher's ``dtype`` (cast only when stored in another).
+
+    ``uint16`` is always cast: a ragged read widens it (:func:`~funcdistill.cache._ragged.gather`).
+    """
+    if stored == dtype and dtype != "uint16":
+        return operator.itemgetter(name)
+    cast = to_dtype(dtype)
+    return lambda read: read[name].to(cast)
 
 
 def bytes_per_sample(entry: Entry, draws: int, *, tokens: float = 1.0) -> int:
