@@ -95,7 +95,7 @@ class _Reader:
     ``named_buffers()`` would, whatever happened to the model in between.
     """
 
-    __slots__ = ("_child_tables", "_child_keys", "_children", "_tables", "_sizes", "_params", "_buffers")
+    __slots__ = ("_child_tables", "_child_keys", "_children", "_tables", "_sizes", "_params", "_all")
 
     def __init__(self, root: nn.Module):
         modules = _modules(root)
@@ -111,7 +111,9 @@ class _Reader:
             self._tables += (m._modules, m._parameters, m._buffers)
         self._sizes = list(map(len, self._tables))
         self._params = _entries(modules, "_parameters")
-        self._buffers = _entries(modules, "_buffers")
+        buffers = _entries(modules, "_buffers")
+        # parameters then buffers in one read (no tensor is both, so dropping repeats is the same)
+        self._all = tuple(p + b for p, b in zip(self._params, buffers))
 
     def valid(self) -> bool:
         """Same submodules under the same names, and name tables of the same sizes."""
@@ -123,10 +125,7 @@ class _Reader:
 
     def read(self, buffers: bool) -> dict[str, torch.Tensor]:
         """The live tensors by name (raises ``KeyError`` when a name it expects is gone)."""
-        out = _read(*self._params)
-        if buffers:
-            out.update(_read(*self._buffers))
-        return out
+        return _read(*self._all) if buffers else _read(*self._params)
 
 
 _READERS: weakref.WeakKeyDictionary[nn.Module, _Reader] = weakref.WeakKeyDictionary()
