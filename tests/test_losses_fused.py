@@ -210,11 +210,14 @@ def test_compiled_grad_step_without_graph_break():
     assert g_e[1][V:].abs().sum() == 0  # the padded rows get no gradient
 
 
-def test_default_chunk_holds_about_2_to_the_24_logits():
+def test_default_chunk_is_128_tokens_and_at_most_about_2_to_the_24_logits():
     from funcdistill.losses._fused import _chunk_tokens
 
-    assert [_chunk_tokens("f", None, v) for v in (32_000, 128_256, 152_064, 1 << 25, 1)] == [512, 128, 64, 1, 1 << 24]
-    assert _chunk_tokens("f", 7, 32_000) == 7
+    vocabularies = (32_000, 128_256, 152_064, 1 << 25, 1)
+    assert [_chunk_tokens("f", None, v) for v in vocabularies] == [128, 128, 64, 1, 128]
+    # most=None (the cross-tokenizer losses): the 2**24-logit budget alone
+    assert [_chunk_tokens("f", None, v, most=None) for v in vocabularies] == [512, 128, 64, 1, 1 << 24]
+    assert _chunk_tokens("f", 7, 32_000) == _chunk_tokens("f", 7, 32_000, most=None) == 7  # a given size is kept
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
