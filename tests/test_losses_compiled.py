@@ -127,3 +127,82 @@ def test_a_compile_that_fails_falls_back_to_the_eager_chunk(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failure is reported once; later calls run eagerly at once
         grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
+
+
+def peak_above_results(step) -> int:
+    """Bytes that ``step`` (a forward + backward) allocates at its peak above what it still holds at its end.
+
+    Counted from the profiler's allocation events (every CPU tensor, Inductor's
+    buffers included), so it is exact and deterministic, not a timing or an
+    RSS reading. What the step holds at its end is its results (the student's
+    gradients, which replace the previous step's): subtracting them gives, in
+    allocator terms, the benchmark's "peak RSS above the inputs" (benchmarks/llm.py).
+    """
+    step()  # compile first: its allocations are not the step's
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            peak = max(peak, live)
+    return peak - live
+
+
+def training_step(loss, *params):
+    def step():
+        for p in params:
+            p.grad = None
+        loss().backward()
+
+    return step
+
+
+@pytest.mark.compile
+def test_default_chunks_keep_the_peak_under_0_15x_the_naive_loss_at_1024_tokens():
+    from funcdistill.losses._fused import CHUNK_TOKENS
+
+    tokens, vocab, hidden = 1024, 8_000, 256  # the benchmark's smallest case (tokens, H), a smaller vocabulary
+    ht, hs = torch.randn(tokens, hidden), torch.randn(tokens, hidden, requires_grad=True)
+    wt, ws = torch.randn(vocab, hidden) / 8, (torch.randn(vocab, hidden) / 16).requires_grad_()
+    logprobs, indices = (ht @ wt.T).log_softmax(-1).topk(32)
+    chunk = CHUNK_TOKENS * vocab * 4  # bytes of one (chunk, V) float32 buffer
+    peaks = {
+        name: peak_above_results(training_step(loss, hs, ws))
+        for name, loss in {
+            "topk naive": lambda: L.topk_kl_loss(logprobs, indices, hs @ ws.T),
+            "topk fused": lambda: L.fused_linear_topk_kl_loss(logprobs, indices, hs, ws),  # compiled (the default)
+            "naive": lambda: L.generalized_jsd_loss(ht @ wt.T, hs @ ws.T),
+            "fused": lambda: L.fused_linear_jsd_loss(ht, hs, wt, ws),
+        }.items()
+    }
+    # the issue's goal, each fused loss against its own naive form (measured 0.10x and 0.03x)
+    assert peaks["topk fused"] <= 0.15 * peaks["topk naive"], peaks
+    assert peaks["fused"] <= 0.15 * peaks["naive"], peaks
+    # and why: a compiled chunk holds 2 (chunk, V) buffers for the top-k KL (the student's logits, their gradient)
+    # and 3 for the JSD (both logits, one intermediate), plus the hidden states' gradient (tokens x H, 1 MiB here,
+    # under half a buffer); a buffer more (e.g. a chunk's gradient kept while the next chunk runs) fails this
+    assert peaks["topk fused"] <= 2.5 * chunk, peaks["topk fused"] / chunk
+    assert peaks["fused"] <= 3.5 * chunk, peaks["fused"] / chunk
+
+
+@pytest.mark.compile
+def test_the_default_chunk_compiles_once_for_every_token_count():
+    wt, ws, bs = torch.randn(V, HT), torch.randn(V, HS), torch.randn(V)
+
+    def value_and_grads(tokens, compiled):
+        ht, hs = torch.randn(tokens, HT), torch.randn(tokens, HS)
+
+        def loss(h, w, b):
+            return L.fused_linear_jsd_loss(ht, h, wt, w, student_bias=b, compiled=compiled)  # the default chunk
+
+        return grad_and_value(loss, argnums=(0, 1, 2))(hs, ws, bs)
+
+    value_and_grads(200, True)  # 128 + 72 tokens: compiled here (or by an earlier test of the same shape family)
+    before = graphs()
+    for tokens in (300, 1000, 2000):  # 2, 7 and 15 chunks of 128 tokens, and last chunks of 44, 104 and 80
+        torch.manual_seed(tokens)
+        compiled = value_and_grads(tokens, True)
+        torch.manual_seed(tokens)
+        torch.testing.assert_close(compiled, value_and_grads(tokens, False), **TOL)
+    assert graphs() == before

@@ -210,11 +210,29 @@ def test_compiled_grad_step_without_graph_break():
     assert g_e[1][V:].abs().sum() == 0  # the padded rows get no gradient
 
 
-def test_default_chunk_holds_about_2_to_the_24_logits():
+def test_default_chunk_is_128_tokens_and_at_most_about_2_to_the_24_logits():
     from funcdistill.losses._fused import _chunk_tokens
 
-    assert [_chunk_tokens("f", None, v) for v in (32_000, 128_256, 152_064, 1 << 25, 1)] == [512, 128, 64, 1, 1 << 24]
-    assert _chunk_tokens("f", 7, 32_000) == 7
+    vocabularies = (32_000, 128_256, 152_064, 1 << 25, 1)
+    assert [_chunk_tokens("f", None, v) for v in vocabularies] == [128, 128, 64, 1, 128]
+    # most=None (the cross-tokenizer losses): the 2**24-logit budget alone
+    assert [_chunk_tokens("f", None, v, most=None) for v in vocabularies] == [512, 128, 64, 1, 1 << 24]
+    assert _chunk_tokens("f", 7, 32_000) == _chunk_tokens("f", 7, 32_000, most=None) == 7  # a given size is kept
+
+
+def test_default_chunks_equal_unfused():
+    tokens = 300  # default chunks of 128, 128 and 44 tokens (float64, eager: exact up to the order of the sums)
+    ht, hs = torch.randn(tokens, HT, dtype=torch.float64), torch.randn(tokens, HS, dtype=torch.float64)
+    _, _, wt, ws, bt, bs = heads()
+    g, v = student_grads(fused_jsd, ht, hs, wt, ws, bt, bs, beta=0.3)
+    g_ref, v_ref = student_grads(unfused_jsd, ht, hs, wt, ws, bt, bs, beta=0.3)
+    torch.testing.assert_close(v, v_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    logprobs, indices = (ht @ wt.T).log_softmax(-1).topk(5)
+    fused = torch.func.grad_and_value(lambda h, w: L.fused_linear_topk_kl_loss(logprobs, indices, h, w), (0, 1))
+    unfused = torch.func.grad_and_value(lambda h, w: L.topk_kl_loss(logprobs, indices, h @ w.T), (0, 1))
+    torch.testing.assert_close(fused(hs, ws), unfused(hs, ws))
 
 
 def test_bfloat16_inputs_accumulate_in_float32():

@@ -16,9 +16,11 @@ arguments, the chunk's size and the environment, never from what was cached):
   never (the eager chunk, as before).
 * Inside a ``torch.compile`` region (the user's step): never here; the eager
   chunk code is traced into the user's graph and compiled with it.
-* ``compiled=None`` (the default): when a chunk holds at least ``2**20``
-  logits (compiling costs seconds; below that size it does not pay back), and
-  Dynamo supports this Python and platform.
+* ``compiled=None`` (the default): when the call's logits (tokens x V, all
+  chunks together) number at least ``2**20`` (compiling costs seconds; below
+  that size it does not pay back), and Dynamo supports this Python and
+  platform. It is the call's size, not the chunk's, that counts: small
+  chunks of a long sequence are worth compiling.
 * ``compiled=True``: whenever Dynamo is supported, whatever the size.
 
 Each chunk function is compiled once per shape family with ``dynamic=True``:
@@ -49,7 +51,7 @@ import torch
 __all__: list[str] = []
 
 EAGER_ENV = "FUNCDISTILL_FUSED_EAGER"
-MIN_COMPILED_LOGITS = 1 << 20  # logits per chunk from which compiled=None compiles (4 MiB in fp32)
+MIN_COMPILED_LOGITS = 1 << 20  # logits per call (all chunks) from which compiled=None compiles (4 MiB in fp32)
 
 _KERNELS: dict[Callable[..., Any], Callable[..., Any]] = {}  # chunk function -> its compiled form
 _BROKEN: set[Callable[..., Any]] = set()  # chunk functions whose compile failed in this process
@@ -59,18 +61,18 @@ def check_compiled(loss: str, compiled: Any) -> None:
     """``compiled`` is True, False or None."""
     if compiled is not None and not isinstance(compiled, bool):
         raise TypeError(
-            f"{loss}: compiled must be True, False or None (None: compile chunks of 2**20 logits or more), "
+            f"{loss}: compiled must be True, False or None (None: compile calls of 2**20 logits or more), "
             f"got {type(compiled).__name__}."
         )
 
 
-def use_compiled(compiled: bool | None, chunk_logits: int) -> bool:
-    """Whether the chunks of this call run compiled (see the module documentation)."""
+def use_compiled(compiled: bool | None, logits: int) -> bool:
+    """Whether the chunks of a call with ``logits`` logits in all (tokens x V) run compiled (see the module doc)."""
     if torch.compiler.is_compiling() or compiled is False:
         return False
     if os.environ.get(EAGER_ENV, "") not in ("", "0"):
         return False
-    if compiled is None and chunk_logits < MIN_COMPILED_LOGITS:
+    if compiled is None and logits < MIN_COMPILED_LOGITS:
         return False
     return torch._dynamo.is_dynamo_supported()
 

@@ -132,7 +132,7 @@ def _run(parts, chunk_size, dtype, counted, reduction, compiled, heads, *constan
     teacher_hidden, student_hidden, teacher_weight, student_weight, teacher_bias, student_bias = heads
     leading = student_hidden.shape[:-1]
     weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
-    logits = min(chunk_size, leading.numel()) * max(teacher_weight.shape[0], student_weight.shape[0])
+    logits = leading.numel() * max(teacher_weight.shape[0], student_weight.shape[0])
     chunking = _Chunking(parts, chunk_size, 1, student_weight.shape[0], dtype, use_compiled(compiled, logits))
     return _chunked_loss(
         chunking,
@@ -213,7 +213,7 @@ def fused_linear_uld_loss(
     reduction = _check_reduction(name, reduction)
     heads = (teacher_hidden, student_hidden, teacher_weight, student_weight, teacher_bias, student_bias)
     dtype = _prepare(name, *heads, temperature)
-    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]))
+    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]), most=None)
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
     check_compiled(name, compiled)
     fixed, tensors = _split(temperature)
@@ -291,7 +291,7 @@ def fused_linear_hybrid_loss(
     dtype = _prepare(name, *heads, temperature)
     check_shared_ids(name, teacher_ids, student_ids, teacher_weight.shape[0], student_weight.shape[0])
     check_hybrid_options(name, exact_weight, uld_weight, beta)
-    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]))
+    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]), most=None)
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
     fixed, tensors = _split(exact_weight, uld_weight, beta, temperature)
     ids = teacher_ids.to(teacher_weight.device).long(), student_ids.to(student_weight.device).long()

@@ -183,6 +183,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 grad_weight = grad_weight.add_(grad_logits.T @ h)
             if grad_bias is not None:
                 grad_bias = grad_bias.add_(chunk_bias)
+            del grad_logits, chunk_bias  # freed now, not held while the next chunk's logits are made
         grad_hidden = torch.cat(grad_hidden) if grad_hidden else torch.zeros_like(hidden)
         outputs = (total.to(chunking.dtype), grad_hidden.reshape(student_hidden.shape))
         outputs += (_pad_rows(grad_weight, weight.shape[0]).to(weight.dtype),)
@@ -301,13 +302,16 @@ def _check_head(loss: str, side: str, hidden: Any, weight: Any, bias: Any) -> No
             )
 
 
-CHUNK_LOGITS = 1 << 24  # logits per chunk when chunk_size is None: 64 MiB in fp32
+CHUNK_TOKENS = 128  # tokens per chunk when chunk_size is None (see docs/design.md: fastest and within 0.15x naive)
+CHUNK_LOGITS = 1 << 24  # but no more logits than this per default chunk: 64 MiB in fp32
 
 
-def _chunk_tokens(loss: str, chunk_size: Any, vocab: int) -> int:
-    """Tokens per chunk: ``chunk_size``, checked, or by default a power of two giving about 2**24 logits."""
+def _chunk_tokens(loss: str, chunk_size: Any, vocab: int, *, most: int | None = CHUNK_TOKENS) -> int:
+    """Tokens per chunk: ``chunk_size``, checked, or by default ``most`` tokens, fewer (a power of two) where
+    ``most`` tokens would hold over 2**24 logits (``most=None``: that power of two alone)."""
     if chunk_size is None:
-        return 1 << max(0, (CHUNK_LOGITS // max(vocab, 1)).bit_length() - 1)
+        fits = 1 << max(0, (CHUNK_LOGITS // max(vocab, 1)).bit_length() - 1)
+        return fits if most is None else min(most, fits)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"{loss}: chunk_size must be a positive int (tokens per chunk), got {type(chunk_size).__name__}."
@@ -407,15 +411,16 @@ def fused_linear_jsd_loss(
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
         chunk_size: tokens per chunk (the last chunk may be smaller); by default
-            a power of two giving about 2**24 logits per chunk (512 tokens at
-            ``V = 32,000``, 128 at ``V = 128,256``). Peak memory grows with it.
+            128, fewer (a power of two) where 128 tokens would hold over 2**24
+            logits (``V > 131,072``). Peak memory grows with it.
         teacher_bias: the teacher's head bias ``(V,)``, if it has one.
         student_bias: the student's head bias ``(V,)``, if it has one.
         vocab_size: compare only the first ``vocab_size`` classes.
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
         compiled: run each chunk's work through ``torch.compile`` (compiled once
-            per shape family, the token count symbolic): ``None`` (default) when a
-            chunk holds at least 2**20 logits, ``True`` always, ``False`` never.
+            per shape family, the token count symbolic): ``None`` (default) when the
+            call's logits (tokens x V) number at least 2**20, ``True`` always,
+            ``False`` never.
             Eager wherever compiling is unavailable or fails, and with the
             environment variable ``FUNCDISTILL_FUSED_EAGER=1``.
 
@@ -453,7 +458,7 @@ def fused_linear_jsd_loss(
         None if isinstance(beta, torch.Tensor) else beta,
         None if isinstance(temperature, torch.Tensor) else temperature,
     )
-    fast = use_compiled(compiled, min(chunk_size, leading.numel()) * classes)
+    fast = use_compiled(compiled, leading.numel() * classes)
     chunking = _Chunking(rows, chunk_size, 1, classes, dtype, fast)
     return _chunked_loss(
         chunking,
@@ -479,9 +484,11 @@ def _topk_parts(
     topk_logprobs = topk_logprobs.to(log_s.dtype)
     if renormalize:
         topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
-    # d/ds of sum_k p_k (log p_k - s_{i_k}) is -p_k at the indices i_k, 0 elsewhere
-    grad_log_s = torch.zeros_like(log_s).scatter_add(-1, topk_indices.long(), -topk_logprobs.exp())
-    return per_token, _through_softmax(grad_log_s, log_s.exp(), 1)
+    # d/ds of sum_k p_k (log p_k - s_{i_k}) is g = -p_k at the indices i_k, 0 elsewhere; through the softmax,
+    # g - p_S * sum(g) = p_S * sum_k p_k - p_k at the i_k: one (chunk, V) tensor, updated in place at the i_k
+    p_t = topk_logprobs.exp()
+    grad = (log_s.exp() * p_t.sum(-1, keepdim=True)).scatter_add(-1, topk_indices.long(), -p_t)
+    return per_token, grad
 
 
 def fused_linear_topk_kl_loss(
@@ -516,7 +523,7 @@ def fused_linear_topk_kl_loss(
         mask: bool tensor of the leading shape, ``True`` where the token counts.
         labels: token ids; tokens equal to ``ignore_index`` do not count.
         ignore_index: the label of tokens that do not count (default ``-100``).
-        chunk_size: tokens per chunk; by default about 2**24 logits per chunk.
+        chunk_size: tokens per chunk; by default 128, as in :func:`fused_linear_jsd_loss`.
         student_bias: the student's head bias ``(V,)``, if it has one.
         reduction: ``"mean"`` (over counted tokens) or ``"sum"``.
         compiled: compile each chunk's work, as in :func:`fused_linear_jsd_loss`.
@@ -548,7 +555,7 @@ def fused_linear_topk_kl_loss(
     dtype = compute_dtype(teacher_topk_logprobs, student_hidden)
     weights = _weights(counted, leading, reduction, dtype, student_hidden.device)
     k = teacher_topk_logprobs.shape[-1]
-    fast = use_compiled(compiled, min(chunk_size, leading.numel()) * vocab)
+    fast = use_compiled(compiled, leading.numel() * vocab)
     chunking = _Chunking(functools.partial(_topk_parts, renormalize), chunk_size, 2, vocab, dtype, fast)
     return _chunked_loss(
         chunking,
