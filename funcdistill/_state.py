@@ -111,9 +111,10 @@ class _Reader:
             self._tables += (m._modules, m._parameters, m._buffers)
         self._sizes = list(map(len, self._tables))
         self._params = _entries(modules, "_parameters")
-        buffers = _entries(modules, "_buffers")
+        names, tables, keys = self._params
+        b_names, b_tables, b_keys = _entries(modules, "_buffers")
         # parameters then buffers in one read (no tensor is both, so dropping repeats is the same)
-        self._all = tuple(p + b for p, b in zip(self._params, buffers))
+        self._all = (names + b_names, tables + b_tables, keys + b_keys)
 
     def valid(self) -> bool:
         """Same submodules under the same names, and name tables of the same sizes."""
