@@ -285,7 +285,7 @@ class StateSpec:
         return (
             all(map(isinstance, values, repeat(torch.Tensor)))
             and _same_specs(values, refs)
-            and all(map(is_, map(getitem, self._tables, self._attrs), plan.own_list))
+            and all(map(is_, self._live_list(), plan.own_list))
         )
 
     def buffers(self, swaps: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
