@@ -113,16 +113,23 @@ def register(taps: Taps, module: nn.Module, point: str | Point, n_points: int, r
     wrap = not _hooked(module)
     if isinstance(point, Point) and point.io == "input":
         read = _input_reader(point, module, role)
+
+        def seen_input(args: tuple, kwargs: dict) -> None:
+            _seen(taps, point, keep, n_points, read(args, kwargs))
+
         if wrap:
-            _wrap_forward(module, lambda args, kwargs: _seen(taps, point, keep, n_points, read(args, kwargs)), None)
+            _wrap_forward(module, seen_input, None)
         else:
-            module.register_forward_pre_hook(
-                lambda m, args, kwargs: _seen(taps, point, keep, n_points, read(args, kwargs)), with_kwargs=True
-            )
-    elif wrap:
-        _wrap_forward(module, None, lambda output: _seen(taps, point, keep, n_points, output))
+            module.register_forward_pre_hook(lambda m, args, kwargs: seen_input(args, kwargs), with_kwargs=True)
+        return
+
+    def seen_output(output: Any) -> None:
+        _seen(taps, point, keep, n_points, output)
+
+    if wrap:
+        _wrap_forward(module, None, seen_output)
     else:
-        module.register_forward_hook(lambda m, args, output: _seen(taps, point, keep, n_points, output))
+        module.register_forward_hook(lambda m, args, output: seen_output(output))
 
 
 def _hooked(module: nn.Module) -> bool:
