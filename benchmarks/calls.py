@@ -38,6 +38,7 @@ OVERHEAD_BASE_US = 25.0  # goal: base + per state tensor + per swapped tensor
 OVERHEAD_PER_TENSOR_US = 0.05
 OVERHEAD_PER_SWAP_US = 1.0
 STATE_TARGET_US = 0.5  # per tensor
+OVERHEAD_ROUND_S = 0.06  # seconds per candidate and round of the overhead table (see _settings)
 BATCH, WIDTH = 2, 4
 
 
@@ -70,10 +71,18 @@ def _per_call_s(fns: list[Callable[[], Any]], calls: int = 20) -> float:
 
 
 def _settings(cfg: Any, kind: str = "overhead") -> tuple[int, float]:
-    """``(rounds, seconds per candidate and round)``."""
+    """``(rounds, seconds per candidate and round)``.
+
+    A round of the overhead table runs each candidate for about
+    :data:`OVERHEAD_ROUND_S`, so that it times calls in a loop, as training
+    makes them: the first call after another candidate's finds the caches
+    holding that candidate's models and state, not its own, and costs far
+    more (at 800 + 800 tensors with copies, about 3 ms more, measured with
+    10 ms rounds: 5,029 µs of overhead against 1,886 µs with 60 ms rounds).
+    """
     if cfg.quick:
         return 7, 0.003
-    return (41, 0.01) if kind == "overhead" else (21, 0.01)
+    return (41, OVERHEAD_ROUND_S) if kind == "overhead" else (21, 0.01)
 
 
 def _inner(per_call: float, budget: float) -> int:
@@ -214,7 +223,10 @@ def overhead_section(cfg: Any) -> Section:
             f"training-mode modules, which a call clones or swaps out). Target: <= {OVERHEAD_BASE_US:.0f} µs + "
             f"{OVERHEAD_PER_TENSOR_US} µs x tensors + {OVERHEAD_PER_SWAP_US:.0f} µs x swapped; `met` is `yes` "
             "only when the whole interquartile range is under it, `within noise of the goal` when the range "
-            "straddles it. torch runs on one thread here."
+            "straddles it. Each round runs each candidate for about "
+            f"{1000 * OVERHEAD_ROUND_S:.0f} ms (10 calls at 800 + 800 tensors), so that a round times calls in a "
+            "loop rather than the first call after another candidate's, which runs with cold caches. torch runs "
+            "on one thread here."
         ),
     )
     with one_thread():

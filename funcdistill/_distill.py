@@ -21,6 +21,8 @@ from funcdistill._side import Side
 from funcdistill._state import state
 from funcdistill._tensors import cast_floating
 
+_new_tuple = tuple.__new__  # a NamedTuple made without its Python-level __new__ (every call makes the pairs)
+
 __all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]
 
 
@@ -310,7 +312,7 @@ class DistillFn(Frozen):
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
             )
         if self.teacher_dtype is None and not self._bound:
-            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._pairs])
+            pairs = tuple([_new_tuple(Pair, (t_out[t], s_out[s], p)) for t, s, p in self._pairs])
         else:
             pairs = tuple(
                 [
@@ -416,13 +418,20 @@ def _rebuild(teacher: nn.Module, student: nn.Module, mapping: Mapping, options: 
 
 def _check_inputs(args: tuple, kwargs: dict) -> None:
     """One-shot iterators would be used up by the teacher, leaving the student nothing."""
+    if all(map(_reusable, args)) and (not kwargs or all(map(_reusable, kwargs.values()))):
+        return  # every call: no tuples of positions made
     for where, x in (*enumerate(args), *kwargs.items()):
-        if not isinstance(x, torch.Tensor) and isinstance(x, Iterator):
+        if not _reusable(x):
             what = f"positional input {where}" if isinstance(where, int) else f"keyword input {where!r}"
             raise TypeError(
                 f"{what} is a one-shot {type(x).__name__}: the teacher would use it up and the "
                 "student would get an empty one. Pass a list or tuple instead (list(...))."
             )
+
+
+def _reusable(x: Any) -> bool:
+    """Whether ``x`` can be given to both models: anything but a one-shot iterator."""
+    return isinstance(x, torch.Tensor) or not isinstance(x, Iterator)
 
 
 class BufferUpdateWarning(UserWarning):
