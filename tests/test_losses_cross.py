@@ -375,6 +375,22 @@ PAIRS = {
 }
 
 
+@pytest.mark.parametrize("name", ["uld", "hybrid"])
+def test_default_chunks_equal_unfused(name):
+    """300 positions: default chunks of 128, 128 and 44 (as the single-vocabulary fused losses)."""
+    loss, fused_loss, ids = PAIRS[name]
+    ht, hs, wt, ws, bt, bs = heads()
+    ht, hs = torch.randn(300, HT, dtype=torch.float64), torch.randn(300, HS, dtype=torch.float64)
+    mask = torch.rand(300) > 0.2
+    (g_fused, v_fused), (g_ref, v_ref) = (
+        student_grads(fused, fused_loss, ht, hs, wt, ws, bt, bs, *ids, mask=mask),
+        student_grads(unfused, loss, ht, hs, wt, ws, bt, bs, *ids, mask=mask),
+    )
+    torch.testing.assert_close(v_fused, v_ref)  # float64: equal up to the order of the sums
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 12, 64])
 @pytest.mark.parametrize(
     ("name", "kw"),

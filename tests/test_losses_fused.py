@@ -215,9 +215,7 @@ def test_default_chunk_is_128_tokens_and_at_most_about_2_to_the_24_logits():
 
     vocabularies = (32_000, 128_256, 152_064, 1 << 25, 1)
     assert [_chunk_tokens("f", None, v) for v in vocabularies] == [128, 128, 64, 1, 128]
-    # most=None (the cross-tokenizer losses): the 2**24-logit budget alone
-    assert [_chunk_tokens("f", None, v, most=None) for v in vocabularies] == [512, 128, 64, 1, 1 << 24]
-    assert _chunk_tokens("f", 7, 32_000) == _chunk_tokens("f", 7, 32_000, most=None) == 7  # a given size is kept
+    assert _chunk_tokens("f", 7, 32_000) == _chunk_tokens("f", 7, 1 << 25) == 7  # a given size is kept
 
 
 def test_default_chunks_equal_unfused():

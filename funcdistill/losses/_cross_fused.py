@@ -189,7 +189,8 @@ def fused_linear_uld_loss(
         mask: bool tensor of the leading shape, ``True`` where the position counts.
         labels: token ids; positions equal to ``ignore_index`` do not count.
         ignore_index: the label of positions that do not count (default ``-100``).
-        chunk_size: positions per chunk; by default about 2**24 logits per chunk of the larger vocabulary.
+        chunk_size: positions per chunk; by default 128, fewer (a power of two) where 128 positions would
+            hold over 2**24 logits of the larger vocabulary.
         teacher_bias: the teacher's head bias ``(V_T,)``, if it has one.
         student_bias: the student's head bias ``(V_S,)``, if it has one.
         reduction: ``"mean"`` (over counted positions) or ``"sum"``.
@@ -213,7 +214,7 @@ def fused_linear_uld_loss(
     reduction = _check_reduction(name, reduction)
     heads = (teacher_hidden, student_hidden, teacher_weight, student_weight, teacher_bias, student_bias)
     dtype = _prepare(name, *heads, temperature)
-    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]), most=None)
+    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]))
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
     check_compiled(name, compiled)
     fixed, tensors = _split(temperature)
@@ -264,7 +265,8 @@ def fused_linear_hybrid_loss(
         mask: bool tensor of the leading shape, ``True`` where the position counts.
         labels: token ids; positions equal to ``ignore_index`` do not count.
         ignore_index: the label of positions that do not count (default ``-100``).
-        chunk_size: positions per chunk; by default about 2**24 logits per chunk of the larger vocabulary.
+        chunk_size: positions per chunk; by default 128, fewer (a power of two) where 128 positions would
+            hold over 2**24 logits of the larger vocabulary.
         teacher_bias: the teacher's head bias ``(V_T,)``, if it has one.
         student_bias: the student's head bias ``(V_S,)``, if it has one.
         reduction: ``"mean"`` (over counted positions) or ``"sum"``.
@@ -291,7 +293,7 @@ def fused_linear_hybrid_loss(
     dtype = _prepare(name, *heads, temperature)
     check_shared_ids(name, teacher_ids, student_ids, teacher_weight.shape[0], student_weight.shape[0])
     check_hybrid_options(name, exact_weight, uld_weight, beta)
-    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]), most=None)
+    chunk_size = _chunk_tokens(name, chunk_size, max(teacher_weight.shape[0], student_weight.shape[0]))
     counted = counted_tokens(name, student_hidden.shape[:-1], mask, labels, ignore_index)
     fixed, tensors = _split(exact_weight, uld_weight, beta, temperature)
     ids = teacher_ids.to(teacher_weight.device).long(), student_ids.to(student_weight.device).long()

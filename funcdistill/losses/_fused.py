@@ -306,12 +306,12 @@ CHUNK_TOKENS = 128  # tokens per chunk when chunk_size is None (see docs/design.
 CHUNK_LOGITS = 1 << 24  # but no more logits than this per default chunk: 64 MiB in fp32
 
 
-def _chunk_tokens(loss: str, chunk_size: Any, vocab: int, *, most: int | None = CHUNK_TOKENS) -> int:
-    """Tokens per chunk: ``chunk_size``, checked, or by default ``most`` tokens, fewer (a power of two) where
-    ``most`` tokens would hold over 2**24 logits (``most=None``: that power of two alone)."""
+def _chunk_tokens(loss: str, chunk_size: Any, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_size``, checked, or by default :data:`CHUNK_TOKENS`, fewer (a power of two)
+    where that many tokens would hold over 2**24 logits of ``vocab`` classes."""
     if chunk_size is None:
         fits = 1 << max(0, (CHUNK_LOGITS // max(vocab, 1)).bit_length() - 1)
-        return fits if most is None else min(most, fits)
+        return min(CHUNK_TOKENS, fits)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"{loss}: chunk_size must be a positive int (tokens per chunk), got {type(chunk_size).__name__}."
