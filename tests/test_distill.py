@@ -596,7 +596,14 @@ def test_student_state_dict_in_a_backward_loop_points_to_state(models):
     grad(lambda ss: fn(t.state_dict(), ss, x)[0].student.sum())(
         {k: v.detach() for k, v in state(s, buffers=False).items()}
     )
-    fn(t.state_dict(), {k: v.detach().clone() for k, v in state(s).items()}, x)  # an EMA-style copy, evaluated
+    copies = {k: v.detach().clone() for k, v in state(s).items()}
+    fn(t.state_dict(), copies, x)  # an EMA-style copy, evaluated
+    fn(t.state_dict(), copies, x)  # and again (the same dict, recognised without the full check)
+    one_view = {**copies, "head.bias": s.head.bias.detach()}  # one detached view among copies: still refused
+    with pytest.raises(
+        ValueError, match=r"student_state holds detached views of the student's parameters \('head.bias'\),"
+    ):
+        fn(state(t), one_view, x)
     s.eval()  # BatchNorm in training mode cannot run under vmap
     vmap(lambda xb: fn(t.state_dict(), s.state_dict(), xb)[0].student)(x.unsqueeze(1))
     s.requires_grad_(False)
