@@ -21,8 +21,6 @@ from funcdistill._side import Side
 from funcdistill._state import state
 from funcdistill._tensors import cast_floating
 
-_new_tuple = tuple.__new__  # a NamedTuple made without its Python-level __new__ (every call makes the pairs)
-
 __all__ = ["BoundPayload", "BufferUpdateWarning", "Buffers", "DistillFn", "distill"]
 
 
@@ -312,7 +310,7 @@ class DistillFn(Frozen):
                 self._teacher.model if t_dropped else None, self._student.model if s_dropped else None
             )
         if self.teacher_dtype is None and not self._bound:
-            pairs = tuple([_new_tuple(Pair, (t_out[t], s_out[s], p)) for t, s, p in self._pairs])
+            pairs = tuple([Pair(t_out[t], s_out[s], p) for t, s, p in self._pairs])
         else:
             pairs = tuple(
                 [

@@ -32,8 +32,6 @@ from funcdistill._shadow import WHOLE, Shadow
 from funcdistill._spec import StateSpec
 from funcdistill._tensors import cast_floating
 
-_new_tuple = tuple.__new__
-
 __all__: list[str] = []
 
 
@@ -175,7 +173,7 @@ class Side:
             self._shapes.check(values, args, kwargs)
         used = self.spec.buffers(swaps, shadow.plan.own) if buffers else None
         updated = report and bool(cloned) and not compiling and self.spec.updated(swaps, cloned)
-        return _new_tuple(SideRun, (values, used, updated))  # SideRun(...) without its Python-level __new__
+        return SideRun(values, used, updated)
 
     def _new_thread_shadow(self) -> Shadow:
         """This thread's first call: give it its own shadow."""
