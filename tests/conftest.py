@@ -9,6 +9,7 @@ import close``).
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -47,3 +48,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world: int) -> None:
+    """Join a gloo process group of ``world`` CPU ranks at ``port``; a spawned rank's first step (one thread)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),  # a collective one rank never joins fails, rather than hangs
+    )

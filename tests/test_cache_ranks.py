@@ -10,7 +10,6 @@ a build lock held by another process stops every rank, naming the holder.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import traceback
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 import funcdistill as fd
 from tests.cache_jobs import Skippable
-from tests.conftest import free_port
+from tests.conftest import free_port, init_gloo
 from tests.test_cache_concurrency import Job
 
 WORLD, N, SHARD = 2, 40, 8
@@ -147,14 +146,7 @@ def a_lock_held_elsewhere_stops_every_rank(rank: int, folder: Path, holder: int)
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),  # a collective one rank never joins fails, rather than hangs
-    )
+    init_gloo(rank, port, WORLD)
     results = {}
     holder = int(Path(out, "holder.pid").read_text())
     try:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -25,6 +29,7 @@ import funcdistill as fd
 from funcdistill.cache import TeacherCache, TopK, pad_tokens
 from funcdistill.losses import fused_linear_topk_kl_loss, topk_kl_loss
 from funcdistill.served import ServedTeacher, ServerError
+from tests.conftest import free_port, init_gloo
 from tests.served_peer import MODEL, Peer, edited, status, vllm_answer
 from tests.test_served import K, V, llama, logits_of
 
@@ -50,11 +55,15 @@ def models():
     return teacher, student, fn_of(teacher), fn_of(arch)
 
 
-@pytest.fixture(scope="module")
-def samples():
+def make_samples() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     lengths = [1, 12, *torch.randint(1, 13, (N - 2,), generator=g).tolist()]
     return [torch.randint(2, V, (n,), generator=g) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples()
 
 
 def build(fn, teacher_state, samples, folder, **kwargs):
@@ -262,3 +271,63 @@ def test_open_checks_the_served_model_and_refuses_to_check_weights_it_does_not_k
     with pytest.raises(ValueError, match=r"field 'teacher\.served' is \{'url': 'x'\}, not an object with the served"):
         TeacherCache.open(cache.path)
     assert math.isfinite(live[[0]].values[0].logprobs[0, 0, 0])
+
+
+# ---------------------------------------------------------------- two ranks, one server
+
+WORLD = 2
+
+
+def rank_worker(rank: int, port: int, url: str, silent_url: str, out: str) -> None:
+    """One rank of a two-rank build from the served teacher at ``url`` (gloo, CPU); writes what each check raised."""
+    init_gloo(rank, port, WORLD)
+    results = {}
+    try:
+        student = llama(32, 1)
+        with torch.device("meta"):
+            arch = LlamaForCausalLM(llama(32, 0).config).eval()
+        fn = fd.distill(arch, student, fd.Mapping(arch, student).add("lm_head", "lm_head").add("lm_head", "model.norm"))
+        samples = make_samples()
+        try:
+            cache = build(fn, ServedTeacher(fn, url, model=MODEL, topk=K, retries=0), samples, Path(out, "c"))
+            assert len(cache) == N, len(cache)
+            results["build"] = "ok"
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
+            results["build"] = traceback.format_exc()
+        dist.barrier()
+        try:  # rank 1 asks another model (a misconfigured job): refused on both ranks before asking or writing
+            model = MODEL if rank == 0 else "other-model"
+            with pytest.raises(
+                ValueError,
+                match=r"the 2 ranks of this TeacherCache.build were given different builds.*\n  teacher: rank 0 "
+                r"served by model 'tiny-teacher'; rank 1 served by model 'other-model'\n.*Nothing was written",
+            ):
+                build(fn, ServedTeacher(fn, silent_url, model=model, topk=K, retries=0), samples, Path(out, "other"))
+            assert not Path(out, "other").exists()
+            results["refused"] = "ok"
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
+            results["refused"] = traceback.format_exc()
+    finally:
+        Path(out, f"{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_build_from_one_server_each_asking_for_its_own_shards(models, samples, live, tmp_path):
+    with Peer(vllm_answer(logits_of(models[0]))) as peer, Peer(status(500, "must not be asked")) as silent:
+        mp.spawn(rank_worker, args=(free_port(), peer.url, silent.url, str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        results = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert results == {"build": "ok", "refused": "ok"}, f"rank {rank}:\n" + "\n".join(results.values())
+    assert silent.bodies == []
+    # shard s (samples 4s .. 4s+3, asked in batches of 2) is built by rank s % 2, so each batch is asked by one
+    # rank, once; and rank 1 also asks for the first batch, as every rank does, to fix the layout and shard size
+    asked = sorted(tuple(map(tuple, b["prompt"])) for b in peer.bodies)
+    batches = [tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH)]
+    assert asked == sorted([*batches, batches[0]])
+    cache = TeacherCache.open(tmp_path / "c")
+    assert index(cache)["entries"] == index(live)["entries"] and cache.tokens == live.tokens
+    assert [s["count"] for s in index(cache)["shards"]] == [4, 4, 2]
+    a, b = cache[torch.arange(N)], live[torch.arange(N)]
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.values[0].indices, b.values[0].indices)
+    torch.testing.assert_close(a.values[0].logprobs, b.values[0].logprobs, atol=ATOL, rtol=0)

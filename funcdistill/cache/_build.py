@@ -38,7 +38,7 @@ def build(options: Options, *, timeout: float | None = None) -> None:
     timeout = _timeout(timeout)
     ranks = Ranks.current()
     meta = options.settings()
-    _ranks.agree(ranks, {k: _ranks.short(v) for k, v in _given(options, meta).items()}, _GIVEN)
+    _ranks.agree(ranks, _given(options, meta), _GIVEN)
     weights = meta["teacher"]["weights"] = options.weights()
     if weights is not None:
         _ranks.agree(ranks, {"weights": f"sha256:{weights[:12]}"}, _WEIGHTS)
@@ -58,6 +58,7 @@ _GIVEN = {
     "points": "teacher points of the mapping",
     "storage": "storage (dtype, topk) per teacher point",
     "teacher": "teacher (class, state names, shapes and dtypes)",
+    "served": "teacher",
     "batch_size": "batch_size",
     "inputs": "inputs",
     "shard_size": "shard_size",
@@ -66,13 +67,20 @@ _WEIGHTS = {"weights": "teacher weights (SHA-256 of the teacher state)"}
 
 
 def _given(options: Options, meta: dict[str, Any]) -> dict[str, Any]:
-    """What a rank was given, field by field, for comparing the ranks."""
-    return {
-        **{k: meta[k] for k in ("samples", "draws", "seed", "augment", "points", "storage", "teacher")},
+    """What a rank was given, field by field, as the message shows it (short values, or their digests).
+
+    A served teacher is compared by its model name, shown whole (``served by
+    model '...'``, or ``a teacher state``), apart from the architecture.
+    """
+    teacher = {k: v for k, v in meta["teacher"].items() if k != "served"}
+    given = {
+        **{k: meta[k] for k in ("samples", "draws", "seed", "augment", "points", "storage")},
+        "teacher": teacher,
         "batch_size": options.batch_size,
         "inputs": options.inputs,
         "shard_size": options.shard_size,
     }
+    return {**{k: _ranks.short(v) for k, v in given.items()}, "served": _served.describe(meta["teacher"])}
 
 
 def _timeout(value: Any) -> float | None:

@@ -109,7 +109,7 @@ def agree(ranks: Ranks, given: dict[str, str], labels: dict[str, str]) -> None:
             "would not belong together:\n  "
             + "\n  ".join(problems)
             + "\nEvery rank must call TeacherCache.build with the same teacher state (the same checkpoint and "
-            "seed), dataset and arguments. Nothing was written."
+            "seed) or served model, dataset and arguments. Nothing was written."
         )
 
 
