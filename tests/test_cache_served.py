@@ -278,7 +278,7 @@ def test_open_checks_the_served_model_and_refuses_to_check_weights_it_does_not_k
 WORLD = 2
 
 
-def rank_worker(rank: int, port: int, url: str, silent_url: str, out: str) -> None:
+def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: str, out: str) -> None:
     """One rank of a two-rank build from the served teacher at ``url`` (gloo, CPU); writes what each check raised."""
     init_gloo(rank, port, WORLD)
     results = {}
@@ -307,6 +307,15 @@ def rank_worker(rank: int, port: int, url: str, silent_url: str, out: str) -> No
             results["refused"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
             results["refused"] = traceback.format_exc()
+        dist.barrier()
+        try:  # rank 0 alone asks for the first batch; its failure stops rank 1 too, with its type and message
+            failed = r"failed \(HTTP 500: engine died\) in each of 1 attempts"
+            told = r"^rank 0 stopped the build on the first batch, which every rank waits for \(it fixes the layout\): "
+            with pytest.raises(ServerError, match=told + ".*" + failed if rank else failed):
+                build(fn, ServedTeacher(fn, failing_url, model=MODEL, topk=K, retries=0), samples, Path(out, "fails"))
+            results["first_fails"] = "ok"
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
+            results["first_fails"] = traceback.format_exc()
     finally:
         Path(out, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -314,17 +323,23 @@ def rank_worker(rank: int, port: int, url: str, silent_url: str, out: str) -> No
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_build_from_one_server_each_asking_for_its_own_shards(models, samples, live, tmp_path):
-    with Peer(vllm_answer(logits_of(models[0]))) as peer, Peer(status(500, "must not be asked")) as silent:
-        mp.spawn(rank_worker, args=(free_port(), peer.url, silent.url, str(tmp_path)), nprocs=WORLD, join=True)
+    good = vllm_answer(logits_of(models[0]))
+    with (
+        Peer(good) as peer,
+        Peer(status(500, "must not be asked")) as unasked,
+        Peer(status(500, "engine died")) as fails,
+    ):
+        urls = (peer.url, unasked.url, fails.url)
+        mp.spawn(rank_worker, args=(free_port(), *urls, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         results = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert results == {"build": "ok", "refused": "ok"}, f"rank {rank}:\n" + "\n".join(results.values())
-    assert silent.bodies == []
+        expected = {"build": "ok", "refused": "ok", "first_fails": "ok"}
+        assert results == expected, f"rank {rank}:\n" + "\n".join(results.values())
+    assert unasked.bodies == [] and len(fails.bodies) == 1  # the failing server: asked once, by rank 0
     # shard s (samples 4s .. 4s+3, asked in batches of 2) is built by rank s % 2, so each batch is asked by one
-    # rank, once; and rank 1 also asks for the first batch, as every rank does, to fix the layout and shard size
+    # rank, once; the first batch, which fixes the layout for both, by rank 0 alone
     asked = sorted(tuple(map(tuple, b["prompt"])) for b in peer.bodies)
-    batches = [tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH)]
-    assert asked == sorted([*batches, batches[0]])
+    assert asked == sorted(tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH))
     cache = TeacherCache.open(tmp_path / "c")
     assert index(cache)["entries"] == index(live)["entries"] and cache.tokens == live.tokens
     assert [s["count"] for s in index(cache)["shards"]] == [4, 4, 2]

@@ -126,7 +126,7 @@ class Runner:
     def _first_batch(self) -> _Part:
         o = self.o
         n = min(o.batch_size, o.shard_size or o.batch_size, o.samples or o.batch_size)
-        part = self._part(0, n)
+        part = self._first_served(n) if o.served is not None and self.ranks.world > 1 else self._part(0, n)
         if not part.rows:
             raise ValueError("the stream is empty (it yielded no sample): there is nothing to cache.")
         if o.source.stream:  # every rank read these samples: the same stream on every rank
@@ -136,6 +136,33 @@ class Runner:
             per_sample = sum(_layout.bytes_per_sample(e, self.draws, tokens=tokens) for e in self.entries or [])
             self.shard_size = _default_shard_size(per_sample, o.batch_size)
         return part
+
+    def _first_served(self, n: int) -> _Part:
+        """The first batch of a served build on several ranks: rank 0 asks, and tells the others the layout.
+
+        Every rank needs the first batch's layout (and, for the default shard
+        size, its tokens per sample), but the server is shared: asked by each
+        rank, it would score the same batch once per rank. So rank 0 asks and
+        broadcasts what the answer fixed, or its error, which every other rank
+        then raises, of the same type where it can (none is left waiting). The
+        other ranks read the samples (a stream's digests are compared) and run
+        nothing; the batch's outputs belong to shard 0, which is rank 0's.
+        """
+        items = self.reader.read(0, n)
+        digests = [_source.digest(it) for it in items] if self.o.source.stream else []
+        if self.ranks.rank == 0:
+            try:
+                tensors = self._batch(items, 0) if items else {}
+            except Exception as error:
+                self.ranks.broadcast({"error": (type(error), str(error))})
+                raise
+            self.ranks.broadcast({"entries": self.entries, "ragged": self.ragged, "tokens": self.tokens_per_sample})
+            return _Part(tensors, digests, len(items))
+        shared = self.ranks.broadcast(None)
+        if "error" in shared:
+            raise _from_rank_0(*shared["error"])
+        self.entries, self.ragged, self.tokens_per_sample = shared["entries"], shared["ragged"], shared["tokens"]
+        return _Part({}, digests, len(items))
 
     @property
     def draws(self) -> int:
@@ -313,6 +340,16 @@ class _Part(NamedTuple):
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 _LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
+
+
+def _from_rank_0(kind: type[BaseException], message: str) -> BaseException:
+    """Rank 0's error on the first served batch, as another rank raises it (its type where that takes a message)."""
+    text = f"rank 0 stopped the build on the first batch, which every rank waits for (it fixes the layout): {message}"
+    try:
+        error = kind(text)
+    except Exception:  # noqa: BLE001 - a type that does not take one message: the text alone
+        return RuntimeError(text)
+    return error if isinstance(error, Exception) else RuntimeError(text)
 
 
 def _kind(item: Any) -> str:
