@@ -60,5 +60,5 @@ def init_gloo(rank: int, port: int, world: int) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=60),  # a collective one rank never joins fails, rather than hangs
+        timeout=datetime.timedelta(seconds=120),  # a collective one rank never joins fails, not hangs 30 min
     )

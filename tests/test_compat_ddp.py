@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import funcdistill
 from funcdistill.compat import Mapping, distill
-from tests.conftest import free_port
+from tests.conftest import free_port, init_gloo
 
 WORLD = 2
 SCHEDULE = (True, True, False, True)  # synchronised step or not (no_sync)
@@ -147,8 +147,7 @@ def check_errors() -> None:
 
 
 def worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_gloo(rank, port, WORLD)
     try:
         run_variant(rank, wrap_mapping=False)
         run_variant(rank, wrap_mapping=True)

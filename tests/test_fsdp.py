@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import funcdistill as fd
-from tests.conftest import free_port
+from tests.conftest import free_port, init_gloo
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -595,8 +595,7 @@ def errors(rank: int) -> None:
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_gloo(rank, port, WORLD)
     results = {}
     try:
         for name, fn in CHECKS.items():

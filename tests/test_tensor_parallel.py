@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcdistill as fd
-from tests.conftest import free_port
+from tests.conftest import free_port, init_gloo
 
 CHECKS: dict[int, dict[str, object]] = {2: {}, 4: {}}
 VOCAB, ROWS = 11, 6
@@ -391,8 +391,7 @@ def mesh_truncation(rank: int) -> None:
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, port, world)
     results = {}
     try:
         for name, fn in CHECKS[world].items():
