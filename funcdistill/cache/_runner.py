@@ -18,6 +18,7 @@ packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -154,7 +155,7 @@ class Runner:
             try:
                 tensors = self._batch(items, 0) if items else {}
             except Exception as error:
-                self.ranks.broadcast({"error": (type(error), str(error))})
+                self.ranks.broadcast({"error": (_picklable(type(error)), str(error))})
                 raise
             self.ranks.broadcast({"entries": self.entries, "ragged": self.ragged, "tokens": self.tokens_per_sample})
             return _Part(tensors, digests, len(items))
@@ -340,6 +341,15 @@ class _Part(NamedTuple):
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 _LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
+
+
+def _picklable(kind: type[BaseException]) -> type[BaseException]:
+    """``kind`` where it can be sent to the other ranks (a class defined at module level), else ``RuntimeError``."""
+    try:
+        pickle.loads(pickle.dumps(kind))
+    except Exception:  # noqa: BLE001 - a local class, say: the other ranks raise a RuntimeError with its message
+        return RuntimeError
+    return kind
 
 
 def _from_rank_0(kind: type[BaseException], message: str) -> BaseException:
