@@ -29,6 +29,7 @@ import funcdistill as fd
 from funcdistill.cache import TeacherCache, TopK, pad_tokens
 from funcdistill.losses import fused_linear_topk_kl_loss, topk_kl_loss
 from funcdistill.served import ServedTeacher, ServerError
+from tests.cache_jobs import Skippable
 from tests.conftest import free_port, init_gloo
 from tests.served_peer import MODEL, Peer, edited, status, vllm_answer
 from tests.test_served import K, V, llama, logits_of
@@ -278,7 +279,7 @@ def test_open_checks_the_served_model_and_refuses_to_check_weights_it_does_not_k
 WORLD = 2
 
 
-def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: str, out: str) -> None:
+def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: str, stream_url: str, out: str) -> None:
     """One rank of a two-rank build from the served teacher at ``url`` (gloo, CPU); writes what each check raised."""
     init_gloo(rank, port, WORLD)
     results = {}
@@ -316,6 +317,13 @@ def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: st
             results["first_fails"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
             results["first_fails"] = traceback.format_exc()
+        dist.barrier()
+        try:  # a stream of unknown length: each rank positions it at its shards (skip), rank 0 asks the first batch
+            served = ServedTeacher(fn, stream_url, model=MODEL, topk=K, retries=0)
+            assert len(build(fn, served, Skippable(samples), Path(out, "stream"))) == N
+            results["stream"] = "ok"
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
+            results["stream"] = traceback.format_exc()
     finally:
         Path(out, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -328,21 +336,24 @@ def test_two_ranks_build_from_one_server_each_asking_for_its_own_shards(models, 
         Peer(good) as peer,
         Peer(status(500, "must not be asked")) as unasked,
         Peer(status(500, "engine died")) as fails,
+        Peer(good) as streamed,
     ):
-        urls = (peer.url, unasked.url, fails.url)
+        urls = (peer.url, unasked.url, fails.url, streamed.url)
         mp.spawn(rank_worker, args=(free_port(), *urls, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         results = json.loads((tmp_path / f"{rank}.json").read_text())
-        expected = {"build": "ok", "refused": "ok", "first_fails": "ok"}
+        expected = {"build": "ok", "refused": "ok", "first_fails": "ok", "stream": "ok"}
         assert results == expected, f"rank {rank}:\n" + "\n".join(results.values())
     assert unasked.bodies == [] and len(fails.bodies) == 1  # the failing server: asked once, by rank 0
     # shard s (samples 4s .. 4s+3, asked in batches of 2) is built by rank s % 2, so each batch is asked by one
-    # rank, once; the first batch, which fixes the layout for both, by rank 0 alone
-    asked = sorted(tuple(map(tuple, b["prompt"])) for b in peer.bodies)
-    assert asked == sorted(tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH))
-    cache = TeacherCache.open(tmp_path / "c")
-    assert index(cache)["entries"] == index(live)["entries"] and cache.tokens == live.tokens
-    assert [s["count"] for s in index(cache)["shards"]] == [4, 4, 2]
-    a, b = cache[torch.arange(N)], live[torch.arange(N)]
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.values[0].indices, b.values[0].indices)
-    torch.testing.assert_close(a.values[0].logprobs, b.values[0].logprobs, atol=ATOL, rtol=0)
+    # rank, once; the first batch, which fixes the layout for both, by rank 0 alone (the same from a stream)
+    batches = sorted(tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH))
+    for server in (peer, streamed):
+        assert sorted(tuple(map(tuple, b["prompt"])) for b in server.bodies) == batches
+    for folder in ("c", "stream"):
+        cache = TeacherCache.open(tmp_path / folder)
+        assert index(cache)["entries"] == index(live)["entries"] and cache.tokens == live.tokens
+        assert [s["count"] for s in index(cache)["shards"]] == [4, 4, 2]
+        a, b = cache[torch.arange(N)], live[torch.arange(N)]
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.values[0].indices, b.values[0].indices)
+        torch.testing.assert_close(a.values[0].logprobs, b.values[0].logprobs, atol=ATOL, rtol=0)
