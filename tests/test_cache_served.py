@@ -5,7 +5,9 @@ in vLLM's format for a tiny ``transformers`` Llama computed in torch, or with a
 scripted fault; it records every request). The distill function of the served
 build has the teacher's architecture only, on the ``meta`` device: it never
 runs. The reference is a ragged top-k cache built from the live teacher of the
-same weights, and the online call.
+same weights, and the online call. Two gloo ranks build from one peer (spawned
+once for the module's last test): each batch is asked once, the first by rank 0
+alone, and a failure there stops both ranks.
 """
 
 from __future__ import annotations
