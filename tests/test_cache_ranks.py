@@ -136,6 +136,9 @@ def a_stream_of_another_length_or_other_samples_stops_every_rank(rank: int, fold
         r"[0-9a-f]{12}; rank 1 [0-9a-f]{12}\n",
     ):  # a stream shuffled with another seed on each rank, say
         build(teacher, student, Skippable(x[torch.randperm(N, generator=torch.Generator().manual_seed(rank))]), folder)
+    with pytest.raises(ValueError, match=r"given different builds.*\n  the stream's first samples .*: rank 0 "):
+        build(teacher, student, Skippable(x[: 0 if rank == 0 else N]), folder)  # empty on rank 0 only: none waits
+    assert not list(folder.glob("*.safetensors"))
 
 
 @check

@@ -128,10 +128,10 @@ class Runner:
         o = self.o
         n = min(o.batch_size, o.shard_size or o.batch_size, o.samples or o.batch_size)
         part = self._first_served(n) if o.served is not None and self.ranks.world > 1 else self._part(0, n)
+        if o.source.stream:  # every rank read these samples: the same stream on every rank (an empty one too)
+            _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
         if not part.rows:
             raise ValueError("the stream is empty (it yielded no sample): there is nothing to cache.")
-        if o.source.stream:  # every rank read these samples: the same stream on every rank
-            _ranks.agree(self.ranks, {"first": _source.combined(part.digests)[:12]}, _FIRST)
         if self.shard_size is None:
             tokens = self.tokens_per_sample
             per_sample = sum(_layout.bytes_per_sample(e, self.draws, tokens=tokens) for e in self.entries or [])
