@@ -281,9 +281,10 @@ def test_open_checks_the_served_model_and_refuses_to_check_weights_it_does_not_k
 WORLD = 2
 
 
-def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: str, stream_url: str, out: str) -> None:
-    """One rank of a two-rank build from the served teacher at ``url`` (gloo, CPU); writes what each check raised."""
+def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
+    """One rank of two-rank builds from the served teachers at ``urls`` (gloo, CPU); writes what each check raised."""
     init_gloo(rank, port, WORLD)
+    url, silent_url, failing_url, stream_url = urls["good"], urls["silent"], urls["failing"], urls["stream"]
     results = {}
     try:
         student = llama(32, 1)
@@ -326,6 +327,16 @@ def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: st
             results["stream"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
             results["stream"] = traceback.format_exc()
+        dist.barrier()
+        try:  # the server fails rank 1's shard: rank 1 raises its error, rank 0 (its shards done) one naming it
+            failed = r"failed \(HTTP 500: engine died\) in each of 1 attempts"
+            told = r"^rank 1 failed while building its shards, so this rank stops too: ServerError: .*" + failed
+            with pytest.raises(RuntimeError, match=told if rank == 0 else failed) as raised:
+                build(fn, ServedTeacher(fn, urls["mid"], model=MODEL, topk=K, retries=0), samples, Path(out, "mid"))
+            assert isinstance(raised.value, ServerError) == (rank == 1)
+            results["mid_fails"] = "ok"
+        except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
+            results["mid_fails"] = traceback.format_exc()
     finally:
         Path(out, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -334,24 +345,36 @@ def rank_worker(rank: int, port: int, url: str, silent_url: str, failing_url: st
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_build_from_one_server_each_asking_for_its_own_shards(models, samples, live, tmp_path):
     good = vllm_answer(logits_of(models[0]))
+
+    def shard_1_fails(body):  # samples 4 .. 7, built by rank 1
+        return (status(500, "engine died") if body["prompt"][0] == samples[4].tolist() else good)(body)
+
     with (
         Peer(good) as peer,
         Peer(status(500, "must not be asked")) as unasked,
         Peer(status(500, "engine died")) as fails,
         Peer(good) as streamed,
+        Peer(shard_1_fails) as mid,
     ):
-        urls = (peer.url, unasked.url, fails.url, streamed.url)
-        mp.spawn(rank_worker, args=(free_port(), *urls, str(tmp_path)), nprocs=WORLD, join=True)
+        urls = {"good": peer.url, "silent": unasked.url, "failing": fails.url, "stream": streamed.url, "mid": mid.url}
+        mp.spawn(rank_worker, args=(free_port(), urls, str(tmp_path)), nprocs=WORLD, join=True)
+        asked_before = len(peer.bodies)
+        resumed = build(models[3], served(models, peer), samples, tmp_path / "mid")  # one process, the good server
     for rank in range(WORLD):
         results = json.loads((tmp_path / f"{rank}.json").read_text())
-        expected = {"build": "ok", "refused": "ok", "first_fails": "ok", "stream": "ok"}
+        expected = {"build": "ok", "refused": "ok", "first_fails": "ok", "stream": "ok", "mid_fails": "ok"}
         assert results == expected, f"rank {rank}:\n" + "\n".join(results.values())
+    # the failed build kept rank 0's shards 0 and 2 (and wrote no index): the resumed build asked for shard 1 only
+    assert [b["prompt"] for b in peer.bodies[asked_before:]] == [
+        [s.tolist() for s in samples[i : i + BATCH]] for i in (4, 6)
+    ]
+    assert len(resumed) == N and torch.equal(resumed[torch.arange(N)].mask, live[torch.arange(N)].mask)
     assert unasked.bodies == [] and len(fails.bodies) == 1  # the failing server: asked once, by rank 0
     # shard s (samples 4s .. 4s+3, asked in batches of 2) is built by rank s % 2, so each batch is asked by one
     # rank, once; the first batch, which fixes the layout for both, by rank 0 alone (the same from a stream)
     batches = sorted(tuple(tuple(x.tolist()) for x in samples[i : i + BATCH]) for i in range(0, N, BATCH))
-    for server in (peer, streamed):
-        assert sorted(tuple(map(tuple, b["prompt"])) for b in server.bodies) == batches
+    for bodies in (peer.bodies[:asked_before], streamed.bodies):
+        assert sorted(tuple(map(tuple, b["prompt"])) for b in bodies) == batches
     for folder in ("c", "stream"):
         cache = TeacherCache.open(tmp_path / folder)
         assert index(cache)["entries"] == index(live)["entries"] and cache.tokens == live.tokens

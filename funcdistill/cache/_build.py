@@ -107,7 +107,9 @@ def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
     ranks.barrier()  # every rank decides "fresh or resumed" on the same files, before rank 0 writes the record
     shard_size = options.shard_size or (layout["shard_size"] if layout else None)
     runner = Runner(options, meta, layout, shard_size, ranks)
-    samples = _source.settle(options.samples, ranks.gather(runner.run()))  # a stream's count, agreed by the ranks
+    every = ranks.gather(runner.run())  # every rank gets here, also one whose shard loop failed
+    runner.fail(every)
+    samples = _source.settle(options.samples, every)  # a stream's count, agreed by the ranks
     if ranks.rank == 0:
         _write_index(folder, {**runner.layout(), "samples": samples}, ranks.world)
     ranks.barrier()

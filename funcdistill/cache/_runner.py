@@ -57,6 +57,7 @@ class Runner:
         # token samples of any length (decided by the first item; recorded in the layout)
         self.ragged: bool | None = None if layout is None else bool(layout.get("ragged"))
         self.tokens_per_sample = 1.0  # a ragged build's first batch: its mean length, for the default shard size
+        self.failure: Exception | None = None  # this rank's error in its shard loop, raised once the others know
 
     def layout(self) -> dict[str, Any]:
         """``build.json``: the settings, the shard size and the output layout."""
@@ -71,7 +72,10 @@ class Runner:
         longer than declared, or one that changed since a shard was built) stops
         this rank's loop and is returned, so that the build reports it on every
         rank (:func:`~funcdistill.cache._source.settle`) rather than leaving the
-        others waiting in a collective.
+        others waiting in a collective. Under ``torch.distributed`` any other
+        error of the loop (a server fault, a full disk) stops it the same way:
+        it is kept in :attr:`failure`, its text returned under ``"failed"``, and
+        :meth:`fail` raises it on this rank and names it on the others.
         """
         o, ranks = self.o, self.ranks
         folder = o.folder
@@ -102,11 +106,32 @@ class Runner:
                     )
             except _source.StreamError as error:
                 problem = str(error)
+            except Exception as error:
+                if not ranks.distributed:
+                    raise
+                self.failure = error
             self._drain()
         finally:
             if bar is not None:
                 bar.close()
-        return _source.seen(self.reader, self.records.values(), problem)
+        failed = None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
+        return {**_source.seen(self.reader, self.records.values(), problem), "failed": failed}
+
+    def fail(self, every: list[dict[str, Any]]) -> None:
+        """Raise this rank's own error of its shard loop, or another rank's (``every``: each rank's :meth:`run`).
+
+        A rank's finished shards are kept (each is listed in its progress file
+        as it is written), so calling the build again resumes it.
+        """
+        if self.failure is not None:
+            raise self.failure
+        for rank, one in enumerate(every):
+            if one.get("failed"):
+                raise RuntimeError(
+                    f"rank {rank} failed while building its shards, so this rank stops too: {one['failed']}. "
+                    "The finished shards of every rank are kept: calling TeacherCache.build again with the same "
+                    "arguments resumes the build."
+                )
 
     def _todo(self, done: dict[str, Any]) -> Iterator[int]:
         """This rank's unfinished shards, in order, up to the end (of a stream: as far as it is known)."""
