@@ -4,7 +4,8 @@ One process group runs every check (a spawn costs seconds); each rank writes
 what each check raised, and one test per check reads it. Each rank writes its
 own shards; ranks given different builds are refused before anything is
 written; a teacher sharded with FSDP2 is cached as its unsharded copy would be;
-a build lock held by another process stops every rank, naming the holder.
+a build lock held by another process stops every rank, naming the holder; a
+rank whose dataset fails mid-build stops every rank, and the build resumes.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ def setup(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 
 class Recorded(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor):
-        self.x, self.read = x, []
+    def __init__(self, x: torch.Tensor, fail_at: int | None = None):
+        self.x, self.read, self.fail_at = x, [], fail_at
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.fail_at:
+            raise OSError(f"disk error at sample {i}")
         self.read.append(i)
         return self.x[i]
 
@@ -139,6 +142,21 @@ def a_stream_of_another_length_or_other_samples_stops_every_rank(rank: int, fold
     with pytest.raises(ValueError, match=r"given different builds.*\n  the stream's first samples .*: rank 0 "):
         build(teacher, student, Skippable(x[: 0 if rank == 0 else N]), folder)  # empty on rank 0 only: none waits
     assert not list(folder.glob("*.safetensors"))
+
+
+@check
+def a_rank_whose_dataset_fails_stops_every_rank_and_the_build_resumes(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    failed = r"disk error at sample 8"  # sample 8 is in shard 1, rank 1's
+    told = r"^rank 1 failed while building its shards, so this rank stops too: OSError: " + failed
+    with pytest.raises(RuntimeError if rank == 0 else OSError, match=told if rank == 0 else failed):
+        build(teacher, student, Recorded(x, fail_at=8), folder)
+    assert not (folder / "index.json").exists()
+    data = Recorded(x)
+    cache = build(teacher, student, data, folder)  # resumed: rank 0's shards 0, 2 and 4 were kept
+    assert data.read == ([] if rank == 0 else [*range(8, 16), *range(24, 32)])
+    with torch.no_grad():  # built in batches of 4 here and 40 there: float32 rounding apart
+        assert torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
 
 
 @check
