@@ -160,6 +160,19 @@ def a_rank_whose_dataset_fails_stops_every_rank_and_the_build_resumes(rank: int,
 
 
 @check
+def ranks_that_do_not_share_the_folder_are_refused(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    mine = folder / f"node-{rank}"  # what each rank sees of one path on a disk local to its node
+    with pytest.raises(
+        ValueError,
+        match=rf"the 2 ranks of this TeacherCache.build do not share its folder {mine}: rank 1 does not see the "
+        r"file rank 0 wrote there \(build.holder.json\), .* No shard was written\.",
+    ):
+        build(teacher, student, x, mine)
+    assert not list(mine.glob("*.safetensors")) and not (mine / "build.holder.json").exists()  # released
+
+
+@check
 def a_lock_held_elsewhere_stops_every_rank(rank: int, folder: Path, holder: int) -> None:
     teacher, student, x = setup()
     with pytest.raises(TimeoutError, match=rf"gave up after 0.3 s .* by process {holder} on host"):

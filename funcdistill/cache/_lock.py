@@ -17,7 +17,9 @@ Under ``torch.distributed`` rank 0 alone takes the lock for all the ranks
 (another rank would lock itself out). It tries in slices of a few seconds and
 tells the other ranks after each (``broadcast_object_list``), so they wait
 with it without hitting the process group's timeout, and all raise the same
-error when ``timeout`` expires.
+error when ``timeout`` expires. Once it holds the lock, every rank checks that
+it sees the record rank 0 wrote, so that ranks whose folder is not one shared
+folder (a disk local to each node) are refused before any shard is built.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__: list[str] = []
 LOCK = "build.lock"
 HOLDER = "build.holder.json"
 SLICE_S = 5.0  # rank 0 tells the other ranks how the wait goes at least this often
+SHARED_WAIT_S = 10.0  # how long a rank looks for rank 0's record before it says the folder is not shared
 _HELD, _WAIT, _EXPIRED, _FAILED = "held", "wait", "expired", "failed"
 log = logging.getLogger("funcdistill.cache")
 
@@ -93,6 +96,8 @@ def held(folder: Path, ranks: Any, *, timeout: float | None) -> Iterator[None]:
         if lock is not None:
             with contextlib.suppress(OSError):  # who holds it is for messages only
                 _store.write_json(folder / HOLDER, _me(ranks))
+        if ranks.distributed:
+            _check_shared(folder, ranks)
         yield
     finally:
         if lock is not None and lock.is_locked:
@@ -123,6 +128,51 @@ def _attempt(lock: Any, folder: Path, deadline: float | None, first: bool, timeo
             "build that crashed does not hold it."
         )
     return _WAIT, ""
+
+
+def _check_shared(folder: Path, ranks: Any) -> None:
+    """Refuse, on every rank, a folder that is not one folder for all the ranks (a disk local to each node).
+
+    Every rank reads the holder record rank 0 has just written and compares
+    it with rank 0's (which names rank 0's process and start time, so an old
+    record elsewhere differs). Otherwise each rank would build its shards
+    where the others cannot see them, and rank 0 would find the cache
+    incomplete only at the end.
+    """
+    written = ranks.broadcast(_text(folder / HOLDER) if ranks.rank == 0 else None)  # read once it is written
+    seen = written if ranks.rank == 0 else _seen(folder, written)
+    blind = [r for r, same in enumerate(ranks.gather(written is None or seen == written)) if not same]
+    if blind:
+        who = f"rank {blind[0]} does" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))} do"
+        raise ValueError(
+            f"the {ranks.world} ranks of this TeacherCache.build do not share its folder {folder}: {who} not see "
+            f"the file rank 0 wrote there ({HOLDER}), so each rank would build its shards where the others cannot "
+            "read them (a disk local to each node, or another path on each rank, say). Build into one folder on "
+            "a file system that every rank shares. No shard was written."
+        )
+
+
+def _seen(folder: Path, written: str | None, *, patience_s: float = SHARED_WAIT_S) -> str | None:
+    """The holder record as this rank sees it, read again for up to ``patience_s`` while it differs from ``written``.
+
+    A network file system may show another node's new file a moment late
+    (NFS caches directory lookups); listing the folder makes it look again.
+    """
+    deadline = time.monotonic() + patience_s
+    seen = _text(folder / HOLDER)
+    while written is not None and seen != written and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            os.listdir(folder)
+        seen = _text(folder / HOLDER)
+    return seen
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _me(ranks: Any) -> dict[str, Any]:
