@@ -69,6 +69,8 @@ def held(folder: Path, ranks: Any, *, timeout: float | None) -> Iterator[None]:
 
     Raises:
         TimeoutError: (on every rank) ``timeout`` expired; the message names the holder.
+        ValueError: (on every rank) a rank does not see the holder record rank 0
+            wrote: the ranks do not share ``folder``.
     """
     filelock = _filelock()
     mine = ranks.rank == 0 or not ranks.distributed
