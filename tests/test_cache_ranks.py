@@ -159,6 +159,29 @@ def a_rank_whose_dataset_fails_stops_every_rank_and_the_build_resumes(rank: int,
         assert torch.allclose(cache[torch.arange(N)].values[0], teacher(x), atol=1e-5)
 
 
+class BlocksTheIndex(Recorded):
+    """Reading the last sample puts a folder where the index goes: rank 0 cannot write it at the end."""
+
+    def __init__(self, x: torch.Tensor, folder: Path):
+        super().__init__(x)
+        self.folder = folder
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == len(self) - 1:
+            (self.folder / "index.json").mkdir(exist_ok=True)
+        return super().__getitem__(i)
+
+
+@check
+def an_index_rank_0_cannot_write_stops_every_rank(rank: int, folder: Path, holder: int) -> None:
+    teacher, student, x = setup()
+    told = (
+        rf"^rank 0 could not write the index of the teacher cache {folder}, so this rank stops too: IsADirectoryError"
+    )
+    with pytest.raises(IsADirectoryError if rank == 0 else RuntimeError, match=None if rank == 0 else told):
+        build(teacher, student, BlocksTheIndex(x, folder), folder)  # the last sample is in shard 4, rank 0's
+
+
 @check
 def ranks_that_do_not_share_the_folder_are_refused(rank: int, folder: Path, holder: int) -> None:
     teacher, student, x = setup()

@@ -110,9 +110,19 @@ def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
     every = ranks.gather(runner.run())  # every rank gets here, also one whose shard loop failed
     runner.fail(every)
     samples = _source.settle(options.samples, every)  # a stream's count, agreed by the ranks
+    error = None
     if ranks.rank == 0:
-        _write_index(folder, {**runner.layout(), "samples": samples}, ranks.world)
-    ranks.barrier()
+        try:
+            _write_index(folder, {**runner.layout(), "samples": samples}, ranks.world)
+        except Exception as e:  # noqa: BLE001 - raised here once the other ranks know
+            error = e
+    told = ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}")  # the others wait for it
+    if error is not None:
+        raise error
+    if told is not None:
+        raise RuntimeError(
+            f"rank 0 could not write the index of the teacher cache {folder}, so this rank stops too: {told}"
+        )
 
 
 def _same_settings(folder: Path, recorded: dict[str, Any], meta: dict[str, Any], options: Options) -> None:
