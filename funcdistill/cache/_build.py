@@ -110,13 +110,18 @@ def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
     every = ranks.gather(runner.run())  # every rank gets here, also one whose shard loop failed
     runner.fail(every)
     samples = _source.settle(options.samples, every)  # a stream's count, agreed by the ranks
+    _index(folder, {**runner.layout(), "samples": samples}, ranks)
+
+
+def _index(folder: Path, layout: dict[str, Any], ranks: Ranks) -> None:
+    """Rank 0 writes the index while the others wait; if it cannot, every rank raises (none is left waiting)."""
     error = None
     if ranks.rank == 0:
         try:
-            _write_index(folder, {**runner.layout(), "samples": samples}, ranks.world)
+            _write_index(folder, layout, ranks.world)
         except Exception as e:  # noqa: BLE001 - raised here once the other ranks know
             error = e
-    told = ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}")  # the others wait for it
+    told = ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     if told is not None:
