@@ -314,7 +314,8 @@ def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
         dist.barrier()
         try:  # rank 0 alone asks for the first batch; its failure stops rank 1 too, with its type and message
             failed = r"failed \(HTTP 500: engine died\) in each of 1 attempts"
-            told = r"^rank 0 stopped the build on the first batch, which every rank waits for \(it fixes the layout\): "
+            told = r"^rank 0 stopped the build on the first batch, which every rank waits for \(it fixes the layout\), "
+            told += r"so this rank stops too: ServerError: "
             with pytest.raises(ServerError, match=told + ".*" + failed if rank else failed):
                 build(fn, ServedTeacher(fn, failing_url, model=MODEL, topk=K, retries=0), samples, Path(out, "fails"))
             results["first_fails"] = "ok"

@@ -115,19 +115,10 @@ def _build_locked(options: Options, meta: dict[str, Any], ranks: Ranks) -> None:
 
 def _index(folder: Path, layout: dict[str, Any], ranks: Ranks) -> None:
     """Rank 0 writes the index while the others wait; if it cannot, every rank raises (none is left waiting)."""
-    error = None
-    if ranks.rank == 0:
-        try:
-            _write_index(folder, layout, ranks.world)
-        except Exception as e:  # noqa: BLE001 - raised here once the other ranks know
-            error = e
-    told = ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if told is not None:
-        raise RuntimeError(
-            f"rank 0 could not write the index of the teacher cache {folder}, so this rank stops too: {told}"
-        )
+    ranks.from_rank_0(
+        lambda: _write_index(folder, layout, ranks.world),
+        f"rank 0 could not write the index of the teacher cache {folder}",
+    )
 
 
 def _same_settings(folder: Path, recorded: dict[str, Any], meta: dict[str, Any], options: Options) -> None:

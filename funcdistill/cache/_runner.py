@@ -18,7 +18,6 @@ packed, with per-sample offsets (:mod:`~funcdistill.cache._ragged`).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -169,26 +168,23 @@ class Runner:
         Every rank needs the first batch's layout (and, for the default shard
         size, its tokens per sample), but the server is shared: asked by each
         rank, it would score the same batch once per rank. So rank 0 asks and
-        broadcasts what the answer fixed, or its error, which every other rank
-        then raises, of the same type where it can (none is left waiting). The
-        other ranks read the samples (a stream's digests are compared) and run
-        nothing; the batch's outputs belong to shard 0, which is rank 0's.
+        tells the others what the answer fixed, or its error, which every other
+        rank then raises, of the same type where it can
+        (:meth:`~funcdistill.cache._ranks.Ranks.from_rank_0`). The other ranks
+        read the samples (a stream's digests are compared) and run nothing; the
+        batch's outputs belong to shard 0, which is rank 0's.
         """
         items = self.reader.read(0, n)
         digests = [_source.digest(it) for it in items] if self.o.source.stream else []
-        if self.ranks.rank == 0:
-            try:
-                tensors = self._batch(items, 0) if items else {}
-            except Exception as error:
-                self.ranks.broadcast({"error": (_picklable(type(error)), str(error))})
-                raise
-            self.ranks.broadcast({"entries": self.entries, "ragged": self.ragged, "tokens": self.tokens_per_sample})
-            return _Part(tensors, digests, len(items))
-        shared = self.ranks.broadcast(None)
-        if "error" in shared:
-            raise _from_rank_0(*shared["error"])
-        self.entries, self.ragged, self.tokens_per_sample = shared["entries"], shared["ragged"], shared["tokens"]
-        return _Part({}, digests, len(items))
+        tensors: dict[str, torch.Tensor] = {}
+
+        def ask() -> tuple[Any, ...]:  # rank 0: the batch's outputs stay here, what they fixed goes to all
+            tensors.update(self._batch(items, 0) if items else {})
+            return self.entries, self.ragged, self.tokens_per_sample
+
+        what = "rank 0 stopped the build on the first batch, which every rank waits for (it fixes the layout)"
+        self.entries, self.ragged, self.tokens_per_sample = self.ranks.from_rank_0(ask, what, same_type=True)
+        return _Part(tensors, digests, len(items))
 
     @property
     def draws(self) -> int:
@@ -366,25 +362,6 @@ class _Part(NamedTuple):
 
 _FIRST = {"first": "the stream's first samples (SHA-256 of the first batch)"}
 _LENGTHS = "lengths"  # a ragged batch's real tokens per sample (stored as the shard's offsets)
-
-
-def _picklable(kind: type[BaseException]) -> type[BaseException]:
-    """``kind`` where it can be sent to the other ranks (a class defined at module level), else ``RuntimeError``."""
-    try:
-        pickle.loads(pickle.dumps(kind))
-    except Exception:  # noqa: BLE001 - a local class, say: the other ranks raise a RuntimeError with its message
-        return RuntimeError
-    return kind
-
-
-def _from_rank_0(kind: type[BaseException], message: str) -> BaseException:
-    """Rank 0's error on the first served batch, as another rank raises it (its type where that takes a message)."""
-    text = f"rank 0 stopped the build on the first batch, which every rank waits for (it fixes the layout): {message}"
-    try:
-        error = kind(text)
-    except Exception:  # noqa: BLE001 - a type that does not take one message: the text alone
-        return RuntimeError(text)
-    return error if isinstance(error, Exception) else RuntimeError(text)
 
 
 def _kind(item: Any) -> str:
