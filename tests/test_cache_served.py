@@ -284,7 +284,6 @@ WORLD = 2
 def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
     """One rank of two-rank builds from the served teachers at ``urls`` (gloo, CPU); writes what each check raised."""
     init_gloo(rank, port, WORLD)
-    url, silent_url, failing_url, stream_url = urls["good"], urls["silent"], urls["failing"], urls["stream"]
     results = {}
     try:
         student = llama(32, 1)
@@ -293,7 +292,7 @@ def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
         fn = fd.distill(arch, student, fd.Mapping(arch, student).add("lm_head", "lm_head").add("lm_head", "model.norm"))
         samples = make_samples()
         try:
-            cache = build(fn, ServedTeacher(fn, url, model=MODEL, topk=K, retries=0), samples, Path(out, "c"))
+            cache = build(fn, ServedTeacher(fn, urls["good"], model=MODEL, topk=K, retries=0), samples, Path(out, "c"))
             assert len(cache) == N, len(cache)
             results["build"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
@@ -306,7 +305,9 @@ def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
                 match=r"the 2 ranks of this TeacherCache.build were given different builds.*\n  teacher: rank 0 "
                 r"served by model 'tiny-teacher'; rank 1 served by model 'other-model'\n.*Nothing was written",
             ):
-                build(fn, ServedTeacher(fn, silent_url, model=model, topk=K, retries=0), samples, Path(out, "other"))
+                build(
+                    fn, ServedTeacher(fn, urls["silent"], model=model, topk=K, retries=0), samples, Path(out, "other")
+                )
             assert not Path(out, "other").exists()
             results["refused"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
@@ -317,13 +318,15 @@ def rank_worker(rank: int, port: int, urls: dict[str, str], out: str) -> None:
             told = r"^rank 0 stopped the build on the first batch, which every rank waits for \(it fixes the layout\), "
             told += r"so this rank stops too: ServerError: "
             with pytest.raises(ServerError, match=told + ".*" + failed if rank else failed):
-                build(fn, ServedTeacher(fn, failing_url, model=MODEL, topk=K, retries=0), samples, Path(out, "fails"))
+                build(
+                    fn, ServedTeacher(fn, urls["failing"], model=MODEL, topk=K, retries=0), samples, Path(out, "fails")
+                )
             results["first_fails"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test
             results["first_fails"] = traceback.format_exc()
         dist.barrier()
         try:  # a stream of unknown length: each rank positions it at its shards (skip), rank 0 asks the first batch
-            served = ServedTeacher(fn, stream_url, model=MODEL, topk=K, retries=0)
+            served = ServedTeacher(fn, urls["stream"], model=MODEL, topk=K, retries=0)
             assert len(build(fn, served, Skippable(samples), Path(out, "stream"))) == N
             results["stream"] = "ok"
         except (Exception, pytest.fail.Exception):  # noqa: BLE001 - reported by the test

@@ -154,13 +154,14 @@ def _check_shared(folder: Path, ranks: Any) -> None:
         )
 
 
-def _seen(folder: Path, written: str | None, *, patience_s: float = SHARED_WAIT_S) -> str | None:
-    """The holder record as this rank sees it, read again for up to ``patience_s`` while it differs from ``written``.
+def _seen(folder: Path, written: str | None) -> str | None:
+    """The holder record as this rank sees it, read again for up to :data:`SHARED_WAIT_S` while it differs from
+    ``written``.
 
     A network file system may show another node's new file a moment late
     (NFS caches directory lookups); listing the folder makes it look again.
     """
-    deadline = time.monotonic() + patience_s
+    deadline = time.monotonic() + SHARED_WAIT_S
     seen = _text(folder / HOLDER)
     while written is not None and seen != written and time.monotonic() < deadline:
         time.sleep(0.2)
