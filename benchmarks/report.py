@@ -28,7 +28,9 @@ class Section:
     """One table: a title, its columns, rows as dicts, notes printed below it, and the machine's load.
 
     ``load``: :func:`benchmarks.timing.machine_load` before and after the
-    section ran (``{"before": ..., "after": ...}``), filled in by the run.
+    section ran (``{"before": ..., "after": ...}``), and where and when it
+    started (``"cpu"``, ``"started"``), filled in by the run: sections merged
+    from several runs each say which machine measured them.
     """
 
     title: str
@@ -114,12 +116,15 @@ def load_line(load: dict[str, Any], cores: int | None) -> str:
 
     >>> load_line({"before": {"load_1min": 1.5, "busy_processes": 2}, "after": {"load_1min": 2.25, "busy_processes": 4}}, 2)
     'Machine load while this section ran: 1-minute load average 1.5 before, 2.25 after, on 2 cores; 2 other running processes before, 4 after.'
+    >>> load_line({"started": "2026-12-08 00:10 UTC", "cpu": "Xeon", "before": {"load_1min": 0.5}, "after": {"load_1min": 0.9}}, 2)
+    'Ran on Xeon from 2026-12-08 00:10 UTC. Machine load while this section ran: 1-minute load average 0.5 before, 0.9 after, on 2 cores.'
     """
     before, after = load.get("before") or {}, load.get("after") or {}
     if not before and not after:
         return ""
+    ran = f"Ran on {load['cpu']} from {load['started']}. " if load.get("cpu") and load.get("started") else ""
     text = (
-        f"Machine load while this section ran: 1-minute load average {before.get('load_1min')} before, "
+        f"{ran}Machine load while this section ran: 1-minute load average {before.get('load_1min')} before, "
         f"{after.get('load_1min')} after" + (f", on {cores} cores" if cores else "")
     )
     if before.get("busy_processes") is not None or after.get("busy_processes") is not None:
@@ -154,11 +159,18 @@ def to_markdown(sections: list[Section], info: dict[str, Any], *, heading: str, 
 def write(
     sections: list[Section], info: dict[str, Any], config: dict[str, Any], out: Path, stem: str
 ) -> tuple[Path, Path]:
-    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md``; return their paths."""
+    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md`` (each replaced whole, never half-written); return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     data = {"machine": info, "config": config, "sections": [asdict(s) for s in sections]}
     json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _replace(json_path, json.dumps(data, indent=2, default=str) + "\n")
     md_path = out / f"{stem}.md"
-    md_path.write_text(to_markdown(sections, info, heading=f"Results: {stem}", level=1) + "\n")
+    _replace(md_path, to_markdown(sections, info, heading=f"Results: {stem}", level=1) + "\n")
     return json_path, md_path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

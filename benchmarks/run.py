@@ -145,24 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     cfg = suite.Config(quick=args.quick, device=args.device, seed=args.seed)
     info = report.machine(args.device)
     names = args.only or list(SECTIONS)
+    stem = args.device.split(":")[0] + ("-quick" if args.quick else "")
     sections = []
     start = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         print(f"[benchmarks] {name} ...", flush=True)
+        started = report.machine(args.device)["date"]
         before = timing.machine_load()
         sec = SECTIONS[name](cfg)
-        sec.load = {"before": before, "after": timing.machine_load()}
+        sec.load = {"cpu": info["cpu"], "started": started, "before": before, "after": timing.machine_load()}
         sections.append(sec)
         if hasattr(os, "getloadavg"):
             info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))
+        # what is finished is kept if a later section crashes or the run is stopped
+        report.write(sections, info, {**cfg.as_dict(), "sections": names}, args.out, f"{stem}.partial")
         print(f"[benchmarks] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     if hasattr(os, "getloadavg"):
         info["load_at_end"] = round(os.getloadavg()[0], 2)
     info["wall_s"] = round(time.perf_counter() - start)
     config = {**cfg.as_dict(), "sections": names}
-    stem = args.device.split(":")[0] + ("-quick" if args.quick else "")
     json_path, md_path = report.write(sections, info, config, args.out, stem)
+    for suffix in (".json", ".md"):  # the run finished: its results replace the partial ones
+        (args.out / f"{stem}.partial{suffix}").unlink(missing_ok=True)
     print(f"[benchmarks] wrote {json_path} and {md_path}")
     docs = args.docs
     if docs is None and not args.quick and args.only is None and args.out == ROOT / "benchmarks" / "results":

@@ -88,3 +88,30 @@ def test_the_overhead_goal_counts_state_tensors_and_swapped_ones():
     assert goal_us(102, 0) == pytest.approx(30.1)  # 51 + 51 tensors, nothing swapped
     assert goal_us(1600, 0) == pytest.approx(105.0)
     assert goal_us(102, 102) == pytest.approx(132.1)  # every tensor swapped in: 1 µs each on top
+
+
+def test_a_run_keeps_the_sections_it_finished_when_a_later_one_fails(tmp_path, monkeypatch):
+    from benchmarks import run
+
+    def finished(cfg):
+        sec = report.Section("Finished", ["x"])
+        sec.add(x=1)
+        return sec
+
+    def failing(cfg):
+        raise RuntimeError("this section failed")
+
+    monkeypatch.setitem(run.SECTIONS, "finished", finished)
+    monkeypatch.setitem(run.SECTIONS, "failing", failing)
+    with pytest.raises(RuntimeError, match="this section failed"):
+        run.main(["--only", "finished", "failing", "--out", str(tmp_path)])
+    kept = json.loads((tmp_path / "cpu.partial.json").read_text())
+    assert [s["title"] for s in kept["sections"]] == ["Finished"]
+    load = kept["sections"][0]["load"]
+    assert load["cpu"] == report.machine()["cpu"] and load["started"].endswith("UTC")
+    assert "Ran on " in (tmp_path / "cpu.partial.md").read_text()
+    assert not (tmp_path / "cpu.json").exists()
+
+    run.main(["--only", "finished", "--out", str(tmp_path)])  # a finished run replaces the partial results
+    assert [s["title"] for s in json.loads((tmp_path / "cpu.json").read_text())["sections"]] == ["Finished"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]
