@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -585,8 +587,24 @@ def _spawn(worker, world: int, *args: Any) -> dict[str, Any]:
     """Run ``worker(rank, world, port, out, *args)`` on ``world`` fresh processes; rank 0's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp, "result.json"))
-        mp.spawn(worker, args=(world, _free_port(), out, *args), nprocs=world, join=True)
+        mp.spawn(_then_exit, args=(worker, world, _free_port(), out, *args), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
+
+
+def _then_exit(rank: int, worker, *args: Any) -> None:
+    """Run ``worker(rank, *args)``, then end the process without the interpreter's teardown.
+
+    With the 128 MiB FSDP2 student, a worker that had written its result and
+    destroyed its process group aborted at exit in about a third of the runs
+    ("terminate called without an active exception", from one of torch's
+    C++ threads; seen with FSDP2's own step, 2026-12-08), which made
+    ``mp.spawn`` discard a finished measurement. An error in the worker
+    still ends the process with it.
+    """
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def resharded_student_section(cfg: Any) -> Section:
