@@ -20,7 +20,7 @@ import torch
 
 import funcdistill
 
-__all__ = ["Section", "busy_note", "load_line", "machine", "to_markdown", "write"]
+__all__ = ["Section", "busy_note", "load_line", "machine", "to_markdown", "utc_now", "write"]
 
 
 @dataclass
@@ -55,10 +55,32 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction sets that change these figures most: bfloat16 arithmetic runs natively only with the last three
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpu_flags() -> str:
+    """Which of :data:`_CPU_FLAGS` the CPU reports (Linux), space-separated; ``""`` where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in _CPU_FLAGS if f in have) or "none of " + " ".join(_CPU_FLAGS)
+    except OSError:
+        pass
+    return ""
+
+
+def utc_now() -> str:
+    """The time now, to the minute, as the results write it (``2026-12-08 00:00 UTC``)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def machine(device: str = "cpu") -> dict[str, Any]:
     """Where and when the benchmark runs."""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -66,7 +88,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -63,7 +63,8 @@ in at least five interleaved rounds (the median of the per-round ratios, with
 the interquartile range in brackets), so the figures describe this machine and
 this torch build, not absolute speeds. A goal is `met` only when the whole
 interquartile range meets it; a range that straddles the goal reads "within
-noise of the goal". Under each table, the machine's load while it ran (the
+noise of the goal". Under each table, the CPU it ran on (with the instruction
+sets that matter most here), when it started, and the machine's load while it ran (the
 1-minute load average and the other running processes, before and after). The per-call overhead of a distill
 function and the cost of `funcdistill.state` are in microseconds: the overhead
 is a difference against the plain forwards timed in the same rounds, on models
@@ -151,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"[benchmarks] {name} ...", flush=True)
-        started = report.machine(args.device)["date"]
+        started = report.utc_now()
         before = timing.machine_load()
         sec = SECTIONS[name](cfg)
-        sec.load = {"cpu": info["cpu"], "started": started, "before": before, "after": timing.machine_load()}
+        cpu = f"{info['cpu']} ({info['cpu_flags']})" if info.get("cpu_flags") else info["cpu"]
+        sec.load = {"cpu": cpu, "started": started, "before": before, "after": timing.machine_load()}
         sections.append(sec)
         if hasattr(os, "getloadavg"):
             info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))

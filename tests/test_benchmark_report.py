@@ -108,7 +108,7 @@ def test_a_run_keeps_the_sections_it_finished_when_a_later_one_fails(tmp_path, m
     kept = json.loads((tmp_path / "cpu.partial.json").read_text())
     assert [s["title"] for s in kept["sections"]] == ["Finished"]
     load = kept["sections"][0]["load"]
-    assert load["cpu"] == report.machine()["cpu"] and load["started"].endswith("UTC")
+    assert load["cpu"].startswith(report.machine()["cpu"]) and load["started"].endswith("UTC")
     assert "Ran on " in (tmp_path / "cpu.partial.md").read_text()
     assert not (tmp_path / "cpu.json").exists()
 
