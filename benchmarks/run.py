@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     info = report.machine(args.device)
     names = args.only or list(SECTIONS)
     stem = args.device.split(":")[0] + ("-quick" if args.quick else "")
+    config = {**cfg.as_dict(), "sections": names}
+    cpu = f"{info['cpu']} ({info['cpu_flags']})" if info.get("cpu_flags") else info["cpu"]
     sections = []
     start = time.perf_counter()
     for name in names:
@@ -155,18 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         started = report.utc_now()
         before = timing.machine_load()
         sec = SECTIONS[name](cfg)
-        cpu = f"{info['cpu']} ({info['cpu_flags']})" if info.get("cpu_flags") else info["cpu"]
         sec.load = {"cpu": cpu, "started": started, "before": before, "after": timing.machine_load()}
         sections.append(sec)
         if hasattr(os, "getloadavg"):
             info.setdefault("load_during", []).append(round(os.getloadavg()[0], 2))
         # what is finished is kept if a later section crashes or the run is stopped
-        report.write(sections, info, {**cfg.as_dict(), "sections": names}, args.out, f"{stem}.partial")
+        report.write(sections, info, config, args.out, f"{stem}.partial")
         print(f"[benchmarks] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     if hasattr(os, "getloadavg"):
         info["load_at_end"] = round(os.getloadavg()[0], 2)
     info["wall_s"] = round(time.perf_counter() - start)
-    config = {**cfg.as_dict(), "sections": names}
     json_path, md_path = report.write(sections, info, config, args.out, stem)
     for suffix in (".json", ".md"):  # the run finished: its results replace the partial ones
         (args.out / f"{stem}.partial{suffix}").unlink(missing_ok=True)
