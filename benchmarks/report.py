@@ -45,14 +45,19 @@ class Section:
         self.rows.append(row)
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of ``/proc/cpuinfo`` (``None`` off Linux or where it is missing)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # the instruction sets that change these figures most: bfloat16 arithmetic runs natively only with the last three
@@ -61,14 +66,11 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def _cpu_flags() -> str:
     """Which of :data:`_CPU_FLAGS` the CPU reports (Linux), space-separated; ``""`` where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in _CPU_FLAGS if f in have) or "none of " + " ".join(_CPU_FLAGS)
-    except OSError:
-        pass
-    return ""
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return ""
+    have = set(flags.split())
+    return " ".join(f for f in _CPU_FLAGS if f in have) or "none of " + " ".join(_CPU_FLAGS)
 
 
 def utc_now() -> str:
