@@ -20,7 +20,7 @@ import torch
 
 import funcdistill
 
-__all__ = ["Section", "busy_note", "load_line", "machine", "to_markdown", "utc_now", "write"]
+__all__ = ["Section", "busy_note", "load_line", "machine", "merge", "replace_text", "to_markdown", "utc_now", "write"]
 
 
 @dataclass
@@ -187,14 +187,79 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     data = {"machine": info, "config": config, "sections": [asdict(s) for s in sections]}
     json_path = out / f"{stem}.json"
-    _replace(json_path, json.dumps(data, indent=2, default=str) + "\n")
+    replace_text(json_path, json.dumps(data, indent=2, default=str) + "\n")
     md_path = out / f"{stem}.md"
-    _replace(md_path, to_markdown(sections, info, heading=f"Results: {stem}", level=1) + "\n")
+    replace_text(md_path, to_markdown(sections, info, heading=f"Results: {stem}", level=1) + "\n")
     return json_path, md_path
 
 
-def _replace(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# what makes two runs the same machine and build: a merged page describes one
+_IDENTITY = ("cpu", "cpu_flags", "cores", "torch_threads", "torch", "funcdistill", "python", "os", "device", "gpu")
+
+
+def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One results file from several runs on the same machine: later runs' sections replace earlier ones.
+
+    ``runs``: ``(name, data)`` pairs, oldest first, ``data`` as :func:`write`
+    writes it. A section is known by its title: a later run's table takes the
+    place of the earlier table of the same title, and tables no earlier run has
+    are added at the end. Each table keeps the CPU, start time and load it was
+    measured with, so the page still says when each ran; the machine line
+    names the runs merged (``merged``), with the load samples and wall time of
+    all of them.
+
+    Raises:
+        ValueError: fewer than two runs, or runs from different machines or
+            builds (which field, in which run), as one page describes one machine.
+
+    >>> a = {"machine": {"cpu": "x", "date": "d1"}, "config": {"sections": ["s"]}, "sections": [{"title": "T", "rows": [1]}]}
+    >>> b = {"machine": {"cpu": "x", "date": "d2"}, "config": {"sections": ["s"]}, "sections": [{"title": "T", "rows": [2]}]}
+    >>> merged = merge([("a", a), ("b", b)])
+    >>> merged["sections"], merged["machine"]["merged"]
+    ([{'title': 'T', 'rows': [2]}], 'a (d1): 0 tables, b (d2): 1 table')
+    """
+    if len(runs) < 2:
+        raise ValueError(f"merging needs at least two results files, got {len(runs)}")
+    (base_name, base), *later = runs
+    problems = []
+    for name, data in later:
+        for key in _IDENTITY:
+            mine, theirs = base["machine"].get(key), data["machine"].get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                problems.append(f"{key} is {mine!r} in {base_name} but {theirs!r} in {name}")
+    if problems:
+        raise ValueError(
+            "cannot merge results of different machines or builds into one page: "
+            + "; ".join(problems)
+            + ". Rerun the sections on one machine (python -m benchmarks.run --only ...) and merge those runs."
+        )
+    titles = [s["title"] for s in base["sections"]]
+    sections = dict(zip(titles, base["sections"]))
+    source = dict.fromkeys(titles, 0)
+    for i, (_, data) in enumerate(later, 1):
+        for sec in data["sections"]:
+            sections[sec["title"]] = sec
+            source[sec["title"]] = i
+    info = dict(base["machine"])
+    counts = [sum(1 for j in source.values() if j == i) for i in range(len(runs))]
+    info["merged"] = ", ".join(
+        f"{name} ({data['machine'].get('date')}): {n} table{'' if n == 1 else 's'}"
+        for (name, data), n in zip(runs, counts)
+    )
+    info["load_during"] = [x for _, data in runs for x in data["machine"].get("load_during", [])]
+    last = runs[-1][1]["machine"]
+    if "load_at_end" in last:
+        info["load_at_end"] = last["load_at_end"]
+    walls = [data["machine"].get("wall_s") for _, data in runs]
+    if all(w is not None for w in walls):
+        info["wall_s"] = sum(walls)
+    names = [n for _, data in runs for n in data.get("config", {}).get("sections", [])]
+    config = {**base.get("config", {}), "sections": list(dict.fromkeys(names))}
+    return {"machine": info, "config": config, "sections": list(sections.values())}

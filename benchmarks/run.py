@@ -5,10 +5,14 @@ Usage (from the repository root)::
     python -m benchmarks.run            # full run, a few minutes on 2 cores
     python -m benchmarks.run --quick    # short run, to check the harness
     python -m benchmarks.run --render benchmarks/results/cpu.json --docs docs/benchmarks.md
+    python -m benchmarks.run --only llm --out /tmp/rerun   # then merge it into the page:
+    python -m benchmarks.run --merge benchmarks/results/cpu.json /tmp/rerun/cpu.json --docs docs/benchmarks.md
 
 It writes ``<out>/<device>.md`` and ``<out>/<device>.json`` (``--out``,
 default ``benchmarks/results``) and, after a full run into the default
-folder, ``docs/benchmarks.md``. Timings are ratios against a hand-written
+folder, ``docs/benchmarks.md``. ``--merge`` puts the sections of later runs
+(on the same machine) in place of the same tables of the first file, and
+rewrites that file. Timings are ratios against a hand-written
 step measured in the same process, never absolute claims; run it on a quiet
 machine.
 """
@@ -80,6 +84,8 @@ quarter of its width, and a small MLP pair):
 ```bash
 python -m benchmarks.run          # writes benchmarks/results/cpu.{md,json} and this page
 python -m benchmarks.run --quick  # a short run to check the harness
+python -m benchmarks.run --only vmap --out /tmp/rerun   # rerun some tables, then put them on this page:
+python -m benchmarks.run --merge benchmarks/results/cpu.json /tmp/rerun/cpu.json --docs docs/benchmarks.md
 pip install --no-deps torchdistill  # optional: adds torchdistill's ForwardHookManager row
 ```
 
@@ -107,13 +113,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="also write the docs page here (default: docs/benchmarks.md after a full run into the default --out)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and running order")
-    parser.add_argument(
+    offline = parser.add_mutually_exclusive_group()
+    offline.add_argument(
         "--render",
         type=Path,
         metavar="JSON",
         help="measure nothing: rewrite the Markdown (and --docs page) from a results JSON",
     )
+    offline.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: replace the first results JSON's tables by the same-titled tables of the later "
+        "ones (same machine; tables it lacks are added), rewrite it and its Markdown (and the --docs page)",
+    )
     args = parser.parse_args(argv)
+    if args.merge is not None and len(args.merge) < 2:
+        parser.error("--merge: give the results JSON to update, then one or more runs to merge into it")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     return args
@@ -124,10 +141,25 @@ def _render(args: argparse.Namespace) -> int:
     sections = [report.Section(**sec) for sec in data["sections"]]
     stem = args.render.stem
     md = args.render.with_suffix(".md")
-    md.write_text(report.to_markdown(sections, data["machine"], heading=f"Results: {stem}", level=1) + "\n")
+    report.replace_text(md, report.to_markdown(sections, data["machine"], heading=f"Results: {stem}", level=1) + "\n")
     print(f"[benchmarks] wrote {md}")
     if args.docs is not None:
         _write_docs(args.docs, sections, data["machine"], stem)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    base = args.merge[0]
+    try:
+        data = report.merge([(str(path), json.loads(path.read_text())) for path in args.merge])
+    except ValueError as error:
+        print(f"[benchmarks] {error}", file=sys.stderr)
+        return 2
+    sections = [report.Section(**sec) for sec in data["sections"]]
+    json_path, md_path = report.write(sections, data["machine"], data["config"], base.parent, base.stem)
+    print(f"[benchmarks] wrote {json_path} and {md_path}")
+    if args.docs is not None:
+        _write_docs(args.docs, sections, data["machine"], base.stem)
     return 0
 
 
@@ -135,7 +167,7 @@ def _write_docs(path: Path, sections: list, info: dict, stem: str) -> None:
     body = report.to_markdown(sections, info, heading=f"Results ({stem})", level=2)
     reading = READING.read_text() if READING.exists() else ""  # hand-written: what the figures say
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(DOCS_INTRO + body + "\n" + ("\n" + reading if reading else ""))
+    report.replace_text(path, DOCS_INTRO + body + "\n" + ("\n" + reading if reading else ""))
     print(f"[benchmarks] wrote {path}")
 
 
@@ -143,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.render is not None:
         return _render(args)
+    if args.merge is not None:
+        return _merge(args)
     cfg = suite.Config(quick=args.quick, device=args.device, seed=args.seed)
     info = report.machine(args.device)
     names = args.only or list(SECTIONS)

@@ -115,3 +115,75 @@ def test_a_run_keeps_the_sections_it_finished_when_a_later_one_fails(tmp_path, m
     run.main(["--only", "finished", "--out", str(tmp_path)])  # a finished run replaces the partial results
     assert [s["title"] for s in json.loads((tmp_path / "cpu.json").read_text())["sections"]] == ["Finished"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "cpu.md"]
+
+
+def _section(title: str, value: int):
+    def make(cfg):
+        sec = report.Section(title, ["x"])
+        sec.add(x=value)
+        return sec
+
+    return make
+
+
+def test_a_merge_puts_a_rerun_table_in_place_and_keeps_where_each_table_ran(tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.setitem(run.SECTIONS, "first", _section("First", 1))
+    monkeypatch.setitem(run.SECTIONS, "second", _section("Second", 2))
+    run.main(["--only", "first", "second", "--out", str(tmp_path / "page")])
+    base = tmp_path / "page" / "cpu.json"
+    before = json.loads(base.read_text())
+    monkeypatch.setitem(run.SECTIONS, "first", _section("First", 10))  # the rerun measures another value
+    monkeypatch.setitem(run.SECTIONS, "third", _section("Third", 3))
+    run.main(["--only", "third", "first", "--out", str(tmp_path / "rerun")])
+    rerun = json.loads((tmp_path / "rerun" / "cpu.json").read_text())
+
+    docs = tmp_path / "docs.md"
+    assert run.main(["--merge", str(base), str(tmp_path / "rerun" / "cpu.json"), "--docs", str(docs)]) == 0
+    merged = json.loads(base.read_text())
+    # the rerun table takes the old one's place; the new table comes last; the kept one is untouched
+    assert [(s["title"], s["rows"]) for s in merged["sections"]] == [
+        ("First", [{"x": 10}]),
+        ("Second", [{"x": 2}]),
+        ("Third", [{"x": 3}]),
+    ]
+    assert merged["sections"][1] == before["sections"][1]
+    assert merged["sections"][0]["load"] == rerun["sections"][1]["load"]
+    assert merged["config"]["sections"] == ["first", "second", "third"]
+    assert merged["machine"]["merged"] == (
+        f"{base} ({before['machine']['date']}): 1 table, "
+        f"{tmp_path / 'rerun' / 'cpu.json'} ({rerun['machine']['date']}): 2 tables"
+    )
+    assert merged["machine"]["wall_s"] == before["machine"]["wall_s"] + rerun["machine"]["wall_s"]
+    for page in (base.with_suffix(".md"), docs):
+        text = page.read_text()
+        assert "| 10 |" in text and "| 1 |" not in text and text.count("Ran on ") == 3
+        assert "merged `" in text
+
+
+def test_a_merge_refuses_runs_of_another_machine_and_leaves_the_page_alone(tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.setitem(run.SECTIONS, "first", _section("First", 1))
+    run.main(["--only", "first", "--out", str(tmp_path / "page")])
+    run.main(["--only", "first", "--out", str(tmp_path / "rerun")])
+    other = tmp_path / "rerun" / "cpu.json"
+    data = json.loads(other.read_text())
+    data["machine"].update(cpu="AMD EPYC 7B13", torch="2.12.0")
+    other.write_text(json.dumps(data))
+    base = tmp_path / "page" / "cpu.json"
+    page = base.read_text()
+    capsys.readouterr()
+
+    assert run.main(["--merge", str(base), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot merge results of different machines or builds into one page" in err
+    assert f"cpu is {json.loads(page)['machine']['cpu']!r} in {base} but 'AMD EPYC 7B13' in {other}" in err
+    assert "torch is" in err and "Rerun the sections on one machine" in err
+    assert base.read_text() == page
+    with pytest.raises(ValueError, match="merging needs at least two results files, got 1"):
+        report.merge([("a", json.loads(page))])
+    with pytest.raises(SystemExit):
+        run.main(["--merge", str(base)])
+    assert "--merge: give the results JSON to update, then one or more runs" in capsys.readouterr().err
