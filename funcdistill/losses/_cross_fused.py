@@ -38,6 +38,7 @@ from funcdistill.losses._fused import (
     _Chunking,
     _jsd_with_grad,
     _through_softmax,
+    _weighted,
     _weights,
 )
 from funcdistill.losses._tokens import IGNORE_INDEX, check_leading, compute_dtype, counted_tokens
@@ -75,20 +76,21 @@ def _teacher_logits(rows: tuple, constants: tuple, dtype: torch.dtype) -> tuple[
     return F.linear(teacher_hidden, teacher_weight, teacher_bias).to(dtype), tuple(rest)
 
 
-def _uld_parts(fixed: tuple, rows: tuple, constants: tuple, logits: torch.Tensor, need_grad: bool):
+def _uld_parts(fixed: tuple, rows: tuple, constants: tuple, logits: torch.Tensor, weights: torch.Tensor | None):
     teacher_logits, tensors = _teacher_logits(rows, constants, logits.dtype)
     (temperature,) = _settings(fixed, tensors)
     p_t, p_s = probs(teacher_logits, temperature), probs(logits, temperature)
-    per_token, grad_p = _uld_with_grad(p_t, p_s, need_grad)
-    if grad_p is None:
+    per_token, grad_p = _uld_with_grad(p_t, p_s, weights is not None)
+    if grad_p is None or weights is None:
         return per_token, None
-    return per_token, _through_softmax(p_s * grad_p, p_s, temperature)
+    return per_token, _weighted(_through_softmax(p_s * grad_p, p_s, temperature), weights)
 
 
-def _hybrid_parts(fixed: tuple, rows: tuple, constants: tuple, logits: torch.Tensor, need_grad: bool):
+def _hybrid_parts(fixed: tuple, rows: tuple, constants: tuple, logits: torch.Tensor, weights: torch.Tensor | None):
     teacher_logits, (teacher_ids, student_ids, *tensors) = _teacher_logits(rows, constants, logits.dtype)
     exact_weight, uld_weight, beta, temperature = _settings(fixed, tuple(tensors))
     per_token = torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    need_grad = weights is not None
     grad = torch.zeros_like(logits) if need_grad else None
     if not is_zero(exact_weight):
         part, part_grad = _exact_with_grad(teacher_logits, logits, teacher_ids, student_ids, beta, temperature)
@@ -102,7 +104,7 @@ def _hybrid_parts(fixed: tuple, rows: tuple, constants: tuple, logits: torch.Ten
         per_token = per_token + uld_weight * part
         if grad is not None:  # the shared columns were set to 0: no gradient through them
             grad = grad + uld_weight * _through_softmax(p_s * grad_p.masked_fill(shared_s, 0), p_s, temperature)
-    return per_token, grad
+    return per_token, None if grad is None or weights is None else _weighted(grad, weights)
 
 
 def _exact_with_grad(teacher_logits, logits, teacher_ids, student_ids, beta, temperature):

@@ -70,9 +70,11 @@ __all__ = ["fused_linear_jsd_loss", "fused_linear_topk_kl_loss"]
 Number = float | torch.Tensor
 FUSED_REDUCTIONS = ("mean", "sum")
 
-# parts(row_chunks, constants, student_logits, need_grad) -> (per-token losses, their gradient for the logits)
+# parts(row_chunks, constants, student_logits, weights) -> (per-token losses, the gradient of
+# sum(weights * per-token losses) for the logits, made with `_weighted`; None when weights is None)
 Parts = Callable[
-    [tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]
+    [tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, torch.Tensor | None],
+    tuple[torch.Tensor, torch.Tensor | None],
 ]
 
 
@@ -104,13 +106,26 @@ def _chunks(chunking: _Chunking, hidden: torch.Tensor, weights: torch.Tensor, te
 def _chunk(parts, dtype, hidden, head, bias, weights, rows, constants, need_grad):
     """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
     logits = F.linear(hidden, head, bias).to(dtype)
-    per_token, grad_logits = parts(rows, constants, logits, need_grad)
+    per_token, grad_logits = parts(rows, constants, logits, weights if need_grad else None)
     counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     loss = (torch.where(counted, per_token, zero) * weights).sum()
-    if grad_logits is not None:  # weighted in the weights' dtype (at least float32), not rounded to the logits'
-        grad_logits = torch.where(counted[:, None], grad_logits, zero) * weights[:, None]
     return loss, grad_logits
+
+
+def _weighted(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``grad`` (tokens, ...) times each token's weight, exactly 0 for a token that does not count (weight 0).
+
+    In the weights' dtype (at least float32), not rounded to the logits'. The
+    parts weigh their gradient themselves, as the last step that makes a
+    ``(chunk, V)`` tensor (before a scatter, in the top-k KL): a separate
+    weighting pass afterwards costs ``torch.compile`` one more ``(chunk, V)``
+    buffer wherever it fuses the pass into the kernel that reads the logits
+    (as Inductor does on one thread).
+    """
+    counted = (weights != 0).reshape(-1, *([1] * (grad.dim() - 1)))
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    return torch.where(counted, grad, zero) * weights.reshape(counted.shape)
 
 
 def _chunk_value(parts, dtype, hidden, head, bias, weights, rows, constants) -> torch.Tensor:
@@ -347,7 +362,7 @@ def _jsd_parts(
     rows: tuple,
     constants: tuple,
     logits: torch.Tensor,
-    need_grad: bool,
+    weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     (teacher_hidden,) = rows
     teacher_weight, teacher_bias, *tensor_params = constants
@@ -356,11 +371,11 @@ def _jsd_parts(
     temperature = next(params) if temperature is None else temperature
     teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(logits.dtype)  # the wider dtype
     log_t, log_s = log_probs(teacher_logits, temperature), log_probs(logits, temperature)
-    if not need_grad:
+    if weights is None:
         return jsd_rows(log_t, log_s, beta), None
     p_s = log_s.exp()
     per_token, grad_log_s = _jsd_with_grad(log_t, log_s, p_s, beta)
-    return per_token, _through_softmax(grad_log_s, p_s, temperature)
+    return per_token, _weighted(_through_softmax(grad_log_s, p_s, temperature), weights)
 
 
 def fused_linear_jsd_loss(
@@ -474,21 +489,22 @@ def fused_linear_jsd_loss(
 
 
 def _topk_parts(
-    renormalize: bool, rows: tuple, constants: tuple, logits: torch.Tensor, need_grad: bool
+    renormalize: bool, rows: tuple, constants: tuple, logits: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     topk_logprobs, topk_indices = rows
     log_s = log_probs(logits, 1)
     per_token = topk_rows(topk_logprobs, topk_indices, log_s, renormalize)
-    if not need_grad:
+    if weights is None:
         return per_token, None
     topk_logprobs = topk_logprobs.to(log_s.dtype)
     if renormalize:
         topk_logprobs = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
     # d/ds of sum_k p_k (log p_k - s_{i_k}) is g = -p_k at the indices i_k, 0 elsewhere; through the softmax,
-    # g - p_S * sum(g) = p_S * sum_k p_k - p_k at the i_k: one (chunk, V) tensor, updated in place at the i_k
+    # g - p_S * sum(g) = p_S * sum_k p_k - p_k at the i_k: one (chunk, V) tensor, updated in place at the i_k,
+    # weighted before the scatter (both terms), so that the scatter's result is the chunk's last (chunk, V) tensor
     p_t = topk_logprobs.exp()
-    grad = (log_s.exp() * p_t.sum(-1, keepdim=True)).scatter_add(-1, topk_indices.long(), -p_t)
-    return per_token, grad
+    dense = _weighted(log_s.exp() * p_t.sum(-1, keepdim=True), weights)
+    return per_token, dense.scatter_add(-1, topk_indices.long(), _weighted(-p_t, weights))
 
 
 def fused_linear_topk_kl_loss(
