@@ -212,7 +212,7 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     place of the earlier table of the same title, and tables no earlier run has
     are added at the end. Each table keeps the CPU, start time and load it was
     measured with, so the page still says when each ran; the machine line
-    names the runs merged (``merged``), with the load samples and wall time of
+    names the runs merged by date (``merged``), with the load samples and wall time of
     all of them.
 
     Raises:
@@ -223,7 +223,7 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     >>> b = {"machine": {"cpu": "x", "date": "d2"}, "config": {"sections": ["s"]}, "sections": [{"title": "T", "rows": [2]}]}
     >>> merged = merge([("a", a), ("b", b)])
     >>> merged["sections"], merged["machine"]["merged"]
-    ([{'title': 'T', 'rows': [2]}], 'a (d1): 0 tables, b (d2): 1 table')
+    ([{'title': 'T', 'rows': [2]}], 'the run of d1: 0 tables, the run of d2: 1 table')
     """
     if len(runs) < 2:
         raise ValueError(f"merging needs at least two results files, got {len(runs)}")
@@ -250,8 +250,8 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     info = dict(base["machine"])
     counts = [sum(1 for j in source.values() if j == i) for i in range(len(runs))]
     info["merged"] = ", ".join(
-        f"{name} ({data['machine'].get('date')}): {n} table{'' if n == 1 else 's'}"
-        for (name, data), n in zip(runs, counts)
+        f"the run of {data['machine'].get('date')}: {n} table{'' if n == 1 else 's'}"
+        for (_, data), n in zip(runs, counts)
     )
     info["load_during"] = [x for _, data in runs for x in data["machine"].get("load_during", [])]
     last = runs[-1][1]["machine"]

@@ -152,8 +152,7 @@ def test_a_merge_puts_a_rerun_table_in_place_and_keeps_where_each_table_ran(tmp_
     assert merged["sections"][0]["load"] == rerun["sections"][1]["load"]
     assert merged["config"]["sections"] == ["first", "second", "third"]
     assert merged["machine"]["merged"] == (
-        f"{base} ({before['machine']['date']}): 1 table, "
-        f"{tmp_path / 'rerun' / 'cpu.json'} ({rerun['machine']['date']}): 2 tables"
+        f"the run of {before['machine']['date']}: 1 table, the run of {rerun['machine']['date']}: 2 tables"
     )
     assert merged["machine"]["wall_s"] == before["machine"]["wall_s"] + rerun["machine"]["wall_s"]
     for page in (base.with_suffix(".md"), docs):
