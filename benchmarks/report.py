@@ -227,13 +227,15 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """
     if len(runs) < 2:
         raise ValueError(f"merging needs at least two results files, got {len(runs)}")
-    (base_name, base), *later = runs
+    (_, base), *later = runs
     problems = []
-    for name, data in later:
-        for key in _IDENTITY:
-            mine, theirs = base["machine"].get(key), data["machine"].get(key)
-            if mine is not None and theirs is not None and mine != theirs:
-                problems.append(f"{key} is {mine!r} in {base_name} but {theirs!r} in {name}")
+    for key in _IDENTITY:
+        seen: dict[Any, str] = {}  # each value of this field, and the first run that has it
+        for name, data in runs:
+            if data["machine"].get(key) is not None:
+                seen.setdefault(data["machine"][key], name)
+        if len(seen) > 1:
+            problems.append(f"{key} is " + " but ".join(f"{value!r} in {name}" for value, name in seen.items()))
     if problems:
         raise ValueError(
             "cannot merge results of different machines or builds into one page: "

@@ -150,8 +150,22 @@ def _render(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     base = args.merge[0]
+    runs = []
+    for path in args.merge:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not {"machine", "sections"} <= data.keys():
+                raise ValueError("it has no 'machine' and 'sections'")
+        except (OSError, ValueError) as error:  # ValueError: JSON's errors too
+            print(
+                f"[benchmarks] --merge: cannot read {path} as benchmark results ({error}); give JSON files "
+                "written by python -m benchmarks.run",
+                file=sys.stderr,
+            )
+            return 2
+        runs.append((str(path), data))
     try:
-        data = report.merge([(str(path), json.loads(path.read_text())) for path in args.merge])
+        data = report.merge(runs)
     except ValueError as error:
         print(f"[benchmarks] {error}", file=sys.stderr)
         return 2

@@ -126,7 +126,7 @@ def _section(title: str, value: int):
     return make
 
 
-def test_a_merge_puts_a_rerun_table_in_place_and_keeps_where_each_table_ran(tmp_path, monkeypatch, capsys):
+def test_a_merge_puts_a_rerun_table_in_place_and_keeps_where_each_table_ran(tmp_path, monkeypatch):
     from benchmarks import run
 
     monkeypatch.setitem(run.SECTIONS, "first", _section("First", 1))
@@ -186,3 +186,9 @@ def test_a_merge_refuses_runs_of_another_machine_and_leaves_the_page_alone(tmp_p
     with pytest.raises(SystemExit):
         run.main(["--merge", str(base)])
     assert "--merge: give the results JSON to update, then one or more runs" in capsys.readouterr().err
+    (tmp_path / "notes.json").write_text('{"rows": []}')
+    for given, why in ((tmp_path / "missing.json", "No such file"), (tmp_path / "notes.json", "no 'machine'")):
+        assert run.main(["--merge", str(base), str(given)]) == 2
+        err = capsys.readouterr().err
+        assert f"--merge: cannot read {given} as benchmark results (" in err and why in err
+    assert base.read_text() == page
