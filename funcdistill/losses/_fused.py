@@ -107,25 +107,24 @@ def _chunk(parts, dtype, hidden, head, bias, weights, rows, constants, need_grad
     """One chunk: ``sum(weights * per_token_loss)`` and, if asked, the weighted gradient for its logits."""
     logits = F.linear(hidden, head, bias).to(dtype)
     per_token, grad_logits = parts(rows, constants, logits, weights if need_grad else None)
-    counted = weights != 0  # a token that does not count adds exactly 0, even if its loss is not finite
-    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
-    loss = (torch.where(counted, per_token, zero) * weights).sum()
-    return loss, grad_logits
+    return _weighted(per_token, weights).sum(), grad_logits  # a token that does not count adds exactly 0
 
 
-def _weighted(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``grad`` (tokens, ...) times each token's weight, exactly 0 for a token that does not count (weight 0).
+def _weighted(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``values`` (tokens, ...) times each token's weight, exactly 0 for a token that does not count (weight 0).
 
-    In the weights' dtype (at least float32), not rounded to the logits'. The
-    parts weigh their gradient themselves, as the last step that makes a
-    ``(chunk, V)`` tensor (before a scatter, in the top-k KL): a separate
-    weighting pass afterwards costs ``torch.compile`` one more ``(chunk, V)``
-    buffer wherever it fuses the pass into the kernel that reads the logits
-    (as Inductor does on one thread).
+    ``values``: a chunk's per-token losses, or their gradient for the logits;
+    a token that does not count gives exactly 0 even where they are not
+    finite. In the weights' dtype (at least float32), not rounded to the
+    logits'. The parts weigh their gradient themselves, as the last step that
+    makes a ``(chunk, V)`` tensor (before a scatter, in the top-k KL): a
+    separate weighting pass afterwards costs ``torch.compile`` one more
+    ``(chunk, V)`` buffer wherever it fuses the pass into the kernel that
+    reads the logits (as Inductor does on one thread).
     """
-    counted = (weights != 0).reshape(-1, *([1] * (grad.dim() - 1)))
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    return torch.where(counted, grad, zero) * weights.reshape(counted.shape)
+    counted = (weights != 0).reshape(-1, *([1] * (values.dim() - 1)))
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return torch.where(counted, values, zero) * weights.reshape(counted.shape)
 
 
 def _chunk_value(parts, dtype, hidden, head, bias, weights, rows, constants) -> torch.Tensor:
