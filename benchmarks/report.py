@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,8 +213,8 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     place of the earlier table of the same title, and tables no earlier run has
     are added at the end. Each table keeps the CPU, start time and load it was
     measured with, so the page still says when each ran; the machine line
-    names the runs merged by date (``merged``), with the load samples and wall time of
-    all of them.
+    names the runs merged by date (``merged``), with the load samples and
+    wall time of all of them.
 
     Raises:
         ValueError: fewer than two runs, or runs from different machines or
@@ -227,7 +228,6 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """
     if len(runs) < 2:
         raise ValueError(f"merging needs at least two results files, got {len(runs)}")
-    (_, base), *later = runs
     problems = []
     for key in _IDENTITY:
         seen: dict[Any, str] = {}  # each value of this field, and the first run that has it
@@ -242,18 +242,17 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             + "; ".join(problems)
             + ". Rerun the sections on one machine (python -m benchmarks.run --only ...) and merge those runs."
         )
-    titles = [s["title"] for s in base["sections"]]
-    sections = dict(zip(titles, base["sections"]))
-    source = dict.fromkeys(titles, 0)
-    for i, (_, data) in enumerate(later, 1):
+    sections: dict[str, Any] = {}  # by title, in the first run's order; a later run's table replaces it in place
+    source: dict[str, int] = {}  # by title, the run its table comes from
+    for i, (_, data) in enumerate(runs):
         for sec in data["sections"]:
             sections[sec["title"]] = sec
             source[sec["title"]] = i
-    info = dict(base["machine"])
-    counts = [sum(1 for j in source.values() if j == i) for i in range(len(runs))]
+    info = dict(runs[0][1]["machine"])
+    counts = Counter(source.values())
     info["merged"] = ", ".join(
-        f"the run of {data['machine'].get('date')}: {n} table{'' if n == 1 else 's'}"
-        for (_, data), n in zip(runs, counts)
+        f"the run of {data['machine'].get('date')}: {counts[i]} table{'' if counts[i] == 1 else 's'}"
+        for i, (_, data) in enumerate(runs)
     )
     info["load_during"] = [x for _, data in runs for x in data["machine"].get("load_during", [])]
     last = runs[-1][1]["machine"]
@@ -263,5 +262,5 @@ def merge(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     if all(w is not None for w in walls):
         info["wall_s"] = sum(walls)
     names = [n for _, data in runs for n in data.get("config", {}).get("sections", [])]
-    config = {**base.get("config", {}), "sections": list(dict.fromkeys(names))}
+    config = {**runs[0][1].get("config", {}), "sections": list(dict.fromkeys(names))}
     return {"machine": info, "config": config, "sections": list(sections.values())}

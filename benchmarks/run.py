@@ -136,8 +136,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _read_results(path: Path, option: str) -> dict | None:
+    """The results JSON at ``path``, or ``None`` after saying on stderr why it cannot be read as results."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not {"machine", "sections"} <= data.keys():
+            raise ValueError("it has no 'machine' and 'sections'")
+    except (OSError, ValueError) as error:  # ValueError: JSON's errors too
+        print(
+            f"[benchmarks] {option}: cannot read {path} as benchmark results ({error}); give JSON files "
+            "written by python -m benchmarks.run",
+            file=sys.stderr,
+        )
+        return None
+    return data
+
+
 def _render(args: argparse.Namespace) -> int:
-    data = json.loads(args.render.read_text())
+    data = _read_results(args.render, "--render")
+    if data is None:
+        return 2
     sections = [report.Section(**sec) for sec in data["sections"]]
     stem = args.render.stem
     md = args.render.with_suffix(".md")
@@ -152,16 +170,8 @@ def _merge(args: argparse.Namespace) -> int:
     base = args.merge[0]
     runs = []
     for path in args.merge:
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not {"machine", "sections"} <= data.keys():
-                raise ValueError("it has no 'machine' and 'sections'")
-        except (OSError, ValueError) as error:  # ValueError: JSON's errors too
-            print(
-                f"[benchmarks] --merge: cannot read {path} as benchmark results ({error}); give JSON files "
-                "written by python -m benchmarks.run",
-                file=sys.stderr,
-            )
+        data = _read_results(path, "--merge")
+        if data is None:
             return 2
         runs.append((str(path), data))
     try:

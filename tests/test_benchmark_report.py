@@ -192,3 +192,5 @@ def test_a_merge_refuses_runs_of_another_machine_and_leaves_the_page_alone(tmp_p
         err = capsys.readouterr().err
         assert f"--merge: cannot read {given} as benchmark results (" in err and why in err
     assert base.read_text() == page
+    assert run.main(["--render", str(tmp_path / "notes.json")]) == 2
+    assert f"--render: cannot read {tmp_path / 'notes.json'} as benchmark results (" in capsys.readouterr().err
